@@ -1,0 +1,14 @@
+#!/usr/bin/env python3
+"""Download the GPT-2-tokenized finewebedu10B shards (99 train shards) into data/finewebedu10B/.
+
+    python data/cached_finewebedu10B.py [N] [--workers 4] [--local-dir DIR]
+
+All logic lives in data/hub_shards.py; see --help and data/README.md.
+"""
+
+import sys
+
+import hub_shards
+
+if __name__ == "__main__":
+    sys.exit(hub_shards.main("finewebedu10B"))

@@ -1,0 +1,421 @@
+"""Download pre-tokenized FineWeb shards from the Hugging Face hub.
+
+Shared by data/cached_fineweb10B.py, data/cached_finewebedu10B.py and
+data/cached_fineweb100B.py, which only name the dataset. Each dataset is a
+hub dataset repo of .bin shards (see data/README.md for the format):
+PREFIX_val_000000.bin, then PREFIX_train_000001.bin ... PREFIX_train_<count>.bin.
+
+How a run behaves, and why:
+- A file already in the target folder is checked (magic, version, token
+  count against file size) and skipped when complete, so a rerun only fetches
+  what is missing; a corrupt one is fetched again.
+- huggingface_hub writes into a staging folder (TARGET/.download/, the same
+  file system); a file is verified there and only then renamed to its final
+  name, so a final name never holds half a download.
+- HTTP 429/5xx, timeouts and dropped connections are retried with
+  exponential back-off. When the hub cannot be reached at all the run stops
+  with one line saying what to try instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_BYTES = 256 * 4
+FULL_SHARD_TOKENS = 100_000_000
+FULL_SHARD_BYTES = HEADER_BYTES + 2 * FULL_SHARD_TOKENS  # 200,001,024
+DATA_DIR = os.path.dirname(os.path.abspath(__file__))
+STAGING = ".download"
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """One pre-tokenized dataset on the hub and where it goes locally."""
+    key: str  # also the default folder under data/
+    repo_id: str
+    prefix: str
+    train_shards: int
+
+    def default_dir(self) -> str:
+        return os.path.join(DATA_DIR, self.key)
+
+
+DATASETS = {
+    "fineweb10B": HubDataset("fineweb10B", "kjj0/fineweb10B-gpt2", "fineweb", 103),
+    "finewebedu10B": HubDataset("finewebedu10B", "kjj0/finewebedu10B-gpt2", "finewebedu", 99),
+    "fineweb100B": HubDataset("fineweb100B", "kjj0/fineweb100B-gpt2", "fineweb", 1030),
+}
+
+
+class FetchError(Exception):
+    """A failure reported to the user as one line; kind says which advice fits."""
+
+    def __init__(self, message: str, kind: str = "fatal"):
+        super().__init__(message)
+        self.kind = kind
+
+
+# --------------------------------------------------------------------------
+# which files, and are they complete
+# --------------------------------------------------------------------------
+def shard_filenames(ds: HubDataset, n_train: int | None) -> list[str]:
+    """The val shard and the first n_train train shards (all of them for None)."""
+    if n_train is None:
+        n_train = ds.train_shards
+    if n_train < 0 or n_train > ds.train_shards:
+        raise FetchError(f"{ds.key} has {ds.train_shards} train shards; N must be between 0 and "
+                         f"{ds.train_shards}, got {n_train}", kind="usage")
+    return [f"{ds.prefix}_val_{0:06d}.bin"] + [f"{ds.prefix}_train_{i:06d}.bin" for i in range(1, n_train + 1)]
+
+
+def shard_problem(path: str) -> str | None:
+    """None when path is a complete shard, else why it is not.
+
+    A download cut short keeps a valid header, so the token count in the
+    header is checked against the file size.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if len(head) < 12 or size < HEADER_BYTES:
+        return f"truncated ({size} bytes, shorter than the header)"
+    magic, version, n_tokens = (int.from_bytes(head[i:i + 4], "little", signed=True) for i in (0, 4, 8))
+    if magic != MAGIC:
+        return f"bad magic number {magic} (expected {MAGIC})"
+    if version != VERSION:
+        return f"unsupported version {version}"
+    expected = HEADER_BYTES + 2 * n_tokens
+    if n_tokens < 0 or size != expected:
+        return f"wrong size: header says {n_tokens} tokens = {expected} bytes, file has {size}"
+    return None
+
+
+# --------------------------------------------------------------------------
+# errors from the hub
+# --------------------------------------------------------------------------
+_TRANSIENT_NAMES = {
+    "TimeoutException", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "Timeout",
+    "NetworkError", "ConnectError", "ReadError", "WriteError", "RemoteProtocolError", "ProtocolError",
+    "TransportError", "ChunkedEncodingError", "IncompleteRead", "ConnectionError",
+}
+_UNREACHABLE_NAMES = {"LocalEntryNotFoundError", "OfflineModeIsEnabled"}
+
+
+def _chain(exc: BaseException):
+    """exc and the exceptions it was raised from."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status of an error raised for a response (requests, httpx or huggingface_hub)."""
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def classify_error(exc: BaseException) -> str:
+    """'unreachable', 'transient' (worth retrying) or 'fatal'.
+
+    huggingface_hub already retries a failing connection itself and then
+    raises LocalEntryNotFoundError ("cannot find the requested files in the
+    local cache"); that, offline mode and DNS failures mean the hub cannot be
+    reached, and retrying more only makes the user wait.
+    """
+    for e in _chain(exc):
+        names = {c.__name__ for c in type(e).__mro__}
+        if names & _UNREACHABLE_NAMES or isinstance(e, socket.gaierror):
+            return "unreachable"
+    status = http_status(exc)
+    if status is not None:
+        return "transient" if status == 429 or status >= 500 else "fatal"
+    for e in _chain(exc):
+        names = {c.__name__ for c in type(e).__mro__}
+        if isinstance(e, (ConnectionError, TimeoutError)) or names & _TRANSIENT_NAMES:
+            return "transient"
+    return "fatal"
+
+
+def describe_error(exc: BaseException) -> str:
+    """Short text for an error: the HTTP status if any, and the first line of the message."""
+    status = http_status(exc)
+    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    what = f"HTTP {status}" if status is not None else type(exc).__name__
+    return f"{what}: {first}" if first else what
+
+
+def unreachable_message(ds: HubDataset) -> str:
+    """The one line printed when there is no way to the hub."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else ""
+    return (f"could not reach the Hugging Face hub at {endpoint}{offline} to download {ds.repo_id}; "
+            f"check the connection, set HF_ENDPOINT to a mirror (e.g. HF_ENDPOINT=https://hf-mirror.com), "
+            f"or build shards from your own text with data/tokenize_corpus.py")
+
+
+# --------------------------------------------------------------------------
+# downloading
+# --------------------------------------------------------------------------
+def hub_download(**kwargs) -> str:
+    """The one network call: huggingface_hub.hf_hub_download (tests replace it)."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise FetchError("huggingface_hub is not installed: pip install huggingface_hub") from None
+    return huggingface_hub.hf_hub_download(**kwargs)
+
+
+@dataclass
+class FetchSummary:
+    """What a run did, for the final report and for tests."""
+    fetched: list[str] = field(default_factory=list)
+    refetched: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    retries: int = 0
+    bytes_downloaded: int = 0
+    bytes_present: int = 0
+    seconds: float = 0.0
+    unreachable: bool = False
+
+    def text(self, ds: HubDataset, local_dir: str) -> str:
+        total = len(self.fetched) + len(self.refetched) + len(self.skipped) + len(self.failed)
+        rate = self.bytes_downloaded / max(self.seconds, 1e-9) / 1e6
+        lines = [
+            f"{ds.repo_id} -> {local_dir}: {total} file(s): {len(self.fetched)} fetched, "
+            f"{len(self.refetched)} re-fetched (corrupt), {len(self.skipped)} skipped (already complete), "
+            f"{len(self.failed)} failed; {self.retries} retries",
+            f"downloaded {self.bytes_downloaded:,} bytes ({self.bytes_downloaded / 1e9:.2f} GB) in "
+            f"{self.seconds:.1f} s ({rate:.1f} MB/s); {self.bytes_present:,} bytes of shards on disk",
+        ]
+        lines += [f"FAILED {name}: {why}" for name, why in self.failed]
+        return "\n".join(lines)
+
+
+def backoff_delay(attempt: int, base: float, cap: float = 60.0) -> float:
+    """Seconds to wait before retry number attempt+1: base, 2*base, 4*base, ... up to cap."""
+    return min(cap, base * (2 ** attempt))
+
+
+def download_one(ds: HubDataset, filename: str, local_dir: str, *, download=hub_download,
+                 sleep=time.sleep, retries: int = 5, base_delay: float = 2.0,
+                 stop: threading.Event | None = None) -> int:
+    """Fetch one shard into local_dir, verified, under its final name; returns retries used.
+
+    The file lands in the staging folder first and is renamed only once it
+    checks out, so an interrupted run leaves at most a staged file, which the
+    next run discards.
+    """
+    staging = os.path.join(local_dir, STAGING)
+    staged = os.path.join(staging, filename)
+    if os.path.exists(staged):
+        os.remove(staged)  # from an interrupted run; never trusted
+    force = False
+    for attempt in range(retries + 1):
+        if stop is not None and stop.is_set():
+            raise FetchError("cancelled", kind="cancelled")
+        try:
+            path = download(repo_id=ds.repo_id, filename=filename, repo_type="dataset",
+                            local_dir=staging, force_download=force)
+        except FetchError:
+            raise
+        except Exception as e:
+            kind = classify_error(e)
+            if kind == "transient" and attempt < retries:
+                sleep(backoff_delay(attempt, base_delay))
+                continue
+            message = describe_error(e)
+            if kind == "transient":  # out of retries
+                kind = "unreachable" if http_status(e) is None else "fatal"
+                message += f" (gave up after {retries} retries)"
+            if kind == "unreachable" and stop is not None:
+                stop.set()  # tell the other downloads at once, before they start
+            raise FetchError(message, kind=kind) from e
+        problem = shard_problem(path)
+        if problem is None:
+            os.replace(path, os.path.join(local_dir, filename))
+            return attempt
+        if os.path.exists(path):
+            os.remove(path)
+        force = True  # the hub cache metadata may claim the bad file is current
+        if attempt < retries:
+            sleep(backoff_delay(attempt, base_delay))
+    raise FetchError(f"downloaded file is not a valid shard ({problem}) after {retries + 1} tries")
+
+
+def plan(ds: HubDataset, names: list[str], local_dir: str):
+    """Split names into complete files (skip), corrupt ones (re-fetch) and missing ones."""
+    skip, corrupt, missing = [], [], []
+    for name in names:
+        problem = shard_problem(os.path.join(local_dir, name))
+        if problem is None:
+            skip.append(name)
+        elif problem == "missing":
+            missing.append(name)
+        else:
+            corrupt.append((name, problem))
+    return skip, corrupt, missing
+
+
+def cleanup_staging(staging: str, everything: bool) -> None:
+    """Drop the staging folder after a clean run; after a failed one keep any
+    partial download huggingface_hub can resume, but no empty folders."""
+    if everything:
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    for root, _, _ in sorted(os.walk(staging), key=lambda w: -len(w[0])):
+        try:
+            os.rmdir(root)  # only succeeds when empty
+        except OSError:
+            pass
+
+
+def _progress(total: int):
+    """A tqdm bar in files, silent when stderr is not a terminal."""
+    from tqdm import tqdm
+    return tqdm(total=total, unit="file", desc="downloading", disable=None, file=sys.stderr)
+
+
+def fetch_shards(ds: HubDataset, n_train: int | None, local_dir: str | None = None, *, workers: int = 4,
+                 download=hub_download, sleep=time.sleep, retries: int = 5, base_delay: float = 2.0,
+                 log=None) -> FetchSummary:
+    """Make local_dir hold the val shard and the first n_train train shards, complete.
+
+    download and sleep are parameters so tests can run without network or waiting.
+    """
+    local_dir = local_dir or ds.default_dir()
+    names = shard_filenames(ds, n_train)
+    os.makedirs(local_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    summary = FetchSummary()
+    skip, corrupt, missing = plan(ds, names, local_dir)
+    summary.skipped = skip
+    if log is not None:
+        for name, problem in corrupt:
+            log(f"{name}: {problem}; fetching it again")
+    corrupt_names = {name for name, _ in corrupt}
+    todo = [n for n in names if n not in set(skip)]
+    stop = threading.Event()
+    bar = _progress(len(todo)) if todo else None
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = {pool.submit(download_one, ds, name, local_dir, download=download, sleep=sleep,
+                                   retries=retries, base_delay=base_delay, stop=stop): name for name in todo}
+            for fut in as_completed(futures):
+                name = futures[fut]
+                if fut.cancelled():  # never started: the hub was found unreachable
+                    continue
+                try:
+                    summary.retries += fut.result()
+                except FetchError as e:
+                    if e.kind == "cancelled":
+                        continue
+                    summary.failed.append((name, str(e)))
+                    if e.kind == "unreachable":
+                        summary.unreachable = True
+                        stop.set()  # no point starting the other downloads
+                        for other in futures:
+                            other.cancel()
+                    continue
+                (summary.refetched if name in corrupt_names else summary.fetched).append(name)
+                summary.bytes_downloaded += os.path.getsize(os.path.join(local_dir, name))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"{summary.bytes_downloaded / 1e9:.2f} GB")
+    finally:
+        if bar is not None:
+            bar.close()
+    cleanup_staging(os.path.join(local_dir, STAGING), everything=not summary.failed)
+    summary.bytes_present = sum(os.path.getsize(os.path.join(local_dir, n)) for n in names
+                                if os.path.exists(os.path.join(local_dir, n)))
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+# --------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------
+def build_parser(ds: HubDataset, prog: str) -> argparse.ArgumentParser:
+    n_full_gb = ds.train_shards * FULL_SHARD_BYTES / 1e9
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description=(f"Download the GPT-2-tokenized {ds.key} shards from the Hugging Face hub "
+                     f"(dataset repo {ds.repo_id}): {ds.prefix}_val_000000.bin and the first N of "
+                     f"{ds.train_shards} train shards, 100M tokens = {FULL_SHARD_BYTES:,} bytes each "
+                     f"(all of them: about {n_full_gb:.0f} GB). Complete files are kept, corrupt ones "
+                     f"fetched again."),
+        epilog=("Without access to huggingface.co set HF_ENDPOINT to a mirror, or build shards from your own "
+                "text with data/tokenize_corpus.py. Example: python data/cached_fineweb10B.py 9"))
+    ap.add_argument("n", nargs="?", type=int, default=None, metavar="N",
+                    help=f"number of train shards, 0..{ds.train_shards} (default: all {ds.train_shards})")
+    ap.add_argument("--local-dir", default=None,
+                    help=f"target folder (default: data/{ds.key}/ next to this script, whatever the cwd)")
+    ap.add_argument("--workers", type=int, default=4, help="parallel downloads (default: %(default)s)")
+    ap.add_argument("--retries", type=int, default=5,
+                    help="retries per file on HTTP 429/5xx, timeouts and dropped connections (default: %(default)s)")
+    return ap
+
+
+def _quiet_hub_logging() -> None:
+    """Keep huggingface_hub's own retry warnings and per-file bars out of the output."""
+    try:
+        from huggingface_hub.utils import disable_progress_bars, logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+    disable_progress_bars()
+
+
+def main(ds_key: str, argv=None, *, download=hub_download, sleep=time.sleep) -> int:
+    """CLI of the cached_*.py scripts: 0 when every file is there, 1 on failure, 2 on bad usage."""
+    ds = DATASETS[ds_key]
+    prog = os.path.basename(sys.argv[0]) if argv is None else f"cached_{ds.key}.py"
+    args = build_parser(ds, prog).parse_args(argv)
+    try:
+        shard_filenames(ds, args.n)
+    except FetchError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    if args.retries < 0 or args.workers < 1:
+        print(f"{prog}: error: --retries must be >= 0 and --workers >= 1", file=sys.stderr)
+        return 2
+    if download is hub_download:
+        try:
+            import huggingface_hub  # noqa: F401
+        except ImportError:
+            print(f"{prog}: error: huggingface_hub is not installed: pip install huggingface_hub", file=sys.stderr)
+            return 1
+    _quiet_hub_logging()
+    local_dir = os.path.abspath(args.local_dir or ds.default_dir())
+    try:
+        summary = fetch_shards(ds, args.n, local_dir, workers=args.workers, download=download, sleep=sleep,
+                               retries=args.retries, log=lambda m: print(m, file=sys.stderr))
+    except FetchError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; complete files are kept, rerun to fetch the rest", file=sys.stderr)
+        return 130
+    if summary.unreachable:
+        print(f"{prog}: error: {unreachable_message(ds)}", file=sys.stderr)
+        return 1
+    print(summary.text(ds, local_dir))
+    return 1 if summary.failed else 0

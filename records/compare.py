@@ -1,0 +1,374 @@
+#!/usr/bin/env python3
+"""Compare groups of speedrun training logs: final val loss, time and the record tests.
+
+Each PATH is a log file (a group of one run) or a folder of logs (one group of
+repeated runs, named by the folder). For every run it reports the final val
+loss, official train time, steps, step_avg, world size, GPU, torch version and
+the source hash. For every group: n, mean and sample std of the final val loss,
+the one-sided t-test p-value that the mean is below --target, and the mean
+train time with a 95% t-interval. With exactly two groups it adds the time and
+loss differences (group 2 - group 1) with Welch-test p-values.
+
+Incomplete runs (no validation line at step T/T: crashed or stopped) are listed
+with the last step reached and left out of the group statistics.
+
+Examples:
+  python records/compare.py logs/baseline logs/new_idea
+  python records/compare.py records/track_1_short/2026-11-24_X --json
+  python records/compare.py logs/a logs/b --plot curves.png
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+if __package__:
+    from . import runlog, stats
+else:  # run as `python records/compare.py`: this folder is sys.path[0]
+    import runlog
+    import stats
+
+DEFAULT_TARGET = 3.28
+CONFIDENCE = 0.95
+LOG_SUFFIXES = (".txt", ".log")
+
+
+class CompareError(Exception):
+    """A problem with the user's input, reported as one line and a non-zero exit."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+def find_logs(folder):
+    """The log files directly in a folder, sorted by name.
+
+    A log is a .txt or .log file that has a 100-'=' separator or a step line;
+    other text files such as notes are skipped. Subfolders are not searched, so a
+    record folder can keep e.g. re-timed baseline logs in baseline/ without
+    mixing them into the record's group.
+    """
+    found = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.endswith(LOG_SUFFIXES) and os.path.isfile(path) and runlog.looks_like_log(runlog.read_text(path)):
+            found.append(path)
+    return found
+
+
+def group_name(path):
+    """Name a group by the path the user gave, without a trailing slash."""
+    trimmed = path.rstrip("/\\")
+    return trimmed or path
+
+
+def load_group(path):
+    """Parse the runs of one PATH argument into a (name, [RunLog]) pair."""
+    if not os.path.exists(path):
+        raise CompareError(f"{path}: no such file or folder")
+    if os.path.isdir(path):
+        files = find_logs(path)
+        if not files:
+            raise CompareError(f"{path}: folder has no logs (.txt/.log files with step lines)")
+    else:
+        files = [path]
+    return group_name(path), [runlog.parse_log_file(f) for f in files]
+
+
+def load_groups(paths):
+    """Parse every PATH argument; order is kept (group 1 is the first PATH)."""
+    return [load_group(path) for path in paths]
+
+
+# ----------------------------------------------------------------------------- figures
+
+def run_summary(run, group):
+    """The per-run figures, as a JSON-ready dict (None where unknown)."""
+    return {
+        "group": group,
+        "path": run.path,
+        "complete": run.complete,
+        "final_val_loss": run.final_val_loss,
+        "train_time_s": run.train_time_s,
+        "steps": run.steps_total,
+        "last_step": run.last_step,
+        "step_avg_ms": run.step_avg_ms,
+        "world_size": run.world_size,
+        "grad_accum_steps": run.grad_accum_steps,
+        "gpu": run.gpu,
+        "torch": run.torch,
+        "python": run.python,
+        "triton": run.triton,
+        "source_hash": run.source_hash,
+        "launch_to_first_step_s": run.launch_to_first_step_s,
+        "peak_memory_mib": run.peak_memory_mib,
+        "reserved_memory_mib": run.reserved_memory_mib,
+        "mfu_percent": run.mfu_percent,
+        "stopping": run.stopping,
+        "last_val_loss": run.val_points[-1].val_loss if run.val_points else None,
+        "val_curve": [[p.step, None if p.train_time_ms is None else p.train_time_ms / 1000.0, p.val_loss]
+                      for p in run.val_points],
+    }
+
+
+def group_summary(name, runs, target=DEFAULT_TARGET, confidence=CONFIDENCE):
+    """Statistics of one group over its complete runs (JSON-ready dict).
+
+    Why only complete runs: a crashed run has no final loss or official time;
+    counting it would bias both, so it is counted in n_incomplete instead.
+    """
+    complete = [r for r in runs if r.complete]
+    losses = [r.final_val_loss for r in complete]
+    times = [r.train_time_s for r in complete]
+    interval = stats.t_interval(times, confidence)
+    hashes = sorted({r.source_hash for r in runs if r.source_hash is not None})
+    return {
+        "name": name,
+        "n": len(complete),
+        "n_incomplete": len(runs) - len(complete),
+        "mean_val_loss": stats.mean(losses),
+        "std_val_loss": stats.sample_std(losses),
+        "target": target,
+        "p_value": stats.one_sided_p_below(losses, target),
+        "mean_train_time_s": stats.mean(times),
+        "std_train_time_s": stats.sample_std(times),
+        "train_time_ci_low_s": None if interval is None else interval[0],
+        "train_time_ci_high_s": None if interval is None else interval[1],
+        "confidence": confidence,
+        "source_hashes": hashes,
+        "single_source": len(hashes) == 1 and all(r.source_hash is not None for r in runs),
+    }
+
+
+def compare_two(first, second, runs_first, runs_second):
+    """Group 2 minus group 1: time and loss differences with Welch two-sided p-values."""
+    times1 = [r.train_time_s for r in runs_first if r.complete]
+    times2 = [r.train_time_s for r in runs_second if r.complete]
+    losses1 = [r.final_val_loss for r in runs_first if r.complete]
+    losses2 = [r.final_val_loss for r in runs_second if r.complete]
+    time_test = stats.welch_test(times1, times2)
+    loss_test = stats.welch_test(losses1, losses2)
+    base = first["mean_train_time_s"]
+    time_pct = None
+    if time_test["diff"] is not None and base:
+        time_pct = 100.0 * time_test["diff"] / base
+    return {
+        "first": first["name"],
+        "second": second["name"],
+        "time_diff_s": time_test["diff"],
+        "time_diff_percent": time_pct,
+        "time_t": time_test["t"],
+        "time_welch_df": time_test["df"],
+        "time_p_value": time_test["p_two_sided"],
+        "loss_diff": loss_test["diff"],
+        "loss_welch_df": loss_test["df"],
+        "loss_p_value": loss_test["p_two_sided"],
+        "first_single_source": first["single_source"],
+        "second_single_source": second["single_source"],
+        "same_source": (first["single_source"] and second["single_source"]
+                        and first["source_hashes"] == second["source_hashes"]),
+    }
+
+
+def analyse(groups, target=DEFAULT_TARGET):
+    """All figures for the loaded groups: {'runs': [...], 'groups': [...], 'comparison'?}."""
+    result = {
+        "runs": [run_summary(run, name) for name, runs in groups for run in runs],
+        "groups": [group_summary(name, runs, target) for name, runs in groups],
+    }
+    if len(groups) == 2:
+        result["comparison"] = compare_two(result["groups"][0], result["groups"][1],
+                                           groups[0][1], groups[1][1])
+    return result
+
+
+def json_ready(value):
+    """Replace non-finite floats with None so the JSON is strict (NaN is not JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------- text output
+
+def fmt(value, spec, unit="", missing="n/a"):
+    """Format a number with a unit, or 'n/a' when it is undefined."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    return f"{value:{spec}}{unit}"
+
+
+def fmt_p(p):
+    """p-values: fixed point when readable, scientific when tiny."""
+    if p is None:
+        return "n/a"
+    return f"{p:.4f}" if p >= 1e-4 or p == 0 else f"{p:.2e}"
+
+
+def table(headers, rows):
+    """Left-aligned plain-text table; why: stays readable in a terminal and in CI logs."""
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run_rows(runs):
+    """One table row per run; incomplete runs show the last step reached."""
+    rows = []
+    for r in runs:
+        status = "complete"
+        if not r["complete"]:
+            reached = f"{r['last_step']}/{r['steps']}" if r["steps"] is not None else "none"
+            status = f"INCOMPLETE (last step {reached})"
+        rows.append([
+            r["group"], os.path.basename(r["path"]), status,
+            fmt(r["final_val_loss"], ".4f"), fmt(r["train_time_s"], ".3f", " s"),
+            fmt(r["steps"], "d"), fmt(r["step_avg_ms"], ".2f", " ms"), fmt(r["world_size"], "d"),
+            r["gpu"] or "n/a", r["torch"] or "n/a", r["source_hash"] or "n/a",
+        ])
+    return rows
+
+
+def stopping_lines(runs):
+    """Why stopped runs stopped (the `stopping:` line), one line each, below the run table."""
+    return [f"  {r['path']}: stopping: {r['stopping']}" for r in runs if r["stopping"]]
+
+
+def group_rows(groups):
+    """One table row per group."""
+    rows = []
+    for g in groups:
+        ci = "n/a"
+        if g["train_time_ci_low_s"] is not None:
+            ci = f"[{g['train_time_ci_low_s']:.3f} s, {g['train_time_ci_high_s']:.3f} s]"
+        rows.append([
+            g["name"], str(g["n"]), str(g["n_incomplete"]), fmt(g["mean_val_loss"], ".4f"),
+            fmt(g["std_val_loss"], ".4f"), fmt_p(g["p_value"]), fmt(g["mean_train_time_s"], ".3f", " s"),
+            ci, "yes" if g["single_source"] else f"no ({len(g['source_hashes'])} hashes)",
+        ])
+    return rows
+
+
+def comparison_lines(c):
+    """The two-group comparison as readable sentences."""
+    def yes_no(flag):
+        return "yes" if flag else "no"
+    df = fmt(c["time_welch_df"], ".2f")
+    loss_df = fmt(c["loss_welch_df"], ".2f")
+    return [
+        f"Comparison: {c['second']} minus {c['first']}",
+        f"  train time: {fmt(c['time_diff_s'], '+.3f', ' s')} ({fmt(c['time_diff_percent'], '+.2f', '%')}),"
+        f" Welch two-sided p = {fmt_p(c['time_p_value'])} (df = {df})",
+        f"  val loss:   {fmt(c['loss_diff'], '+.4f')}, Welch two-sided p = {fmt_p(c['loss_p_value'])} (df = {loss_df})",
+        f"  one source hash per group: {c['first']}: {yes_no(c['first_single_source'])},"
+        f" {c['second']}: {yes_no(c['second_single_source'])}; same source in both: {yes_no(c['same_source'])}",
+    ]
+
+
+def render_text(result):
+    """The whole human-readable report."""
+    target = result["groups"][0]["target"]
+    out = ["Runs", table(["group", "run", "status", "val loss", "train time", "steps", "step avg",
+                          "world", "gpu", "torch", "source"], run_rows(result["runs"]))]
+    notes = stopping_lines(result["runs"])
+    if notes:
+        out += ["Stopped runs:"] + notes
+    out.append("")
+    out += [f"Groups (statistics over complete runs; p = one-sided t-test of mean val loss <= {target}; "
+            f"{int(result['groups'][0]['confidence'] * 100)}% t-interval of the mean time)",
+            table(["group", "n", "incomplete", "mean loss", "std loss", "p", "mean time", "95% CI time",
+                   "one source"], group_rows(result["groups"]))]
+    if "comparison" in result:
+        out += [""] + comparison_lines(result["comparison"])
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- plot
+
+def require_matplotlib():
+    """Import matplotlib with the file-only Agg backend, or fail with an install hint."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CompareError("--plot needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def plot_curves(result, out_path, plt):
+    """Draw val loss against train time for every run, one colour per group."""
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    late_losses = []
+    for index, group in enumerate(result["groups"]):
+        colour = colours[index % len(colours)]
+        label = f"{group['name']} (n={group['n']})"
+        for run in (r for r in result["runs"] if r["group"] == group["name"]):
+            points = [(t, loss) for step, t, loss in run["val_curve"] if t is not None]
+            if not points:
+                continue
+            late_losses += [loss for (step, t, loss) in run["val_curve"]
+                            if t is not None and run["steps"] and step >= 0.1 * run["steps"]]
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, color=colour, alpha=0.8, linestyle="-" if run["complete"] else ":",
+                    marker=".", label=label)
+            label = None  # one legend entry per group
+    target = result["groups"][0]["target"]
+    ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target}")
+    if late_losses:  # hide the early loss spike so the end of training is readable
+        ax.set_ylim(min(late_losses + [target]) - 0.05, max(late_losses + [target]) + 0.1)
+    ax.set_xlabel("train time (s)")
+    ax.set_ylabel("val loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, format="png")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser():
+    """Command-line options (see the module docstring for the examples)."""
+    parser = argparse.ArgumentParser(
+        prog="compare.py", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="a log file (group of one) or a folder of logs (one group)")
+    parser.add_argument("--target", type=float, default=DEFAULT_TARGET,
+                        help=f"val loss a record must beat on average (default {DEFAULT_TARGET})")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw val loss against train time (needs matplotlib)")
+    return parser
+
+
+def main(argv=None):
+    """Entry point; returns the exit status (errors: one line on stderr, status 2)."""
+    args = build_parser().parse_args(argv)
+    try:
+        plt = require_matplotlib() if args.plot else None
+        result = analyse(load_groups(args.paths), target=args.target)
+        if args.plot:
+            plot_curves(result, args.plot, plt)
+    except (CompareError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(json_ready(result), indent=2, allow_nan=False))
+    else:
+        print(render_text(result))
+        if args.plot:
+            print(f"\nplot written to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

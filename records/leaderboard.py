@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Regenerate the leaderboard table in records/README.md from the record folders.
+
+Every folder records/track_*/YYYY-MM-DD_ShortName/ is one record. Its
+record.json gives the date, the claimed time, a description and the
+contributors; the mean final val loss and mean time are computed from the run
+logs in the same folder (with compare.py's functions), so the table cannot
+drift from the evidence. The table lives between the marker comments
+<!-- leaderboard:start --> and <!-- leaderboard:end --> and is never edited by
+hand: adding a record is one folder plus one run of this script.
+
+Examples:
+  python records/leaderboard.py            # rewrite the table in records/README.md
+  python records/leaderboard.py --check    # exit 1 if the table is out of date (CI)
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import sys
+
+if __package__:
+    from . import compare
+else:  # run as `python records/leaderboard.py`: this folder is sys.path[0]
+    import compare
+
+START_MARKER = "<!-- leaderboard:start -->"
+END_MARKER = "<!-- leaderboard:end -->"
+METADATA_FILE = "record.json"
+RECORDS_DIR = os.path.dirname(os.path.abspath(__file__))
+FOLDER_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})_[A-Za-z0-9][A-Za-z0-9_.-]*$")
+TRACK_RE = re.compile(r"^track_[A-Za-z0-9_]+$")
+NO_RECORDS = "No records yet: the first folder under `records/track_1_short/` will appear here."
+
+
+class LeaderboardError(Exception):
+    """Bad record folder or README; reported as one line naming the culprit."""
+
+
+# ----------------------------------------------------------------------------- reading records
+
+def track_dirs(root):
+    """The track folders (track_*) under root, sorted by name."""
+    if not os.path.isdir(root):
+        raise LeaderboardError(f"{root}: no such folder")
+    return [os.path.join(root, name) for name in sorted(os.listdir(root))
+            if TRACK_RE.match(name) and os.path.isdir(os.path.join(root, name))]
+
+
+def record_dirs(track):
+    """The record folders of one track (every subfolder is a record)."""
+    return [os.path.join(track, name) for name in sorted(os.listdir(track))
+            if os.path.isdir(os.path.join(track, name)) and not name.startswith(".")]
+
+
+def _require(condition, folder, message):
+    """Raise a LeaderboardError naming the folder unless condition holds."""
+    if not condition:
+        raise LeaderboardError(f"{folder}: {message}")
+
+
+def read_metadata(folder):
+    """Load and validate record.json; why strict: a typo should fail CI, not publish."""
+    path = os.path.join(folder, METADATA_FILE)
+    _require(os.path.isfile(path), folder, f"missing {METADATA_FILE}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+    except ValueError as error:
+        raise LeaderboardError(f"{folder}: {METADATA_FILE} is not valid JSON ({error})") from None
+    _require(isinstance(meta, dict), folder, f"{METADATA_FILE} must hold a JSON object")
+    date = meta.get("date")
+    _require(isinstance(date, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", date), folder,
+             f"{METADATA_FILE}: 'date' must be a string YYYY-MM-DD")
+    try:
+        datetime.date.fromisoformat(date)
+    except ValueError:
+        raise LeaderboardError(f"{folder}: {METADATA_FILE}: 'date' {date} is not a calendar date") from None
+    time_s = meta.get("time_s")
+    _require(isinstance(time_s, (int, float)) and not isinstance(time_s, bool) and time_s > 0, folder,
+             f"{METADATA_FILE}: 'time_s' must be a positive number of seconds")
+    _require(isinstance(meta.get("description"), str) and meta["description"].strip(), folder,
+             f"{METADATA_FILE}: 'description' must be a non-empty string")
+    people = meta.get("contributors")
+    _require(isinstance(people, list) and people and all(isinstance(p, str) and p.strip() for p in people),
+             folder, f"{METADATA_FILE}: 'contributors' must be a non-empty list of names")
+    _require(meta.get("commit") is None or isinstance(meta["commit"], str), folder,
+             f"{METADATA_FILE}: 'commit' must be a string when given")
+    match = FOLDER_RE.match(os.path.basename(folder))
+    _require(match, folder, "folder name must be YYYY-MM-DD_ShortName")
+    _require(match.group(1) == date, folder, f"folder date differs from {METADATA_FILE} date {date}")
+    return meta
+
+
+def read_record(folder, target=compare.DEFAULT_TARGET):
+    """One leaderboard entry: metadata plus the group statistics of the folder's logs."""
+    meta = read_metadata(folder)
+    logs = compare.find_logs(folder)
+    _require(logs, folder, "no run logs (.txt/.log files with step lines)")
+    runs = [compare.runlog.parse_log_file(path) for path in logs]
+    summary = compare.group_summary(folder, runs, target)
+    _require(summary["n"] > 0, folder, "no complete run (no log has a validation line at step T/T)")
+    return {"folder": folder, "meta": meta, "stats": summary}
+
+
+def read_tracks(root, target=compare.DEFAULT_TARGET):
+    """{track name: [entries sorted by date, then time, then folder]} for every track with records."""
+    tracks = {}
+    for track in track_dirs(root):
+        entries = [read_record(folder, target) for folder in record_dirs(track)]
+        if entries:
+            entries.sort(key=lambda e: (e["meta"]["date"], e["meta"]["time_s"], os.path.basename(e["folder"])))
+            tracks[os.path.basename(track)] = entries
+    return tracks
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def _cell(text):
+    """Make text safe inside a Markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def render_track(track, entries, base):
+    """The Markdown table of one track; links are relative to base (the README's folder)."""
+    lines = [f"### {track}", "",
+             "| # | Date | Time | Mean val loss (complete runs) | Mean time in logs | Description | Contributors | Record |",
+             "|--:|------|-----:|-------------------------------|------------------:|-------------|--------------|--------|"]
+    for number, entry in enumerate(entries, 1):
+        meta, s = entry["meta"], entry["stats"]
+        loss = f"{s['mean_val_loss']:.4f} (n={s['n']}, p={compare.fmt_p(s['p_value'])})"
+        rel = os.path.relpath(os.path.abspath(entry["folder"]), base).replace(os.sep, "/")
+        lines.append("| " + " | ".join([
+            str(number), meta["date"], f"{meta['time_s']:.2f} s", loss,
+            f"{s['mean_train_time_s']:.2f} s", _cell(meta["description"]),
+            _cell(", ".join(meta["contributors"])), f"[{os.path.basename(entry['folder'])}]({rel}/)",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def render_leaderboard(tracks, base):
+    """Everything between the markers (without the markers); base as in render_track."""
+    if not tracks:
+        return NO_RECORDS
+    return "\n\n".join(render_track(name, entries, base) for name, entries in tracks.items())
+
+
+def splice(readme_text, body, readme_path):
+    """Put body between the markers of the README text; the rest is left untouched."""
+    start = readme_text.find(START_MARKER)
+    end = readme_text.find(END_MARKER)
+    if start < 0 or end < 0 or end < start:
+        raise LeaderboardError(f"{readme_path}: needs the markers {START_MARKER} and {END_MARKER}, in that order")
+    return readme_text[:start + len(START_MARKER)] + "\n" + body + "\n" + readme_text[end:]
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser():
+    """Command-line options (see the module docstring for the examples)."""
+    parser = argparse.ArgumentParser(
+        prog="leaderboard.py", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default=RECORDS_DIR,
+                        help="folder holding the track_* folders (default: the folder of this script)")
+    parser.add_argument("--readme", help="README holding the markers (default: ROOT/README.md)")
+    parser.add_argument("--check", action="store_true",
+                        help="change nothing; exit 1 if the README table is out of date")
+    parser.add_argument("--target", type=float, default=compare.DEFAULT_TARGET,
+                        help=f"val loss target for the p-value column (default {compare.DEFAULT_TARGET})")
+    return parser
+
+
+def main(argv=None):
+    """Entry point; returns 0 (up to date / rewritten), 1 (--check: stale) or 2 (error)."""
+    args = build_parser().parse_args(argv)
+    readme = os.path.relpath(args.readme or os.path.join(args.root, "README.md"))
+    try:
+        with open(readme, encoding="utf-8") as handle:
+            old = handle.read()
+        tracks = read_tracks(args.root, args.target)
+        new = splice(old, render_leaderboard(tracks, os.path.dirname(os.path.abspath(readme))), readme)
+    except (LeaderboardError, compare.CompareError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"error: {readme}: {error.strerror}", file=sys.stderr)
+        return 2
+    if args.check:
+        if new != old:
+            print(f"{readme}: leaderboard is out of date; run python records/leaderboard.py", file=sys.stderr)
+            return 1
+        print(f"{readme}: leaderboard is up to date")
+        return 0
+    if new != old:
+        with open(readme, "w", encoding="utf-8") as handle:
+            handle.write(new)
+        print(f"{readme}: leaderboard rewritten ({sum(len(e) for e in tracks.values())} record folders)")
+    else:
+        print(f"{readme}: leaderboard already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,690 @@
+"""Tests of the records tools: log parsing, statistics, compare.py and leaderboard.py.
+
+Expected figures are worked out by hand (or from closed forms written out
+here), never taken from the code under test.
+"""
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `pytest` without `python -m` does not put the repo root on the path
+    sys.path.insert(0, str(REPO))
+
+from records import compare, leaderboard, runlog, stats  # noqa: E402
+
+FIXTURES = REPO / "tests" / "fixtures" / "records"
+SEP = "=" * 100
+
+# The source text of a generated log. It contains lines that would parse as
+# step lines (even a final validation line) if the parser read the source.
+SOURCE = (
+    "import os\n"
+    "print0(f'step:{step}/{train_steps} val_loss:{val_loss:.4f} train_time:{ms:.0f}ms')\n"
+    "step:100/100 val_loss:1.0000 train_time:1ms step_avg:0.01ms\n"
+    "world_size: 1\n"
+    "stopping: never, this is source code\n"
+)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def make_log(final_loss=3.2790, total_ms=100_000.0, steps=100, val_every=50, source=SOURCE,
+             world_size=8, gpu="NVIDIA H100 80GB HBM3", torch_version="2.11.0+cu130",
+             crash_at=None, stopping=None, config=None):
+    """Text of a log in our format: train time grows linearly to total_ms at the last step.
+
+    crash_at=k ends the log after step k; stopping=k writes a `stopping:` line there.
+    """
+    config = config if config is not None else {"num_iterations": steps, "lr": 0.05}
+    lines = [source + SEP,
+             "Running Python 3.11.7 (main, Dec  8 2023, 18:56:58) [GCC 11.4.0]",
+             f"Running PyTorch {torch_version} compiled for CUDA 13.0",
+             "Running Triton version 3.6.0",
+             "(nvidia-smi output)", SEP,
+             f"world_size: {world_size}", "grad_accum_steps: 1", f"gpu: {gpu}",
+             "config: " + json.dumps(config), "launch_to_first_step: 48.2s"]
+    end = steps if crash_at is None and stopping is None else (crash_at or stopping)
+    for step in range(0, end + 1):
+        ms = total_ms * step / steps
+        avg = f"{ms / step:.2f}ms" if step else "nanms"
+        if step % val_every == 0 or step == steps:
+            loss = final_loss if step == steps else 3.5 + 7.0 * (1 - step / steps)
+            lines.append(f"step:{step}/{steps} val_loss:{loss:.4f} train_time:{ms:.0f}ms step_avg:{avg}")
+        elif step:
+            lines.append(f"step:{step}/{steps} train_time:{ms:.0f}ms step_avg:{avg}")
+    if stopping is not None:
+        lines.append(f"stopping: non-finite loss nan at step {stopping}")
+    if crash_at is None:
+        lines += ["peak memory allocated: 34000 MiB reserved: 49700 MiB", "mfu: 41.2%"]
+    return "\n".join(lines) + "\n"
+
+
+def write(path, text):
+    """Write text to path, creating folders; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def write_group(folder, losses, times_s, **kw):
+    """One log per (loss, time) pair in folder; returns the folder."""
+    for index, (loss, seconds) in enumerate(zip(losses, times_s)):
+        write(Path(folder) / f"run{index}.txt", make_log(final_loss=loss, total_ms=seconds * 1000.0, **kw))
+    return Path(folder)
+
+
+def run_compare(capsys, *argv):
+    """Run compare.main in-process; returns (exit code, stdout, stderr)."""
+    code = compare.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cdf_integer_df(t, df):
+    """Reference Student-t CDF for integer df from the closed forms (Abramowitz & Stegun 26.7.3/4)."""
+    theta = math.atan(abs(t) / math.sqrt(df))
+    s, c = math.sin(theta), math.cos(theta)
+    if df % 2 == 1:
+        series, term = 0.0, c
+        for k in range(1, (df - 1) // 2 + 1):  # c + (2/3) c^3 + (2*4)/(3*5) c^5 + ...
+            series += term
+            term *= c * c * (2 * k) / (2 * k + 1)
+        central = 2.0 / math.pi * (theta + (s * series if df > 1 else 0.0))
+    else:
+        series, term = 0.0, 1.0
+        for k in range(1, df // 2 + 1):  # 1 + (1/2) c^2 + (1*3)/(2*4) c^4 + ...
+            series += term
+            term *= c * c * (2 * k - 1) / (2 * k)
+        central = s * series
+    return 0.5 + math.copysign(central / 2.0, t)
+
+
+def cdf_numeric(t, df, points=200_001):
+    """Reference Student-t CDF for any df: 0.5 + Simpson's rule of the density on [0, t]."""
+    x = np.linspace(0.0, abs(t), points)
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    pdf = np.exp(log_norm - (df + 1) / 2 * np.log1p(x * x / df))
+    h = x[1] - x[0]
+    integral = h / 3 * (pdf[0] + pdf[-1] + 4 * pdf[1:-1:2].sum() + 2 * pdf[2:-1:2].sum())
+    return 0.5 + math.copysign(integral, t)
+
+
+# ----------------------------------------------------------------------------- stats
+
+@pytest.mark.parametrize("t", [-30.0, -2.5, -0.3, 0.0, 0.7, 1.0, 4.2, 100.0])
+def test_t_cdf_df1_is_cauchy(t):
+    assert stats.t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-9)
+
+
+@pytest.mark.parametrize("t", [-12.0, -3.1, -0.5, 0.25, 1.5, 2.92, 9.0])
+def test_t_cdf_df2_closed_form(t):
+    assert stats.t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(t * t + 2)), abs=1e-9)
+
+
+@pytest.mark.parametrize("df", [3, 4, 5, 6, 9, 10, 15, 30])
+@pytest.mark.parametrize("t", [-4.0, -1.7320508, -0.2, 0.9, 2.5, 6.0])
+def test_t_cdf_matches_integer_df_closed_forms(df, t):
+    assert stats.t_cdf(t, df) == pytest.approx(cdf_integer_df(t, df), abs=1e-9)
+
+
+def test_reference_closed_form_reduces_to_known_cases():
+    # Guards the reference itself: df=1 Cauchy, df=2 and df=3 closed forms.
+    for t in (-2.0, 0.4, 3.0):
+        assert cdf_integer_df(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)
+        assert cdf_integer_df(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(t * t + 2)), abs=1e-12)
+        df3 = 0.5 + (t / (math.sqrt(3) * (1 + t * t / 3)) + math.atan(t / math.sqrt(3))) / math.pi
+        assert cdf_integer_df(t, 3) == pytest.approx(df3, abs=1e-12)
+
+
+@pytest.mark.parametrize("df", [0.5, 2.5, 100 / 17, 17.3, 250.0])
+@pytest.mark.parametrize("t", [-3.3, -1.1, 0.8, 2.2])
+def test_t_cdf_fractional_df_matches_numeric_integration(df, t):
+    assert stats.t_cdf(t, df) == pytest.approx(cdf_numeric(t, df), abs=1e-8)
+
+
+@pytest.mark.parametrize("t, df, upper_tail", [
+    (2.821, 9, 0.01), (1.812, 10, 0.05), (2.015, 5, 0.05), (3.365, 5, 0.01),
+    (12.706, 1, 0.025), (2.228, 10, 0.025), (2.086, 20, 0.025), (2.457, 30, 0.01),
+])
+def test_t_tail_matches_three_decimal_tables(t, df, upper_tail):
+    # Table entries are rounded to 3 decimals, so only ~1e-4 agreement is possible.
+    assert stats.t_sf(t, df) == pytest.approx(upper_tail, abs=1e-4)
+
+
+@pytest.mark.parametrize("t, df, upper_tail", [
+    (2.821437925, 9, 0.01), (1.812461123, 10, 0.05), (2.015048373, 5, 0.05),
+    (3.364929997, 5, 0.01), (12.70620474, 1, 0.025), (2.042272456, 30, 0.025),
+    (2.845339707, 20, 0.005),
+])
+def test_t_tail_matches_precise_critical_values(t, df, upper_tail):
+    assert stats.t_sf(t, df) == pytest.approx(upper_tail, abs=1e-6)
+    assert stats.t_ppf(1 - upper_tail, df) == pytest.approx(t, abs=1e-6)
+
+
+def test_two_sided_critical_value_df1():
+    assert 2 * stats.t_sf(12.706, 1) == pytest.approx(0.05, abs=1e-4)
+    assert stats.t_ppf(0.975, 1) == pytest.approx(math.tan(0.475 * math.pi), abs=1e-9)
+
+
+def test_t_cdf_symmetry_and_limits():
+    for df in (1, 3.5, 40):
+        assert stats.t_cdf(0.0, df) == pytest.approx(0.5, abs=1e-15)
+        assert stats.t_cdf(1.3, df) + stats.t_cdf(-1.3, df) == pytest.approx(1.0, abs=1e-14)
+        assert stats.t_cdf(math.inf, df) == 1.0 and stats.t_cdf(-math.inf, df) == 0.0
+    # Large df approaches the normal distribution: Phi(1.96) = 0.9750021048517795.
+    assert stats.t_cdf(1.96, 1e7) == pytest.approx(0.9750021048517795, abs=1e-6)
+    with pytest.raises(ValueError):
+        stats.t_cdf(1.0, 0)
+
+
+@pytest.mark.parametrize("x", [0.0, 0.1, 0.37, 0.5, 0.93, 1.0])
+def test_incomplete_beta_closed_forms(x):
+    assert stats.regularized_incomplete_beta(1, 1, x) == pytest.approx(x, abs=1e-12)
+    assert stats.regularized_incomplete_beta(3.5, 1, x) == pytest.approx(x ** 3.5, abs=1e-12)
+    assert stats.regularized_incomplete_beta(1, 4, x) == pytest.approx(1 - (1 - x) ** 4, abs=1e-12)
+
+
+def test_mean_std_interval_by_hand():
+    assert stats.mean([]) is None and stats.sample_std([5.0]) is None
+    assert stats.mean([1.0, 2.0, 6.0]) == pytest.approx(3.0)
+    assert stats.sample_std([1.0, 2.0, 6.0]) == pytest.approx(math.sqrt((4 + 1 + 9) / 2))
+    # df=2: t_{0.975} = 0.95 / sqrt(2 * 0.975 * 0.025) from the inverse of the df=2 closed form.
+    low, high = stats.t_interval([100.0, 102.0, 104.0])
+    half = 0.95 / math.sqrt(2 * 0.975 * 0.025) * 2 / math.sqrt(3)
+    assert (low, high) == pytest.approx((102 - half, 102 + half), abs=1e-9)
+    assert stats.t_interval([1.0]) is None
+
+
+def test_one_sided_p_degenerate_cases():
+    assert stats.one_sided_p_below([3.27], 3.28) is None
+    assert stats.one_sided_p_below([3.27, 3.27], 3.28) == 0.0
+    assert stats.one_sided_p_below([3.29, 3.29], 3.28) == 1.0
+    assert stats.one_sided_p_below([3.28, 3.28], 3.28) is None
+
+
+def test_welch_degenerate_cases():
+    assert stats.welch_test([1.0], [2.0, 3.0])["p_two_sided"] is None
+    assert stats.welch_test([1.0], [2.0, 3.0])["diff"] == pytest.approx(1.5)
+    assert stats.welch_test([1.0, 1.0], [2.0, 2.0])["p_two_sided"] == 0.0
+    assert stats.welch_test([1.0, 1.0], [1.0, 1.0])["p_two_sided"] is None
+
+
+# ----------------------------------------------------------------------------- parsing
+
+@pytest.mark.parametrize("line, expected", [
+    ("step:125/1695 val_loss:4.3121 train_time:12345ms step_avg:98.76ms",
+     {"step": 125, "total": 1695, "val_loss": 4.3121, "train_time": 12345.0, "step_avg": 98.76}),
+    ("step:126/1695 train_time:12445ms step_avg:98.77ms",
+     {"step": 126, "total": 1695, "train_time": 12445.0, "step_avg": 98.77}),
+    ("step:125/1695 val_loss:4.3121 train_time:12345ms",
+     {"step": 125, "total": 1695, "val_loss": 4.3121, "train_time": 12345.0}),
+    ("step:10/3000 train_loss:5.1234 train_time:1234ms step_avg:123.40ms",
+     {"step": 10, "total": 3000, "train_loss": 5.1234, "train_time": 1234.0, "step_avg": 123.4}),
+    ("step:7/50 train_time:700ms val_loss:6.5", {"step": 7, "total": 50, "train_time": 700.0, "val_loss": 6.5}),
+    ("step:0/50 val_loss:10.8258 train_time:0ms step_avg:nanms",
+     {"step": 0, "total": 50, "val_loss": 10.8258, "train_time": 0.0, "step_avg": None}),
+])
+def test_parse_step_line_variants(line, expected):
+    assert runlog.parse_step_line(line) == expected
+
+
+@pytest.mark.parametrize("line", ["stepper:1/2", "step:1 of 2", "# step:1/2 val_loss:3.0", "s:0 tel:10.98"])
+def test_non_step_lines_are_ignored(line):
+    assert runlog.parse_step_line(line) is None
+
+
+def test_parse_our_format_every_field():
+    run = runlog.parse_log_text(make_log(final_loss=3.2791, total_ms=168_750.0, steps=1695, val_every=125,
+                                         config={"num_iterations": 1695, "lr": 0.05}), "x.txt")
+    assert run.complete
+    assert run.final_val_loss == 3.2791
+    assert run.train_time_s == pytest.approx(168.75)
+    assert run.steps_total == 1695 and run.last_step == 1695
+    assert run.step_avg_ms == pytest.approx(round(168_750 / 1695, 2))
+    assert (run.world_size, run.grad_accum_steps, run.gpu) == (8, 1, "NVIDIA H100 80GB HBM3")
+    assert (run.python, run.torch, run.triton) == ("3.11.7", "2.11.0+cu130", "3.6.0")
+    assert run.config == {"num_iterations": 1695, "lr": 0.05}
+    assert run.launch_to_first_step_s == pytest.approx(48.2)
+    assert (run.peak_memory_mib, run.reserved_memory_mib, run.mfu_percent) == (34000.0, 49700.0, 41.2)
+    assert run.source_hash == hashlib.sha256((SOURCE).encode()).hexdigest()[:12]
+    assert run.stopping is None
+    assert [p.step for p in run.val_points] == list(range(0, 1695, 125)) + [1695]
+
+
+def test_source_above_separator_is_not_parsed():
+    # The source holds a fake "step:100/100 val_loss:1.0000" line, a world_size and a stopping line.
+    run = runlog.parse_log_text(make_log(steps=100, crash_at=80, world_size=4))
+    assert not run.complete
+    assert run.last_step == 80 and run.steps_total == 100
+    assert run.world_size == 4 and run.stopping is None
+    assert all(p.val_loss != 1.0 for p in run.val_points)
+
+
+def test_log_without_separator_has_no_hash_but_parses():
+    run = runlog.parse_log_text("step:5/5 val_loss:3.9 train_time:50ms step_avg:10.00ms\n")
+    assert run.complete and run.source_hash is None and run.final_val_loss == 3.9
+
+
+def test_public_style_log_from_fixture():
+    run = runlog.parse_log_file(FIXTURES / "public_style.txt")
+    assert run.complete
+    assert run.world_size == 8  # eight GPU rows in the nvidia-smi table; the source's world_size is ignored
+    assert run.gpu == "NVIDIA H100 80GB HBM3"
+    assert run.torch == "2.7.0.dev20250110+cu126" and run.python == "3.12.7"
+    assert run.final_val_loss == 3.2777 and run.train_time_s == pytest.approx(4.0)
+    assert run.step_avg_ms == pytest.approx(200.0) and run.steps_total == 20
+    assert run.peak_memory_mib == 34000.0 and run.mfu_percent is None
+    text = (FIXTURES / "public_style.txt").read_text()
+    assert run.source_hash == hashlib.sha256(text[:text.index(SEP + "\n")].encode()).hexdigest()[:12]
+
+
+@pytest.mark.parametrize("name, loss, seconds, steps, step_avg", [
+    ("old_no_step_avg.txt", 3.3012, 24.690, 250, 24690 / 250),  # no step_avg: train_time / steps
+    ("old_train_loss.txt", 4.0500, 3.702, 30, 123.40),          # train_loss on the final step is not val loss
+    ("old_reordered.txt", 4.2000, 10.000, 40, 250.00),           # val_loss after train_time
+])
+def test_older_formats_from_fixtures(name, loss, seconds, steps, step_avg):
+    run = runlog.parse_log_file(FIXTURES / name)
+    assert run.complete
+    assert run.final_val_loss == loss
+    assert run.train_time_s == pytest.approx(seconds)
+    assert run.steps_total == steps
+    assert run.step_avg_ms == pytest.approx(step_avg)
+    assert run.world_size is None and run.gpu is None
+
+
+def test_stopped_run_is_incomplete_with_reason():
+    run = runlog.parse_log_text(make_log(steps=100, stopping=63))
+    assert not run.complete and run.last_step == 63
+    assert run.stopping == "non-finite loss nan at step 63"
+    assert run.final_val_loss is None and run.train_time_s is None
+
+
+# ----------------------------------------------------------------------------- compare: figures
+
+def test_group_statistics_by_hand(tmp_path):
+    folder = write_group(tmp_path / "base", [3.270, 3.275, 3.280], [100.0, 102.0, 104.0])
+    write(folder / "run9_crashed.txt", make_log(crash_at=70))
+    write(folder / "notes.txt", "not a log, no steps here\n")
+    result = compare.analyse(compare.load_groups([str(folder)]))
+    (group,) = result["groups"]
+    assert group["n"] == 3 and group["n_incomplete"] == 1
+    assert group["mean_val_loss"] == pytest.approx(3.275, abs=1e-12)
+    assert group["std_val_loss"] == pytest.approx(0.005, abs=1e-12)
+    # t = (3.275 - 3.28) / (0.005 / sqrt 3) = -sqrt 3 with df = 2: p = 1/2 - sqrt3 / (2 sqrt5).
+    assert group["p_value"] == pytest.approx(0.5 - math.sqrt(3) / (2 * math.sqrt(5)), abs=1e-9)
+    assert group["mean_train_time_s"] == pytest.approx(102.0)
+    assert group["std_train_time_s"] == pytest.approx(2.0)
+    half = 0.95 / math.sqrt(2 * 0.975 * 0.025) * 2 / math.sqrt(3)
+    assert group["train_time_ci_low_s"] == pytest.approx(102 - half, abs=1e-9)
+    assert group["train_time_ci_high_s"] == pytest.approx(102 + half, abs=1e-9)
+    assert group["single_source"] is True
+    assert len(result["runs"]) == 4
+    assert [r["complete"] for r in result["runs"]] == [True, True, True, False]
+
+
+def test_target_option_changes_p(tmp_path):
+    folder = write_group(tmp_path / "g", [3.270, 3.275, 3.280], [100.0, 102.0, 104.0])
+    group = compare.analyse(compare.load_groups([str(folder)]), target=3.285)["groups"][0]
+    # t = -0.01 / (0.005 / sqrt 3) = -2 sqrt 3, df = 2.
+    t = -2 * math.sqrt(3)
+    assert group["p_value"] == pytest.approx(0.5 + t / (2 * math.sqrt(t * t + 2)), abs=1e-9)
+
+
+def test_two_groups_welch_equal_sizes_by_hand(tmp_path):
+    a = write_group(tmp_path / "a", [3.270, 3.275, 3.280], [100.0, 102.0, 104.0])
+    b = write_group(tmp_path / "b", [3.272, 3.276, 3.280], [97.0, 99.0, 101.0])
+    c = compare.analyse(compare.load_groups([str(a), str(b)]))["comparison"]
+    assert c["time_diff_s"] == pytest.approx(-3.0)
+    assert c["time_diff_percent"] == pytest.approx(-300.0 / 102.0)
+    # Equal variances (4) and sizes (3): Welch df = (8/3)^2 / (2 * (4/3)^2 / 2) = 4.
+    assert c["time_welch_df"] == pytest.approx(4.0)
+    t = -3.0 / math.sqrt(8 / 3)
+    theta = math.atan(abs(t) / 2)
+    p_two = 1 - math.sin(theta) * (1 + 0.5 * math.cos(theta) ** 2)  # df = 4 closed form
+    assert c["time_p_value"] == pytest.approx(p_two, abs=1e-9)
+    assert c["loss_diff"] == pytest.approx(3.276 - 3.275, abs=1e-12)
+    assert c["first_single_source"] and c["second_single_source"] and c["same_source"]
+
+
+def test_two_groups_welch_unequal_sizes_by_hand(tmp_path):
+    a = write_group(tmp_path / "a", [3.27] * 3, [100.0, 102.0, 104.0])
+    b = write_group(tmp_path / "b", [3.27] * 5, [96.0, 98.0, 100.0, 102.0, 104.0],
+                    source=SOURCE + "# variant b\n")
+    c = compare.analyse(compare.load_groups([str(a), str(b)]))["comparison"]
+    # se^2 = 4/3 + 10/5 = 10/3; df = (10/3)^2 / ((4/3)^2 / 2 + 2^2 / 4) = 100/17.
+    assert c["time_welch_df"] == pytest.approx(100 / 17, abs=1e-9)
+    t = -2.0 / math.sqrt(10 / 3)
+    assert c["time_p_value"] == pytest.approx(2 * cdf_numeric(t, 100 / 17), abs=1e-7)
+    assert c["loss_diff"] == pytest.approx(0.0, abs=1e-12) and c["loss_p_value"] is None  # both std 0
+    assert not c["same_source"]
+
+
+def test_mixed_sources_in_one_group(tmp_path):
+    folder = write_group(tmp_path / "mixed", [3.27, 3.28], [100.0, 101.0])
+    write(folder / "run_other.txt", make_log(source=SOURCE + "# edited\n"))
+    group = compare.analyse(compare.load_groups([str(folder)]))["groups"][0]
+    assert group["single_source"] is False and len(group["source_hashes"]) == 2
+
+
+def test_single_run_group_has_undefined_spread(tmp_path, capsys):
+    log = write(tmp_path / "one.txt", make_log(final_loss=3.2712, total_ms=150_000.0))
+    group = compare.analyse(compare.load_groups([str(log)]))["groups"][0]
+    assert group["n"] == 1 and group["mean_val_loss"] == 3.2712
+    assert group["std_val_loss"] is None and group["p_value"] is None
+    assert group["train_time_ci_low_s"] is None
+    code, out, _ = run_compare(capsys, log)
+    assert code == 0
+    row = [line for line in out.splitlines() if line.startswith(str(log)) and "3.2712" in line
+           and "150.000 s" in line]
+    assert len(row) == 2 and row[1].count("n/a") >= 3  # run row and group row; std, p and CI are n/a
+
+
+def test_zero_std_group(tmp_path):
+    folder = write_group(tmp_path / "same", [3.2700, 3.2700, 3.2700], [90.0, 90.0, 90.0])
+    group = compare.analyse(compare.load_groups([str(folder)]))["groups"][0]
+    assert group["std_val_loss"] == 0.0 and group["p_value"] == 0.0
+    assert group["train_time_ci_low_s"] == pytest.approx(90.0)
+    assert group["train_time_ci_high_s"] == pytest.approx(90.0)
+
+
+def test_all_runs_incomplete_gives_empty_statistics(tmp_path, capsys):
+    write(tmp_path / "bad" / "a.txt", make_log(crash_at=10))
+    write(tmp_path / "bad" / "b.txt", make_log(stopping=20))
+    code, out, _ = run_compare(capsys, tmp_path / "bad", "--json")
+    data = json.loads(out)
+    assert code == 0
+    assert data["groups"][0]["n"] == 0 and data["groups"][0]["n_incomplete"] == 2
+    assert data["groups"][0]["mean_val_loss"] is None
+    assert [r["last_step"] for r in data["runs"]] == [10, 20]
+
+
+# ----------------------------------------------------------------------------- compare: command line
+
+def _assert_no_strings_for_figures(value, key=""):
+    """Every figure in the JSON is a number or null, never a numeric-looking string."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _assert_no_strings_for_figures(v, k)
+    elif isinstance(value, list):
+        for v in value:
+            _assert_no_strings_for_figures(v, key)
+    elif isinstance(value, str):
+        try:
+            float(value.rstrip("ms%"))
+        except ValueError:
+            return
+        raise AssertionError(f"{key}: figure {value!r} is a string")
+
+
+def test_json_output_structure(tmp_path, capsys):
+    a = write_group(tmp_path / "a", [3.270, 3.275, 3.280], [100.0, 102.0, 104.0])
+    write(a / "crash.txt", make_log(crash_at=30))
+    b = write_group(tmp_path / "b", [3.272, 3.276], [97.0, 99.0])
+    code, out, err = run_compare(capsys, a, b, "--json")
+    assert code == 0 and err == ""
+    data = json.loads(out)
+    assert set(data) == {"runs", "groups", "comparison"}
+    assert len(data["runs"]) == 6 and len(data["groups"]) == 2
+    crashed = [r for r in data["runs"] if not r["complete"]]
+    assert len(crashed) == 1 and crashed[0]["complete"] is False and crashed[0]["last_step"] == 30
+    assert crashed[0]["final_val_loss"] is None
+    run = next(r for r in data["runs"] if r["complete"])
+    for key in ("final_val_loss", "train_time_s", "step_avg_ms", "peak_memory_mib", "mfu_percent"):
+        assert isinstance(run[key], float), key
+    for key in ("steps", "world_size", "last_step"):
+        assert isinstance(run[key], int) and not isinstance(run[key], bool), key
+    group = data["groups"][0]
+    for key in ("mean_val_loss", "std_val_loss", "p_value", "mean_train_time_s",
+                "train_time_ci_low_s", "train_time_ci_high_s"):
+        assert isinstance(group[key], float), key
+    assert isinstance(group["n"], int) and group["n"] == 3
+    for key in ("time_diff_s", "time_diff_percent", "time_welch_df", "time_p_value", "loss_diff"):
+        assert isinstance(data["comparison"][key], float), key
+    _assert_no_strings_for_figures(data)
+
+
+@pytest.mark.parametrize("n_groups", [1, 3])
+def test_json_has_comparison_only_for_two_groups(tmp_path, capsys, n_groups):
+    paths = [write(tmp_path / f"g{i}.txt", make_log(final_loss=3.27 + i / 1000)) for i in range(n_groups)]
+    code, out, _ = run_compare(capsys, *paths, "--json")
+    data = json.loads(out)
+    assert code == 0 and "comparison" not in data
+    assert [g["name"] for g in data["groups"]] == [str(p) for p in paths]
+    assert data["groups"][0]["std_val_loss"] is None and data["groups"][0]["p_value"] is None
+
+
+def test_text_output_has_units_and_comparison(tmp_path, capsys):
+    a = write_group(tmp_path / "a", [3.270, 3.275, 3.280], [100.0, 102.0, 104.0])
+    b = write_group(tmp_path / "b", [3.272, 3.276, 3.280], [97.0, 99.0, 101.0])
+    write(b / "z_crash.txt", make_log(crash_at=55))
+    write(b / "z_stop.txt", make_log(stopping=42))
+    code, out, _ = run_compare(capsys, a, b)
+    assert code == 0
+    assert "102.000 s" in out and "99.000 s" in out and "1000.00 ms" in out
+    assert "INCOMPLETE (last step 55/100)" in out and "INCOMPLETE (last step 42/100)" in out
+    assert f"{b / 'z_stop.txt'}: stopping: non-finite loss nan at step 42" in out
+    assert "z_crash.txt: stopping" not in out
+    assert "-3.000 s (-2.94%)" in out
+    assert f"minus {a}" in out
+
+
+def test_trailing_slash_names_group_by_path(tmp_path):
+    folder = write_group(tmp_path / "grp", [3.27], [10.0])
+    name, runs = compare.load_group(str(folder) + "/")
+    assert name == str(folder) and len(runs) == 1
+
+
+def test_missing_path_is_one_line_error(tmp_path, capsys):
+    code, out, err = run_compare(capsys, tmp_path / "nothing_here")
+    assert code != 0 and out == ""
+    assert err.strip().count("\n") == 0
+    assert err.startswith("error: ") and "nothing_here" in err and "no such file" in err
+
+
+def test_folder_without_logs_is_one_line_error(tmp_path, capsys):
+    write(tmp_path / "empty" / "notes.txt", "just notes\n")
+    write(tmp_path / "empty" / "README.md", "step:1/1 val_loss:3 train_time:1ms\n")
+    code, out, err = run_compare(capsys, tmp_path / "empty")
+    assert code != 0 and out == ""
+    assert err.strip().count("\n") == 0 and "has no logs" in err and "empty" in err
+
+
+def test_plot_writes_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    a = write_group(tmp_path / "a", [3.270, 3.275], [100.0, 102.0])
+    b = write_group(tmp_path / "b", [3.272], [97.0])
+    write(b / "crash.txt", make_log(crash_at=60))
+    png = tmp_path / "curves.png"
+    code, out, err = run_compare(capsys, a, b, "--plot", png)
+    assert code == 0, err
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 1024
+    assert str(png) in out
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    log = write(tmp_path / "a.txt", make_log())
+    png = tmp_path / "curves.png"
+    code, out, err = run_compare(capsys, log, "--plot", png)
+    assert code != 0 and not png.exists()
+    assert err.strip().count("\n") == 0 and "pip install matplotlib" in err
+
+
+def poisoned_env(tmp_path):
+    """Environment whose PYTHONPATH shadows torch and scipy with modules that fail on import."""
+    poison = tmp_path / "poison"
+    for name in ("torch", "scipy"):
+        write(poison / f"{name}.py", f"raise ImportError('records tools must not import {name}')\n")
+    return dict(os.environ, PYTHONPATH=str(poison))
+
+
+def test_compare_script_runs_from_repo_root_without_torch_or_scipy(tmp_path):
+    log = write(tmp_path / "run.txt", make_log(final_loss=3.2701))
+    env = poisoned_env(tmp_path)
+    done = subprocess.run([sys.executable, "records/compare.py", str(log), "--json"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["runs"][0]["final_val_loss"] == 3.2701
+    helped = subprocess.run([sys.executable, "records/compare.py", "--help"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and "--target" in helped.stdout and "--plot" in helped.stdout
+
+
+def test_leaderboard_script_runs_from_repo_root_without_torch_or_scipy(tmp_path):
+    write(tmp_path / "README.md", README_TEMPLATE)
+    done = subprocess.run([sys.executable, "records/leaderboard.py", "--root", str(tmp_path)], cwd=REPO,
+                          env=poisoned_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert leaderboard.NO_RECORDS in (tmp_path / "README.md").read_text()
+
+
+def test_importing_tools_has_no_side_effects():
+    done = subprocess.run([sys.executable, "-c",
+                           "import sys; import records.compare, records.leaderboard; "
+                           "print('torch' in sys.modules, 'scipy' in sys.modules, 'matplotlib' in sys.modules)"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.split() == ["False", "False", "False"]
+
+
+# ----------------------------------------------------------------------------- leaderboard
+
+README_TEMPLATE = f"# Records\n\nintro\n\n{leaderboard.START_MARKER}\nold table\n{leaderboard.END_MARKER}\n\nfooter\n"
+
+
+def make_record(root, folder, date, time_s, losses, times, description="Change", contributors=("A",), **meta):
+    """A record folder with record.json and one log per run; returns its path."""
+    path = Path(root) / "track_1_short" / folder
+    write_group(path, losses, times)
+    record = {"date": date, "time_s": time_s, "description": description, "contributors": list(contributors)}
+    record.update(meta)
+    write(path / "record.json", json.dumps(record))
+    return path
+
+
+def table_rows(text):
+    """The data rows of the generated Markdown table(s)."""
+    return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| #")]
+
+
+def test_leaderboard_without_records_says_so(tmp_path, capsys):
+    readme = write(tmp_path / "README.md", README_TEMPLATE)
+    assert leaderboard.main(["--root", str(tmp_path)]) == 0
+    text = readme.read_text()
+    assert leaderboard.NO_RECORDS in text and "old table" not in text
+    assert text.startswith("# Records\n\nintro\n\n") and text.endswith("\n\nfooter\n")
+    assert leaderboard.main(["--root", str(tmp_path), "--check"]) == 0
+
+
+def test_leaderboard_regenerates_sorted_and_check_detects_staleness(tmp_path, capsys):
+    readme = write(tmp_path / "README.md", README_TEMPLATE)
+    make_record(tmp_path, "2026-12-01_Later", "2026-12-01", 150.0, [3.271, 3.275], [149.0, 151.0],
+                description="later | faster", contributors=["B", "C"])
+    make_record(tmp_path, "2026-11-24_Slow", "2026-11-24", 170.0, [3.279, 3.277, 3.275], [169.0, 170.0, 171.0])
+    make_record(tmp_path, "2026-11-24_Fast", "2026-11-24", 160.5, [3.276, 3.278], [160.0, 161.0], commit="abc123")
+    assert leaderboard.main(["--root", str(tmp_path), "--check"]) == 1  # "old table" is stale
+    assert leaderboard.main(["--root", str(tmp_path)]) == 0
+    text = readme.read_text()
+    rows = table_rows(text)
+    assert [row.split(" | ")[1] for row in rows] == ["2026-11-24", "2026-11-24", "2026-12-01"]
+    assert "2026-11-24_Fast" in rows[0] and "2026-11-24_Slow" in rows[1]
+    assert rows[0].startswith("| 1 | ") and rows[2].startswith("| 3 | ")
+    # Loss and time recomputed from the logs: (3.279 + 3.277 + 3.275) / 3 = 3.2770, time 170.00 s.
+    assert "3.2770 (n=3, p=" in rows[1] and "| 170.00 s |" in rows[1]
+    assert "3.2730 (n=2" in rows[2] and "| 150.00 s |" in rows[2] and "later \\| faster" in rows[2]
+    assert "B, C" in rows[2] and "(track_1_short/2026-12-01_Later/)" in rows[2]
+    assert "### track_1_short" in text and text.endswith("\n\nfooter\n")
+    assert leaderboard.main(["--root", str(tmp_path), "--check"]) == 0
+    make_record(tmp_path, "2026-11-30_New", "2026-11-30", 155.0, [3.27], [155.0])
+    before = readme.read_text()
+    assert leaderboard.main(["--root", str(tmp_path), "--check"]) == 1
+    assert readme.read_text() == before  # --check never writes
+    assert "out of date" in capsys.readouterr().err
+    assert leaderboard.main(["--root", str(tmp_path)]) == 0
+    assert [r.split(" | ")[1] for r in table_rows(readme.read_text())][2] == "2026-11-30"
+
+
+def _break_missing_metadata(path):
+    (path / "record.json").unlink()
+
+
+def _break_invalid_json(path):
+    (path / "record.json").write_text("{not json")
+
+
+def _break_missing_field(path):
+    meta = json.loads((path / "record.json").read_text())
+    del meta["contributors"]
+    (path / "record.json").write_text(json.dumps(meta))
+
+
+def _break_time_as_string(path):
+    meta = json.loads((path / "record.json").read_text())
+    meta["time_s"] = "168.75"
+    (path / "record.json").write_text(json.dumps(meta))
+
+
+def _break_date_mismatch(path):
+    meta = json.loads((path / "record.json").read_text())
+    meta["date"] = "2026-11-25"
+    (path / "record.json").write_text(json.dumps(meta))
+
+
+def _break_no_logs(path):
+    for log in path.glob("*.txt"):
+        log.unlink()
+
+
+def _break_only_crashed_logs(path):
+    for log in path.glob("*.txt"):
+        log.write_text(make_log(crash_at=5))
+
+
+@pytest.mark.parametrize("breaker, message", [
+    (_break_missing_metadata, "missing record.json"),
+    (_break_invalid_json, "not valid JSON"),
+    (_break_missing_field, "'contributors'"),
+    (_break_time_as_string, "'time_s'"),
+    (_break_date_mismatch, "folder date differs"),
+    (_break_no_logs, "no run logs"),
+    (_break_only_crashed_logs, "no complete run"),
+])
+def test_leaderboard_bad_record_is_one_line_error_naming_folder(tmp_path, capsys, breaker, message):
+    readme = write(tmp_path / "README.md", README_TEMPLATE)
+    path = make_record(tmp_path, "2026-11-24_Broken", "2026-11-24", 160.0, [3.27], [160.0])
+    breaker(path)
+    assert leaderboard.main(["--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "2026-11-24_Broken" in err and message in err
+    assert readme.read_text() == README_TEMPLATE
+
+
+def test_leaderboard_bad_folder_name(tmp_path, capsys):
+    write(tmp_path / "README.md", README_TEMPLATE)
+    make_record(tmp_path, "my_record", "2026-11-24", 160.0, [3.27], [160.0])
+    assert leaderboard.main(["--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "my_record" in err and "YYYY-MM-DD_ShortName" in err
+
+
+def test_leaderboard_needs_markers(tmp_path, capsys):
+    write(tmp_path / "README.md", "# no markers here\n")
+    assert leaderboard.main(["--root", str(tmp_path)]) == 2
+    assert "leaderboard:start" in capsys.readouterr().err
+
+
+def test_repository_leaderboard_is_up_to_date(capsys):
+    assert leaderboard.main(["--check"]) == 0, capsys.readouterr().err
