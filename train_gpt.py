@@ -135,8 +135,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f"{f.metadata['help']} (default: {shown!r})" if isinstance(shown, str) else f"{f.metadata['help']} (default: {shown})"
+        if isinstance(default, tuple):
+            shown = ",".join(map(str, default)) or "''"
+        else:
+            shown = repr(default) if isinstance(default, str) else default
+        help_text = f"{f.metadata['help']} (default: {shown})"
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif isinstance(default, tuple):
@@ -324,8 +327,11 @@ def flex_block_mask(input_ids: Tensor, window_blocks: int) -> BlockMask:
     full = visible & (q_block > kv_block) & single_doc[:, None] & single_doc[None, :] & (first_doc[:, None] == first_doc[None, :])
     partial = visible & ~full
 
-    def causal_same_document(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx])
+    window = torch.tensor(window_blocks, device=input_ids.device)  # a tensor: new values never recompile
+
+    def causal_same_document(b, h, q_idx, kv_idx):  # applied inside partial blocks only
+        in_window = q_idx // BLOCK_SIZE - kv_idx // BLOCK_SIZE < window
+        return (q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx]) & in_window
 
     def ordered(blocks: Tensor):  # dense (nb, nb) bool -> (count per row, indices with the visible ones first)
         counts = blocks.sum(-1, dtype=torch.int32)

@@ -29,7 +29,7 @@ _TORCH_RE = re.compile(r"^Running PyTorch (\S+)", re.IGNORECASE)
 _TRITON_RE = re.compile(r"^Running Triton version (\S+)", re.IGNORECASE)
 # A GPU row of the nvidia-smi table: "|   0  NVIDIA H100 80GB HBM3   On  |   00000000:19:00.0 Off |".
 _SMI_GPU_RE = re.compile(r"^\|\s*(\d+)\s+(.+?)\s+(?:On|Off)\s*\|\s*[0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.\d")
-_HEADER_RE = re.compile(r"^(world_size|grad_accum_steps|gpu|config|launch_to_first_step|mfu):\s*(.*?)\s*$")
+_HEADER_RE = re.compile(r"^(world_size|grad_accum_steps|gpu|config|launch_to_first_step|compile_and_warmup|mfu):\s*(.*?)\s*$")
 _MEMORY_RE = re.compile(r"^peak memory allocated:\s*(\d+(?:\.\d+)?)\s*MiB(?:\s+reserved:\s*(\d+(?:\.\d+)?)\s*MiB)?")
 
 # Units a train_time / step_avg value may carry, as factors to milliseconds.
@@ -61,6 +61,7 @@ class RunLog:
     grad_accum_steps: int = None
     config: dict = None
     launch_to_first_step_s: float = None
+    compile_and_warmup_s: float = None
     steps_total: int = None
     last_step: int = None
     final_val_loss: float = None
@@ -156,12 +157,13 @@ def _apply_header(run, key, value):
             return
         if isinstance(config, dict):
             run.config = config
-    elif key == "launch_to_first_step":
-        number = parse_number(value)
+    elif key in ("launch_to_first_step", "compile_and_warmup"):
+        # e.g. "48.2s" or "41.3s (10 steps, then reset)": the first word carries the figure
+        number = parse_number(value.split()[0]) if value else None
         if number is not None and math.isfinite(number[0]) and number[1] in ("s", "", "ms"):
-            run.launch_to_first_step_s = number[0] / (1000.0 if number[1] == "ms" else 1.0)
+            setattr(run, key + "_s", number[0] / (1000.0 if number[1] == "ms" else 1.0))
     elif key == "mfu":
-        number = parse_number(value)
+        number = parse_number(value.split()[0]) if value else None  # "40.1% (321 TFLOP/s per GPU of 800 peak)"
         if number is not None and number[1] in ("%", "") and math.isfinite(number[0]):
             run.mfu_percent = number[0]
 

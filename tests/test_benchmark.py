@@ -1,0 +1,434 @@
+"""Tests of records/benchmark.py: the figures it reports, its run handling, and one real tiny CPU run.
+
+Expected numbers are worked out by hand in the comments, never taken from the code under test.
+Most tests use synthetic logs or a stand-in trainer (a few lines of Python), so they take
+milliseconds; only test_tiny_cpu_run_end_to_end starts train_gpt.py itself.
+"""
+
+import json
+import math
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `pytest` without `python -m` does not put the repo root on the path
+    sys.path.insert(0, str(REPO))
+
+from records import benchmark  # noqa: E402
+
+SEP = "=" * 100
+REFERENCE_SECONDS = 91.2
+
+# The trainer's source stands above the first separator; these lines must not be read as output.
+SOURCE = (
+    "logger.log(f'compile_and_warmup: {t:.1f}s')\n"
+    "compile_and_warmup: 999.0s (10 steps, then reset)\n"
+    "step:20/20 val_loss:1.0000 train_time:1ms step_avg:0.05ms\n"
+)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def make_log(val_losses, steps=20, ms_per_step=700.0, val_every=10, batch_tokens=393_216, crash_after=None):
+    """A log in train_gpt.py's format: train time grows by ms_per_step per step.
+
+    val_losses maps step -> val loss. crash_after=k ends the log after step k with no summary,
+    like a run that was stopped.
+    """
+    config = {"train_batch_tokens": batch_tokens, "train_steps": steps, "val_every": val_every}
+    lines = [SOURCE + SEP, "Running Python 3.11.7", "Running PyTorch 2.11.0+cu130 compiled for CUDA 13.0",
+             "Running Triton version 3.6.0", "(nvidia-smi output)", SEP,
+             "world_size: 1", "grad_accum_steps: 8", "gpu: NVIDIA H100 80GB HBM3",
+             "config: " + json.dumps(config),
+             "train_files: 1 (45367447 tokens)  val_files: 1  val_tokens: 1966080",
+             "compile_and_warmup: 41.3s (10 steps, then reset)"]
+    last = steps if crash_after is None else crash_after
+    for step in range(last + 1):
+        ms = ms_per_step * step
+        if step > 0:
+            lines.append(f"step:{step}/{steps} train_time:{ms:.0f}ms step_avg:{ms / step:.2f}ms")
+        if step in val_losses:
+            lines.append(f"step:{step}/{steps} val_loss:{val_losses[step]:.4f} train_time:{ms:.0f}ms "
+                         f"step_avg:{ms / max(step, 1):.2f}ms")
+    if crash_after is None:
+        lines += ["launch_to_first_step: 55.0s", "tokens_per_second: 520000",
+                  "mfu: 40.1% (321 TFLOP/s per GPU of 800 peak)",
+                  "peak memory allocated: 32000 MiB reserved: 33000 MiB"]
+    else:
+        lines.append("stopping: interrupted")
+    return "\n".join(lines) + "\n"
+
+
+CURVE = {0: 10.8258, 10: 5.0, 20: 3.0}
+
+
+def write_shard(path, tokens, magic=20240520):
+    """A .bin shard of the given number of (zero) tokens, header as in tokenize_corpus.py."""
+    header = struct.pack("<3i", magic, 1, tokens) + b"\0" * (256 * 4 - 12)
+    Path(path).write_bytes(header + b"\0\0" * tokens)
+
+
+# A stand-in for train_gpt.py: writes a log in the trainer's format to --log-dir/--run-id.txt.
+# A variant flag --fake-mode picks what happens: ok (20 steps, curve CURVE), fail (a traceback
+# and exit 1 without a final val line), hang (half a log, then sleeps until it is stopped).
+FAKE_TRAINER = textwrap.dedent('''
+    import os, sys, time
+    sys.path.insert(0, {tests!r})
+    from test_benchmark import make_log, CURVE
+    argv = sys.argv[1:]
+    def last(flag, default=None):
+        values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
+        return values[-1] if values else default
+    mode = last("--fake-mode", "ok")
+    path = os.path.join(last("--log-dir"), last("--run-id") + ".txt")
+    print("fake trainer argv:", " ".join(argv), flush=True)
+    if mode == "ok":
+        open(path, "w").write(make_log(CURVE))
+        print("step:20/20 val_loss:3.0000 train_time:14000ms step_avg:700.00ms", flush=True)
+        sys.exit(0)
+    if mode == "fail":
+        open(path, "w").write(make_log(CURVE, crash_after=10))
+        for i in range(30):
+            print(f"traceback line {{i}}", flush=True)
+        sys.exit(1)
+    open(path, "w").write(make_log(CURVE, crash_after=10))
+    print("hanging", flush=True)
+    time.sleep(120)
+''')
+
+
+@pytest.fixture
+def fake_trainer(tmp_path, monkeypatch):
+    """Point the benchmark at the stand-in trainer."""
+    script = tmp_path / "fake_train_gpt.py"
+    script.write_text(FAKE_TRAINER.format(tests=str(REPO / "tests")))
+    monkeypatch.setattr(benchmark, "TRAINER", str(script))
+    return script
+
+
+# ----------------------------------------------------------------------------- time to target
+
+POINTS = [(0.0, 10.0), (10.0, 6.0), (20.0, 4.0), (30.0, 3.0)]
+
+
+def test_time_to_target_interpolates_between_the_points_around_the_crossing():
+    """5.0 lies between (10 s, 6.0) and (20 s, 4.0): 10 + (6 - 5) / (6 - 4) * 10 = 15 s."""
+    assert benchmark.time_to_target(POINTS, 5.0) == pytest.approx(15.0)
+    # 3.5 between (20, 4.0) and (30, 3.0): 20 + 0.5 / 1.0 * 10 = 25 s
+    assert benchmark.time_to_target(POINTS, 3.5) == pytest.approx(25.0)
+
+
+def test_time_to_target_exactly_at_a_point_is_that_points_time():
+    assert benchmark.time_to_target(POINTS, 4.0) == pytest.approx(20.0)
+    assert benchmark.time_to_target(POINTS, 3.0) == pytest.approx(30.0)
+
+
+def test_time_to_target_never_reached_is_none():
+    assert benchmark.time_to_target(POINTS, 2.9) is None
+    assert benchmark.time_to_target([], 5.0) is None
+    assert benchmark.target_ratio(None, REFERENCE_SECONDS) is None
+
+
+def test_time_to_target_uses_the_first_crossing_and_a_start_below_target():
+    """A curve that dips, rises and falls again is timed at its first dip: 0 + 5/6 * 10 = 8.333 s."""
+    bumpy = [(0.0, 10.0), (10.0, 4.0), (20.0, 6.0), (30.0, 3.0)]
+    assert benchmark.time_to_target(bumpy, 5.0) == pytest.approx(50.0 / 6.0)
+    assert benchmark.time_to_target([(0.0, 2.0), (10.0, 1.0)], 5.0) == 0.0
+
+
+def test_target_ratio_against_the_reference():
+    """45.6 s is the 0.5x target of REFERENCE.md; 15 s is 15 / 91.2 = 0.16447."""
+    assert benchmark.target_ratio(45.6, REFERENCE_SECONDS) == pytest.approx(0.5)
+    assert benchmark.target_ratio(15.0, REFERENCE_SECONDS) == pytest.approx(0.164474, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- log figures
+
+def test_metrics_of_a_complete_log_by_hand():
+    """20 steps of 700 ms, 393,216 tokens each; val 5.0 at 7 s and 3.0 at 14 s.
+
+    tokens/s = 20 * 393216 / 14 = 561,737.14; 3.2302 is crossed at
+    7 + (5.0 - 3.2302) / (5.0 - 3.0) * 7 = 13.1943 s, ratio 13.1943 / 91.2 = 0.144674.
+    """
+    m = benchmark.run_metrics(make_log(CURVE), 3.2302, REFERENCE_SECONDS)
+    assert m["complete"] and m["steps"] == 20 and m["steps_total"] == 20
+    assert m["ms_per_step"] == pytest.approx(700.0)
+    assert m["tokens_per_s"] == pytest.approx(561_737.142857, rel=1e-9)
+    assert m["time_to_target_s"] == pytest.approx(13.1943, abs=1e-4)
+    assert m["target_ratio"] == pytest.approx(0.144674, abs=1e-6)
+    assert m["final_val_loss"] == pytest.approx(3.0)
+    assert m["compile_s"] == pytest.approx(41.3)  # not the 999.0 of the source above the separator
+    assert m["launch_to_first_step_s"] == pytest.approx(55.0)
+    assert m["mfu_percent"] == pytest.approx(40.1)
+    assert (m["peak_memory_mib"], m["reserved_memory_mib"]) == (32000.0, 33000.0)
+    assert m["gpu"] == "NVIDIA H100 80GB HBM3" and m["train_batch_tokens"] == 393_216
+    assert m["val_curve"] == [[0, 0.0, 10.8258], [10, 7.0, 5.0], [20, 14.0, 3.0]]
+
+
+def test_metrics_of_a_log_cut_short_come_from_its_last_val_line():
+    """Stopped after step 14: the last val line is step 10 at 7 s (700 ms/step, loss 5.0)."""
+    m = benchmark.run_metrics(make_log(CURVE, crash_after=14), 3.2302, REFERENCE_SECONDS)
+    assert not m["complete"] and m["steps"] == 10 and m["stopping"] == "interrupted"
+    assert m["ms_per_step"] == pytest.approx(700.0)
+    assert m["tokens_per_s"] == pytest.approx(10 * 393_216 / 7.0)
+    assert m["final_val_loss"] == pytest.approx(5.0)
+    assert m["time_to_target_s"] is None and m["target_ratio"] is None
+    assert m["mfu_percent"] is None and m["peak_memory_mib"] is None
+
+
+def test_metrics_of_a_log_with_only_the_step_0_val_line():
+    """No training yet: no speed figures, but the initial loss."""
+    m = benchmark.run_metrics(make_log(CURVE, crash_after=3), 3.2302, REFERENCE_SECONDS)
+    assert m["steps"] == 0 and m["ms_per_step"] is None and m["tokens_per_s"] is None
+    assert m["final_val_loss"] == pytest.approx(10.8258)
+
+
+def test_compile_seconds_absent_is_none():
+    assert benchmark.run_metrics(SOURCE + SEP + "\nworld_size: 1\n", 3.2302, REFERENCE_SECONDS)["compile_s"] is None
+
+
+def test_classify_needs_exit_0_and_a_final_val_line():
+    assert benchmark.classify(0, {"complete": True}) == "ok"
+    assert benchmark.classify(0, {"complete": False}) == "failed"
+    assert benchmark.classify(1, {"complete": True}) == "failed"
+    assert benchmark.classify(0, {}) == "failed"
+    assert benchmark.classify(None, {"complete": True}) == "timeout"
+
+
+def test_table_has_a_row_per_run_and_the_reference():
+    record = {"name": "base", "status": "ok", "returncode": 0, "wall_s": 300.4}
+    record.update(benchmark.run_metrics(make_log(CURVE), 3.2302, REFERENCE_SECONDS))
+    missed = {"name": "slow", "status": "timeout", "returncode": None, "wall_s": 540.0}
+    missed.update(benchmark.run_metrics(make_log(CURVE, crash_after=14), 3.2302, REFERENCE_SECONDS))
+    lines = benchmark.format_table([record, missed], 3.2302).splitlines()
+    assert len(lines) == 5 and "proxy val loss" in lines[0] and "t@3.2302 s" in lines[0]
+    assert lines[2].split() == ["base", "ok", "20", "700.0", "561,737", "40.1%", "55.0", "41.3", "32,000",
+                                "33,000", "3.0000", "13.2", "0.145", "300"]
+    assert lines[3].split()[:3] == ["slow", "TIMEOUT", "10"] and "not reached" in lines[3]
+    assert lines[4].split() == ["reference", "REFERENCE.md", "120", "760.3", "517,185", "-", "-", "430.0",
+                                "32,336", "32,760", "3.2302", "91.2", "1.000", "526"]
+
+
+# ----------------------------------------------------------------------------- options and commands
+
+def test_parse_variant_splits_flags_like_a_shell():
+    assert benchmark.parse_variant("ns5=--orthogonalizer ns5").args == ["--orthogonalizer", "ns5"]
+    assert benchmark.parse_variant("base=").args == []
+    assert benchmark.parse_variant('x=--run-note "a b"').args == ["--run-note", "a b"]
+    for bad in ("noequals", "bad name=--x 1", "=--x 1", 'q=--a "open'):
+        with pytest.raises(Exception):
+            benchmark.parse_variant(bad)
+
+
+def options(*argv):
+    """Parsed and resolved benchmark options, as main would have them."""
+    return benchmark.resolve_options(benchmark.build_parser().parse_args(list(argv)))
+
+
+def test_proxy_defaults_are_the_reference_schedule():
+    args = options()
+    assert (args.device, args.train_steps, args.val_tokens, args.val_seq_len, args.val_every) == \
+        ("cuda", 120, 1_966_080, 65_536, 10)
+    assert args.target_loss == 3.2302 and args.trainer_preset == "record"
+    assert args.corpus.endswith("shared/data/proxy_corpus/docs.jsonl.xz") and args.shards is None
+    assert [v.name for v in args.variant] == ["default"]
+
+
+def test_tiny_preset_replaces_the_defaults_and_explicit_flags_win():
+    args = options("--preset", "tiny", "--train-steps", "6", "--target-loss", "9")
+    assert (args.device, args.train_steps, args.val_tokens, args.val_seq_len, args.val_every) == \
+        ("cpu", 6, 8192, 512, 5)
+    assert args.target_loss == 9.0 and args.trainer_preset == "tiny"
+    assert args.shards.endswith("data/sample") and args.corpus is None
+
+
+def test_duplicate_variant_names_are_refused():
+    with pytest.raises(benchmark.BenchmarkError):
+        options("--variant", "a=", "--variant", "a=--seed 1")
+
+
+def test_trainer_command_order_lets_variants_win_but_keeps_the_log_path():
+    args = options("--preset", "tiny", "--out-dir", "/tmp/o")
+    variant = benchmark.Variant("v", ["--seed", "3", "--run-id", "hijack"])
+    cmd = benchmark.trainer_command(args, ("V*", "T*"), ["--seed", "2"], variant, "rid")
+    assert cmd[:2] == [sys.executable, benchmark.TRAINER]
+    # pass-through flags, then the variant's (the trainer keeps the last), then the log path
+    assert cmd[-10:] == ["--seed", "2", "--seed", "3", "--run-id", "hijack",
+                         "--log-dir", "/tmp/o", "--run-id", "rid"]
+    assert cmd[cmd.index("--train-files") + 1] == "T*" and cmd[cmd.index("--val-files") + 1] == "V*"
+    two = benchmark.trainer_command(options("--nproc", "2"), ("V", "T"), [], benchmark.Variant("d", []), "r")
+    assert two[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def test_plan_runs_alternates_variants_in_rounds():
+    args = options("--preset", "tiny", "--variant", "a=", "--variant", "b=--seed 1", "--repeat", "2")
+    names = [r.name for r in benchmark.plan_runs(args, ("V", "T"), [], "S")]
+    assert names == ["a#1", "b#1", "a#2", "b#2"]
+    assert benchmark.plan_runs(args, ("V", "T"), [], "S")[3].run_id == "bench-S-b-r2"
+
+
+def test_split_passthrough():
+    assert benchmark.split_passthrough(["--repeat", "2", "--", "--seed", "1"]) == (["--repeat", "2"], ["--seed", "1"])
+    assert benchmark.split_passthrough(["--repeat", "2"]) == (["--repeat", "2"], [])
+
+
+def test_should_echo_hides_plain_step_lines_and_the_config():
+    assert not benchmark.should_echo("step:5/120 train_time:3500ms step_avg:700.00ms", False)
+    assert not benchmark.should_echo('config: {"a": 1}', False)
+    assert benchmark.should_echo("step:10/120 val_loss:5.1234 train_time:7000ms step_avg:700.00ms", False)
+    assert benchmark.should_echo("Traceback (most recent call last):", False)
+    assert benchmark.should_echo("step:5/120 train_time:3500ms step_avg:700.00ms", True)
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_shard_token_count_checks_header_and_size(tmp_path):
+    write_shard(tmp_path / "good.bin", 100)
+    write_shard(tmp_path / "magic.bin", 100, magic=1)
+    (tmp_path / "short.bin").write_bytes((tmp_path / "good.bin").read_bytes()[:-2])
+    assert benchmark.shard_token_count(tmp_path / "good.bin") == 100
+    assert benchmark.shard_token_count(tmp_path / "magic.bin") is None
+    assert benchmark.shard_token_count(tmp_path / "short.bin") is None
+    assert benchmark.shard_token_count(tmp_path / "missing.bin") is None
+
+
+def test_corpus_shards_ready_only_for_the_exact_split(tmp_path):
+    write_shard(tmp_path / "proxy_val_000000.bin", 64)
+    assert not benchmark.corpus_shards_ready(str(tmp_path), 64, 0)  # no train shard yet
+    write_shard(tmp_path / "proxy_train_000001.bin", 300)
+    assert benchmark.corpus_shards_ready(str(tmp_path), 64, 300)
+    assert benchmark.corpus_shards_ready(str(tmp_path), 64, 0)
+    assert not benchmark.corpus_shards_ready(str(tmp_path), 64, 301)
+    assert not benchmark.corpus_shards_ready(str(tmp_path), 65, 300)
+
+
+def test_find_shards_on_the_sample_and_refuses_two_names(tmp_path):
+    val, train = benchmark.find_shards(str(REPO / "data" / "sample"))
+    assert val.endswith("sample_val_*.bin") and train.endswith("sample_train_*.bin")
+    for name in ("a", "b"):
+        write_shard(tmp_path / f"{name}_val_000000.bin", 8)
+        write_shard(tmp_path / f"{name}_train_000001.bin", 8)
+    with pytest.raises(benchmark.BenchmarkError, match="exactly one NAME"):
+        benchmark.find_shards(str(tmp_path))
+    with pytest.raises(benchmark.BenchmarkError, match="no such folder"):
+        benchmark.find_shards(str(tmp_path / "nope"))
+
+
+def test_prepare_corpus_tokenizes_once_then_reuses(tmp_path, monkeypatch, capsys):
+    """A three-document corpus through data/tokenize_corpus.py; the second call must not tokenize."""
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Document {i}: the quick brown fox jumps over the lazy dog."})
+                              + "\n" for i in range(3)))
+    out = tmp_path / "proxy"
+    val_glob, train_glob = benchmark.prepare_corpus(str(corpus), str(out), 16, 0)
+    assert benchmark.shard_token_count(out / "proxy_val_000000.bin") == 16
+    train = benchmark.shard_token_count(out / "proxy_train_000001.bin")
+    assert train and train > 0
+    assert val_glob == str(out / "proxy_val_*.bin") and train_glob == str(out / "proxy_train_*.bin")
+
+    def no_tokenizing(*a, **k):
+        raise AssertionError("tokenized again")
+    monkeypatch.setattr(benchmark.subprocess, "run", no_tokenizing)
+    assert benchmark.prepare_corpus(str(corpus), str(out), 16, train) == (val_glob, train_glob)
+    assert "reusing" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- running
+
+def test_execute_stops_a_run_at_its_timeout(tmp_path, monkeypatch):
+    """A child that ignores SIGINT is killed after the grace period; its output is kept."""
+    monkeypatch.setattr(benchmark, "STOP_GRACE_SECONDS", 1)
+    child = ("import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+             "print('started', flush=True); time.sleep(60)")
+    out = tmp_path / "run.out"
+    started = time.time()
+    returncode, wall = benchmark.execute([sys.executable, "-c", child], str(out), 2, "[t] ")
+    assert returncode is None and 2 <= wall < 20 and time.time() - started < 20
+    assert out.read_text() == "started\n"
+
+
+def process_gone(pid, within=5.0):
+    """True once pid has exited (gone, or a zombie nobody reaped) within the given seconds."""
+    deadline = time.time() + within
+    while time.time() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_execute_timeout_stops_the_processes_a_run_started(tmp_path):
+    """torchrun ranks and compile workers are grandchildren: the timeout must stop them too."""
+    child = ("import subprocess, sys, time; "
+             "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+             "print(g.pid, flush=True); time.sleep(60)")
+    out = tmp_path / "run.out"
+    returncode, _ = benchmark.execute([sys.executable, "-c", child], str(out), 2, "[t] ")
+    assert returncode is None
+    assert process_gone(int(out.read_text().split()[0]))
+
+
+def test_main_reports_ok_failed_and_timed_out_runs(tmp_path, fake_trainer, capsys):
+    """One call, three variants: the failure and the timeout do not stop the others; exit status 1."""
+    out_dir, report = tmp_path / "out", tmp_path / "r.json"
+    status = benchmark.main(["--shards", str(REPO / "data" / "sample"), "--out-dir", str(out_dir),
+                             "--json", str(report), "--timeout", "4", "--budget", "0",
+                             "--variant", "good=--fake-mode ok", "--variant", "bad=--fake-mode fail",
+                             "--variant", "stuck=--fake-mode hang", "--", "--seed", "7"])
+    printed = capsys.readouterr().out
+    assert status == 1
+    bare = printed.splitlines()  # the tail is printed without the live echo's "[bad] " prefix
+    assert "traceback line 29" in bare and "traceback line 10" in bare and "traceback line 9" not in bare
+    rows = {line.split()[0]: line for line in printed.splitlines() if line.split()[:1] in (["good"], ["bad"], ["stuck"])}
+    assert rows["good"].split()[1:4] == ["ok", "20", "700.0"] and "13.2" in rows["good"]
+    assert rows["bad"].split()[1:4] == ["FAILED", "rc=1", "10"]
+    assert rows["stuck"].split()[1:3] == ["TIMEOUT", "10"]
+    document = json.loads(report.read_text())
+    runs = {r["name"]: r for r in document["runs"]}
+    assert runs["good"]["time_to_target_s"] == pytest.approx(13.1943, abs=1e-4)
+    assert runs["bad"]["status"] == "failed" and runs["stuck"]["status"] == "timeout"
+    assert runs["stuck"]["final_val_loss"] == pytest.approx(5.0)
+    assert document["reference"]["time_to_target_s"] == 91.2
+    output = Path(runs["good"]["output"]).read_text()
+    assert "--seed 7 --fake-mode ok --log-dir" in output  # pass-through flags, then the variant's
+    assert sorted(p.suffix for p in out_dir.iterdir()) == [".out"] * 3 + [".txt"] * 3
+
+
+def test_main_skips_runs_when_the_budget_is_spent(tmp_path, fake_trainer, capsys):
+    status = benchmark.main(["--shards", str(REPO / "data" / "sample"), "--out-dir", str(tmp_path),
+                             "--budget", "30"])
+    printed = capsys.readouterr().out
+    assert status == 1 and "skipped" in printed
+    assert not list(tmp_path.glob("*.out"))
+
+
+def test_main_reports_bad_shards_as_a_usage_error(tmp_path, capsys):
+    assert benchmark.main(["--shards", str(tmp_path)]) == 2
+    assert "exactly one NAME" in capsys.readouterr().err
+
+
+def test_tiny_cpu_run_end_to_end(tmp_path):
+    """The real trainer, tiny model on data/sample, 4 steps: the table row must show learning."""
+    report = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, str(REPO / "records" / "benchmark.py"), "--preset", "tiny",
+                           "--train-steps", "4", "--val-every", "2", "--val-tokens", "4096", "--out-dir", str(tmp_path),
+                           "--json", str(report), "--timeout", "300"],
+                          cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    row = next(line.split() for line in done.stdout.splitlines() if line.startswith("default "))
+    assert row[1:3] == ["ok", "4"]
+    loss = float(row[10])
+    assert math.isfinite(loss) and loss < 10.8  # the untrained model starts at ~10.83
+    run = json.loads(report.read_text())["runs"][0]
+    assert run["final_val_loss"] == pytest.approx(loss, abs=1e-4)
+    assert [p[0] for p in run["val_curve"]] == [0, 2, 4] and run["val_curve"][0][2] > 10.8
