@@ -22,7 +22,6 @@ import glob
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -87,7 +86,7 @@ class Config:
     seed: int = field(default=0, metadata={"help": "seed of the weight initialization"})
     device: str = field(default="cuda", metadata={"help": "cuda or cpu"})
     compile: bool = field(default=True, metadata={"help": "torch.compile each block and the head once (regional compilation)"})
-    warmup_steps: int = field(default=10, metadata={"help": "untimed steps that compile every shape, then everything is reset"})
+    warmup_steps: int = field(default=3, metadata={"help": "untimed steps that compile every shape, then everything is reset"})
     run_id: str = field(default="", metadata={"help": "log name under --log-dir (default: a random uuid)"})
     log_dir: str = field(default="logs", metadata={"help": "folder of the run logs"})
     save_model: str = field(default="", metadata={"help": "write the final weights to this path (rank 0)"})
@@ -937,7 +936,7 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
     adam, muon = build_optimizers(model, cfg, comm)
     loader = TrainLoader(train_files, cfg.train_seq_len, comm.rank, comm.world_size, device)
     train_ms, val_losses, stopped = 0.0, [], None
-    pending_loss = None
+    pending_loss, clock = None, time.perf_counter()
     launch_to_first_step = None
     for step in range(cfg.train_steps + 1):
         last = step == cfg.train_steps
@@ -1073,7 +1072,8 @@ def main(argv=None) -> int:
         comm, device = setup_distributed(cfg)
         accumulation = check_config(cfg, comm.world_size)
     except ConfigError as e:
-        print(f"train_gpt.py: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:  # one line, not one per process
+            print(f"train_gpt.py: error: {e}", file=sys.stderr)
         return 2
     cfg = dataclasses.replace(cfg, run_id=cfg.run_id or str(uuid.uuid4()))
     log_path = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt")

@@ -8,7 +8,6 @@ import gzip
 import importlib.util
 import json
 import lzma
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -1,0 +1,73 @@
+"""GPU-only fast paths against their CPU-tested fallbacks. Skipped where there is no CUDA (CI); run them on
+a GPU machine with `python -m pytest tests/test_gpu.py -q`."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import train_gpt as tg  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def small_model(device, **overrides):
+    args = ["--preset", "tiny", "--device", "cuda"] + [x for k, v in overrides.items() for x in (f"--{k}", str(v))]
+    cfg = tg.parse_config(args)
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, 1024).to(device)
+    with torch.no_grad():  # zero-init projections and head would hide most of the network from the loss
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.compute_dtype, model.use_flex = torch.bfloat16, True
+    return model
+
+
+def sample_tokens(length, device):
+    tokens = tg.load_shard(str(REPO / "data/sample/sample_train_000001.bin"))[: length + 1]
+    window = torch.from_numpy(tokens.astype("int64")).to(device)
+    return window[:-1].int(), window[1:]
+
+
+def test_fp8_head_matches_bf16_head():
+    device = torch.device("cuda")
+    if not tg.fp8_supported(device):
+        pytest.skip("FP8 matmul needs compute capability 8.9+")
+    tg.fp8_linear_op()
+    x = tg.rms_norm(torch.randn(1024, 768, device=device)).bfloat16().requires_grad_()
+    w = (torch.randn(50304, 768, device=device) * 0.02).requires_grad_()
+    targets = torch.randint(0, 50257, (1024,), device=device)
+    losses, grads = [], []
+    for scale in (None, 1 / 448):
+        loss = tg.head_loss(x, w, targets, 30.0, scale)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append((x.grad.float().clone(), w.grad.clone()))
+        x.grad = w.grad = None
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+    for fp8, bf16 in zip(grads[1], grads[0]):
+        assert ((fp8 - bf16).norm() / bf16.norm()).item() < 0.1
+
+
+def test_compiled_blocks_match_eager():
+    device = torch.device("cuda")
+    inputs, targets = sample_tokens(1024, device)
+    model = small_model(device)
+    eager = model(inputs, targets, 4)
+    model.compile_regions()
+    compiled = model(inputs, targets, 4)
+    assert compiled.item() == pytest.approx(eager.item(), rel=1e-2)
+
+
+def test_flex_attention_on_gpu_matches_dense_mask():
+    device = torch.device("cuda")
+    inputs, targets = sample_tokens(1024, device)
+    model = small_model(device)
+    with torch.no_grad():
+        flex = model(inputs, targets, 3)
+        model.use_flex = False
+        dense = model(inputs, targets, 3)
+    assert flex.item() == pytest.approx(dense.item(), rel=1e-2)
