@@ -84,6 +84,36 @@ def test_orthogonalize_is_batched_and_invariant_to_positive_scale():
     assert relative_error(tg.orthogonalize(other), out[0]) > 0.5  # while a different input gives a different output
 
 
+@pytest.mark.parametrize("shape, lr_scale", [((64, 16), 2.0), ((16, 64), 1.0), ((3, 32, 32), 1.0)])
+def test_muon_step_is_the_scaled_orthogonalized_nesterov_momentum(shape, lr_scale):
+    # Oracle: W <- W - lr * sqrt(max(1, fan_out / fan_in)) * orth(g.lerp(buf, mu)), buf <- buf.lerp(g, 1 - mu)
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(shape))
+    muon = tg.DistributedMuon([param], lr=0.1, orthogonalizer="ns5", comm=tg.Comm())
+    start, buf = param.detach().clone(), torch.zeros(shape)
+    for step, momentum in enumerate([0.0, 0.9]):
+        grad = torch.randn(shape)
+        param.grad = grad.clone()
+        muon.reduce_gradients()
+        muon.step(lr_mult=0.5, momentum=momentum)
+        buf = buf.lerp(grad, 1 - momentum)
+        expected_update = tg.orthogonalize(grad.lerp(buf, momentum), "ns5").float() * 0.1 * 0.5 * lr_scale
+        torch.testing.assert_close(start - param.detach(), expected_update, atol=1e-5, rtol=1e-4)
+        start = param.detach().clone()
+
+
+def test_rotary_rotates_pairs_so_scores_depend_on_relative_position():
+    rotary = tg.Rotary(head_dim=16, max_seq_len=64)
+    q, k = torch.randn(1, 1, 1, 16).expand(1, 64, 1, 16), torch.randn(1, 1, 1, 16).expand(1, 64, 1, 16)
+    rq, rk = rotary(q), rotary(k)
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1))  # a rotation keeps norms
+    scores = (rq[0, :, 0] @ rk[0, :, 0].T)  # scores[m, n] = <rot(q, m), rot(k, n)>
+    torch.testing.assert_close(scores[10, 3], scores[40, 33])  # same offset m - n = 7, same score
+    assert not torch.allclose(scores[10, 3], scores[10, 4])
+    half = rq[0, :, 0, 4:8]  # the zero-frequency quarter of each half is position-free
+    torch.testing.assert_close(half, half[:1].expand_as(half))
+
+
 def test_polar_express_safety_divides_all_but_the_last_step():
     plain, safe = tg.polar_express_coeffs(1.0), tg.polar_express_coeffs(1.02)
     a0, b0, c0 = plain[0]
