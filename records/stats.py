@@ -16,6 +16,18 @@ _CF_EPS = 1e-16
 _CF_TINY = 1e-300
 
 
+def _lentz_step(coef, c, d):
+    """One term of Lentz's method: the new (c, d) and the factor the fraction is multiplied by."""
+    d = 1.0 + coef * d
+    if abs(d) < _CF_TINY:
+        d = _CF_TINY
+    c = 1.0 + coef / c
+    if abs(c) < _CF_TINY:
+        c = _CF_TINY
+    d = 1.0 / d
+    return c, d, d * c
+
+
 def _beta_continued_fraction(a, b, x):
     """Evaluate the continued fraction of I_x(a, b) with the modified Lentz method.
 
@@ -34,25 +46,10 @@ def _beta_continued_fraction(a, b, x):
     for m in range(1, _CF_MAX_ITER + 1):
         m2 = 2 * m
         # Even step of the fraction.
-        coef = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + coef * d
-        if abs(d) < _CF_TINY:
-            d = _CF_TINY
-        c = 1.0 + coef / c
-        if abs(c) < _CF_TINY:
-            c = _CF_TINY
-        d = 1.0 / d
-        frac *= d * c
+        c, d, delta = _lentz_step(m * (b - m) * x / ((qam + m2) * (a + m2)), c, d)
+        frac *= delta
         # Odd step of the fraction.
-        coef = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + coef * d
-        if abs(d) < _CF_TINY:
-            d = _CF_TINY
-        c = 1.0 + coef / c
-        if abs(c) < _CF_TINY:
-            c = _CF_TINY
-        d = 1.0 / d
-        delta = d * c
+        c, d, delta = _lentz_step(-(a + m) * (qab + m) * x / ((a + m2) * (qap + m2)), c, d)
         frac *= delta
         if abs(delta - 1.0) < _CF_EPS:
             return frac

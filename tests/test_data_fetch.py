@@ -4,7 +4,6 @@ Only huggingface_hub.hf_hub_download is replaced, by FakeHub below, which
 writes small shards and can fail on demand; sleeps are recorded, not slept.
 """
 
-import importlib.util
 import os
 import socket
 import subprocess
@@ -17,18 +16,10 @@ import numpy as np
 import pytest
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+from data_modules import load  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO / "data"
-
-
-def load(name):
-    """Import data/<name>.py as module `name` (data/ is not a package)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, DATA_DIR / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 hs = load("hub_shards")

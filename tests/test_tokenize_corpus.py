@@ -5,7 +5,6 @@ compares against an independent value.
 """
 
 import gzip
-import importlib.util
 import json
 import lzma
 import subprocess
@@ -15,21 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_modules import load  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO / "data"
 EOT = 50256
-PROXY_CORPUS = Path("/work/shared/data/proxy_corpus/docs.jsonl.xz")
-REFERENCE_TOOL = Path("/work/shared/tools/tokenize_proxy.py")
-
-
-def load(name):
-    """Import data/<name>.py as module `name` (data/ is not a package)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, DATA_DIR / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+SHARED = REPO.parent / "shared"  # beside the checkout, here and in CI; tests that need it skip without it
+PROXY_CORPUS = SHARED / "data/proxy_corpus/docs.jsonl.xz"
+REFERENCE_TOOL = SHARED / "tools/tokenize_proxy.py"
 
 
 tc = load("tokenize_corpus")
