@@ -645,22 +645,38 @@ class DistributedAdam:
 
     @torch.no_grad()
     def step(self, lr_mult: float):
+        """Small replicated tensors are updated together with foreach kernels (dozens of scalars and gates
+        would otherwise cost a handful of kernel launches each); sharded ones one by one, each all-gather
+        overlapping the next update."""
         self.step_count += 1
-        beta1, beta2 = self.betas
-        bias1, bias2 = 1 - beta1 ** self.step_count, 1 - beta2 ** self.step_count
+        for handle, e in zip(self.pending, self.entries):
+            if not e["sharded"]:
+                wait(handle)
+        self._update([e for e in self.entries if not e["sharded"]], lr_mult)
         gathers = []
-        for e, handle in zip(self.entries, self.pending):
-            wait(handle)
-            grad = e["grad"]
-            e["exp_avg"].lerp_(grad, 1 - beta1)
-            e["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (e["exp_avg_sq"] / bias2).sqrt_().add_(self.eps)
-            e["param_view"].addcdiv_(e["exp_avg"], denom, value=-e["lr"] * lr_mult / bias1)
+        for handle, e in zip(self.pending, self.entries):
             if e["sharded"]:
+                wait(handle)
+                self._update([e], lr_mult)
                 gathers.append(self.comm.all_gather(e["param"].data, e["param_view"].clone()))
         for handle in gathers:
             wait(handle)
         self.pending = []
+
+    def _update(self, entries: list, lr_mult: float):
+        if not entries:
+            return
+        beta1, beta2 = self.betas
+        bias1, bias2 = 1 - beta1 ** self.step_count, 1 - beta2 ** self.step_count
+        params, grads = [e["param_view"] for e in entries], [e["grad"] for e in entries]
+        exp_avgs, exp_avg_sqs = [e["exp_avg"] for e in entries], [e["exp_avg_sq"] for e in entries]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denoms = torch._foreach_div(exp_avg_sqs, bias2)
+        torch._foreach_sqrt_(denoms)
+        torch._foreach_add_(denoms, self.eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, [-e["lr"] * lr_mult / bias1 for e in entries])
 
 
 def build_optimizers(model: GPT, cfg: Config, comm: Comm):

@@ -102,6 +102,27 @@ def test_muon_step_is_the_scaled_orthogonalized_nesterov_momentum(shape, lr_scal
         start = param.detach().clone()
 
 
+def test_adam_matches_torch_adam():
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(300, 7)), torch.nn.Parameter(torch.randn(5))]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    adam = tg.DistributedAdam([(ours[0], 0.01), (ours[1], 0.05)], (0.8, 0.95), 1e-10, tg.Comm())
+    torch_adam = torch.optim.Adam([{"params": [reference[0]], "lr": 0.01}, {"params": [reference[1]], "lr": 0.05}],
+                                  betas=(0.8, 0.95), eps=1e-10)
+    for step in range(5):
+        lr_mult = 1.0 - 0.1 * step  # the schedule multiplies every group's LR
+        for group, base in zip(torch_adam.param_groups, (0.01, 0.05)):
+            group["lr"] = base * lr_mult
+        for p, q in zip(ours, reference):
+            q.grad = torch.randn(p.shape)
+            p.grad = q.grad.clone()
+        adam.reduce_gradients()
+        adam.step(lr_mult)
+        torch_adam.step()
+    for p, q in zip(ours, reference):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_rotary_rotates_pairs_so_scores_depend_on_relative_position():
     rotary = tg.Rotary(head_dim=16, max_seq_len=64)
     q, k = torch.randn(1, 1, 1, 16).expand(1, 64, 1, 16), torch.randn(1, 1, 1, 16).expand(1, 64, 1, 16)
