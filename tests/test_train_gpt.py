@@ -202,6 +202,33 @@ def test_model_loss_same_with_flex_and_dense_attention():
     assert dense_loss.item() == pytest.approx(flex_loss.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_fp8_head_matches_bf16_head(device):
+    # The Hopper fast path (FP8 matmuls forward and backward) against the bf16 path, on whatever device runs
+    # torch._scaled_mm: PyTorch's CPU build does, so CI checks the custom op, its scales and its backward.
+    if device == "cuda" and not tg.fp8_supported(torch.device("cuda")):
+        pytest.skip("FP8 matmul needs compute capability 8.9+")
+    op = tg.fp8_linear_op()
+    torch.manual_seed(0)
+    x = tg.rms_norm(torch.randn(256, 768, device=device)).bfloat16().requires_grad_()
+    w = (torch.randn(1024, 768, device=device) * 0.02).requires_grad_()
+    targets = torch.randint(0, 1024, (256,), device=device)
+    try:
+        op(x[:16].detach(), w[:16].detach(), 0.1, 0.01, 0.01)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"torch._scaled_mm does not run on this CPU build: {e}")
+    results = []
+    for grad_scale in (None, 1 / 448):  # bf16 path, then FP8
+        loss = tg.head_loss(x, w, targets, 30.0, grad_scale)
+        loss.backward()
+        results.append((loss.item(), x.grad.float().clone(), w.grad.clone()))
+        x.grad = w.grad = None
+    (loss_bf16, gx_bf16, gw_bf16), (loss_fp8, gx_fp8, gw_fp8) = results
+    assert loss_fp8 == pytest.approx(loss_bf16, rel=2e-3)
+    for fp8, bf16 in [(gx_fp8, gx_bf16), (gw_fp8, gw_bf16)]:
+        assert 1e-4 < ((fp8 - bf16).norm() / bf16.norm()).item() < 0.06  # FP8 rounding, not another function
+
+
 # -----------------------------------------------------------------------------
 # Data: the loader and every bad-data case
 
