@@ -580,7 +580,40 @@ class MatrixGroup:
         return torch.cat([stacked, stacked.new_zeros(pad, *self.shape)]) if pad else stacked
 
 
-class DistributedMuon:
+class GradientReduction:
+    """Each optimizer reduces its gradients in units (a group of same-shape matrices, one Adam tensor). A unit's
+    reduction starts as soon as its last gradient is final, from a hook during the last backward pass, so
+    communication runs under the rest of the backward; reduce_gradients() starts whatever is left. Every rank
+    finalizes gradients in the same order, so the collectives line up."""
+
+    def _init_reduction(self, unit_params: list):
+        self.unit_of = {id(p): i for i, params in enumerate(unit_params) for p in params}
+        self.unit_sizes = [len(params) for params in unit_params]
+        self._reset_reduction()
+
+    def _reset_reduction(self):
+        n = len(self.unit_sizes)
+        self.pending, self.launched, self.ready = [None] * n, [False] * n, [0] * n
+
+    def grad_ready(self, param: Tensor):
+        unit = self.unit_of.get(id(param))
+        if unit is not None:
+            self.ready[unit] += 1
+            if self.ready[unit] == self.unit_sizes[unit]:
+                self._launch(unit)
+
+    def _launch(self, unit: int):
+        if not self.launched[unit]:
+            self.pending[unit] = self._start_reduction(unit)
+            self.launched[unit] = True
+
+    @torch.no_grad()
+    def reduce_gradients(self):
+        for unit in range(len(self.unit_sizes)):
+            self._launch(unit)
+
+
+class DistributedMuon(GradientReduction):
     """Muon: Nesterov momentum, then the update is orthogonalized, scaled by sqrt(max(1, fan_out/fan_in)).
     Gradients are reduce-scattered so each rank averages only the matrices it owns, updates them, and
     all-gathers the new weights: the bytes of one all-reduce, and 1/world_size of the optimizer work."""
@@ -591,12 +624,12 @@ class DistributedMuon:
             by_shape.setdefault(tuple(p.shape[-2:]), []).append(p)
         self.groups = [MatrixGroup(ps, shape, comm) for shape, ps in by_shape.items()]
         self.lr, self.orthogonalizer, self.comm = lr, orthogonalizer, comm
-        self.pending = []
+        self._init_reduction([g.params for g in self.groups])
 
     @torch.no_grad()
-    def reduce_gradients(self):
-        """Start every group's reduce-scatter; the group work in step() overlaps the later ones."""
-        self.pending = [self.comm.reduce_scatter_mean(g.grad_shard, g.stacked_grads()) for g in self.groups]
+    def _start_reduction(self, unit: int):
+        group = self.groups[unit]
+        return self.comm.reduce_scatter_mean(group.grad_shard, group.stacked_grads())
 
     @torch.no_grad()
     def step(self, lr_mult: float, momentum: float):
@@ -611,10 +644,10 @@ class DistributedMuon:
         for group, handle in zip(self.groups, gathers):
             wait(handle)
             torch._foreach_copy_(group.views, list(group.gathered[: len(group.views)].unbind(0)))
-        self.pending = []
+        self._reset_reduction()
 
 
-class DistributedAdam:
+class DistributedAdam(GradientReduction):
     """Adam with bias correction. Large tensors whose first dimension divides by the world size are sharded
     along it (reduce-scatter, update own rows, all-gather); small ones are all-reduced and updated everywhere."""
 
@@ -631,17 +664,15 @@ class DistributedAdam:
                 param=p, lr=lr, sharded=sharded, param_view=param_view,
                 grad=torch.empty_like(param_view) if sharded else None,
                 exp_avg=torch.zeros_like(param_view), exp_avg_sq=torch.zeros_like(param_view)))
-        self.pending = []
+        self._init_reduction([[e["param"]] for e in self.entries])
 
     @torch.no_grad()
-    def reduce_gradients(self):
-        self.pending = []
-        for e in self.entries:
-            if e["sharded"]:
-                self.pending.append(self.comm.reduce_scatter_mean(e["grad"], e["param"].grad))
-            else:
-                e["grad"] = e["param"].grad
-                self.pending.append(self.comm.all_reduce_mean(e["grad"]))
+    def _start_reduction(self, unit: int):
+        e = self.entries[unit]
+        if e["sharded"]:
+            return self.comm.reduce_scatter_mean(e["grad"], e["param"].grad)
+        e["grad"] = e["param"].grad
+        return self.comm.all_reduce_mean(e["grad"])
 
     @torch.no_grad()
     def step(self, lr_mult: float):
@@ -661,7 +692,7 @@ class DistributedAdam:
                 gathers.append(self.comm.all_gather(e["param"].data, e["param_view"].clone()))
         for handle in gathers:
             wait(handle)
-        self.pending = []
+        self._reset_reduction()
 
     def _update(self, entries: list, lr_mult: float):
         if not entries:
@@ -679,14 +710,44 @@ class DistributedAdam:
         torch._foreach_addcdiv_(params, exp_avgs, denoms, [-e["lr"] * lr_mult / bias1 for e in entries])
 
 
-def build_optimizers(model: GPT, cfg: Config, comm: Comm):
+class OverlapHooks:
+    """Hands each gradient to the optimizers the moment backward finalizes it (armed on the last accumulation
+    step only), so reductions start under the rest of the backward pass. Only worth it with several ranks."""
+
+    def __init__(self, model: nn.Module, optimizers: list):
+        self.optimizers, self.armed = optimizers, False
+        self.handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in model.parameters()]
+
+    def _on_grad(self, param: Tensor):
+        if self.armed:
+            for optimizer in self.optimizers:
+                optimizer.grad_ready(param)
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@dataclass
+class Optimizers:
+    adam: DistributedAdam
+    muon: DistributedMuon
+    hooks: OverlapHooks | None  # None on one rank: nothing to overlap
+
+    def close(self):
+        if self.hooks is not None:
+            self.hooks.remove()
+
+
+def build_optimizers(model: GPT, cfg: Config, comm: Comm) -> Optimizers:
     groups = model.param_groups()
     adam_lrs = ([(p, cfg.adam_lr * cfg.embed_lr_mult) for p in groups["embed"]]
                 + [(p, cfg.adam_lr) for p in groups["head"]]
                 + [(p, cfg.adam_lr * cfg.scalar_lr_mult) for p in groups["scalar"]])
     adam = DistributedAdam(adam_lrs, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps, comm)
     muon = DistributedMuon(groups["muon"], cfg.muon_lr, cfg.orthogonalizer, comm)
-    return adam, muon
+    hooks = OverlapHooks(model, [adam, muon]) if comm.world_size > 1 else None
+    return Optimizers(adam, muon, hooks)
 
 
 # -----------------------------------------------------------------------------
@@ -835,21 +896,25 @@ def is_val_step(step: int, cfg: Config) -> bool:
     return cfg.val_every > 0 and step % cfg.val_every == 0
 
 
-def train_step(model: GPT, batch: list, adam: DistributedAdam, muon: DistributedMuon, step: int, cfg: Config) -> Tensor:
+def train_step(model: GPT, batch: list, opt: Optimizers, step: int, cfg: Config) -> Tensor:
     """One optimizer step over this rank's accumulation steps. The gradient is the per-sequence token sum
     averaged over all sequences of the step, so any world size gives the same update.
     Returns the summed train loss of this rank (on device, no sync)."""
     window = window_blocks(step, cfg)
     loss_sum = torch.zeros((), device=batch[0][0].device)
-    for inputs, targets in batch:
+    for i, (inputs, targets) in enumerate(batch):
+        if opt.hooks is not None:  # gradients are final only in the last backward pass
+            opt.hooks.armed = i == len(batch) - 1
         loss = model(inputs, targets, window)
         (loss / len(batch)).backward()
         loss_sum += loss.detach()
-    adam.reduce_gradients()
-    muon.reduce_gradients()
+    if opt.hooks is not None:
+        opt.hooks.armed = False
+    opt.adam.reduce_gradients()
+    opt.muon.reduce_gradients()
     lr_mult = lr_multiplier(step, cfg)
-    adam.step(lr_mult)
-    muon.step(lr_mult, muon_momentum(step, cfg))
+    opt.adam.step(lr_mult)
+    opt.muon.step(lr_mult, muon_momentum(step, cfg))
     model.zero_grad(set_to_none=True)
     return loss_sum
 
@@ -937,19 +1002,20 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
     # Untimed warm-up: compile every shape (train step, validation), then restore the initial state.
     compile_start = time.perf_counter()
     if cfg.warmup_steps:
-        adam, muon = build_optimizers(model, cfg, comm)
+        opt = build_optimizers(model, cfg, comm)
         loader = TrainLoader(train_files, cfg.train_seq_len, comm.rank, comm.world_size, device)
         for step in range(cfg.warmup_steps):
-            train_step(model, loader.next_batch(accumulation), adam, muon, step, cfg)
+            train_step(model, loader.next_batch(accumulation), opt, step, cfg)
         evaluate(model, val_tokens, cfg, 0, comm, device, max_sequences=1)
         loader.close()
+        opt.close()
         with torch.no_grad():
             model.load_state_dict(initial_state)
     synchronize(device)
     logger.log(f"compile_and_warmup: {time.perf_counter() - compile_start:.1f}s ({cfg.warmup_steps} steps, then reset)")
     del initial_state
 
-    adam, muon = build_optimizers(model, cfg, comm)
+    opt = build_optimizers(model, cfg, comm)
     loader = TrainLoader(train_files, cfg.train_seq_len, comm.rank, comm.world_size, device)
     train_ms, val_losses, stopped = 0.0, [], None
     pending_loss, clock = None, time.perf_counter()
@@ -973,7 +1039,7 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
             break
         if launch_to_first_step is None:
             launch_to_first_step = time.time() - launch_time
-        loss = train_step(model, loader.next_batch(accumulation), adam, muon, step, cfg)
+        loss = train_step(model, loader.next_batch(accumulation), opt, step, cfg)
         if pending_loss is not None and not pending_loss.is_finite():
             stopped = f"stopping: non-finite train loss at step {step}"
             break

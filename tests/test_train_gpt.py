@@ -436,12 +436,49 @@ def _optimizer_worker(rank, world_size, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_distributed_optimizer_two_processes_equal_one(tmp_path):
-    import socket
+def _overlap_worker(rank, world_size, port, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    cfg = tg.parse_config(["--preset", "tiny", "--num-layers", "2", "--num-value-embeds", "1", "--long-window-layers", "0"])
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, 512)
+    opt = tg.build_optimizers(model, cfg, tg.Comm(rank, world_size))
+    ids = token_stream(1025, [0, 300, 700])[rank * 512: rank * 512 + 513]
+    launched = []
+    for armed in (False, True):  # two accumulation steps: only the last one's gradients are final
+        opt.hooks.armed = armed
+        model(ids[:-1], ids[1:], 2).backward()
+        launched.append((sum(opt.adam.launched), sum(opt.muon.launched)))
+    opt.hooks.armed = False
+    opt.adam.reduce_gradients()
+    opt.muon.reduce_gradients()
+    opt.adam.step(1.0)
+    opt.muon.step(1.0, 0.9)
+    counts = (len(opt.adam.entries), len(opt.muon.groups))
+    torch.save({"launched": launched, "counts": counts}, os.path.join(out_dir, f"overlap_r{rank}.pt"))
+    opt.close()
+    dist.destroy_process_group()
+
+
+def test_reductions_start_during_the_last_backward_pass(tmp_path):
     import torch.multiprocessing as mp
+    mp.spawn(_overlap_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"overlap_r{rank}.pt")
+        # nothing starts during the first pass; every unit has started by the end of the last one
+        assert result["launched"] == [(0, 0), result["counts"]]
+
+
+def free_port() -> int:
+    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def test_distributed_optimizer_two_processes_equal_one(tmp_path):
+    import torch.multiprocessing as mp
+    port = free_port()
     mp.spawn(_optimizer_worker, args=(2, port, str(tmp_path)), nprocs=2)
     _optimizer_worker(0, 1, port, str(tmp_path))
     one = torch.load(tmp_path / "w1_r0.pt")
