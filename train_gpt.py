@@ -326,7 +326,8 @@ def flex_block_mask(input_ids: Tensor, window_blocks: int) -> BlockMask:
     full = visible & (q_block > kv_block) & single_doc[:, None] & single_doc[None, :] & (first_doc[:, None] == first_doc[None, :])
     partial = visible & ~full
 
-    window = torch.tensor(window_blocks, device=input_ids.device)  # a tensor: new values never recompile
+    # A device tensor, so new window sizes never recompile; filled on the device: no host-to-device sync.
+    window = torch.full((), window_blocks, dtype=torch.int64, device=input_ids.device)
 
     def causal_same_document(b, h, q_idx, kv_idx):  # applied inside partial blocks only
         in_window = q_idx // BLOCK_SIZE - kv_idx // BLOCK_SIZE < window
@@ -440,7 +441,7 @@ def fp8_linear_op():
         return torch.ops.speedrun_gpt.fp8_linear
 
     def scale_tensor(value: float, like: Tensor) -> Tensor:
-        return torch.tensor(value, dtype=torch.float32, device=like.device)
+        return torch.full((), value, dtype=torch.float32, device=like.device)  # a fill: no host sync
 
     @torch.library.custom_op(f"{namespace}::fp8_linear", mutates_args=())
     def fp8_linear(x: Tensor, w: Tensor, x_scale: float, w_scale: float, grad_scale: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -977,9 +978,10 @@ class DeferredValue:
     so checking the train loss never stalls the GPU."""
 
     def __init__(self, value: Tensor):
-        self.host = value.to("cpu", non_blocking=True)
-        self.event = None
-        if value.device.type == "cuda":
+        self.host, self.event = value, None
+        if value.device.type == "cuda":  # a pinned destination keeps the copy asynchronous
+            self.host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            self.host.copy_(value, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
 
