@@ -76,6 +76,7 @@ class Config:
     muon_momentum_start: float = field(default=0.85, metadata={"help": "Muon momentum at step 0"})
     muon_momentum_warmup_steps: int = field(default=300, metadata={"help": "steps to move Muon momentum from start to final"})
     orthogonalizer: str = field(default="polar_express", metadata={"help": "Muon's orthogonalization: polar_express or ns5"})
+    normuon_beta2: float = field(default=0.0, metadata={"help": "NorMuon: EMA of each output row's squared update, rows evened out (0: plain Muon; paper: 0.95)"})
     adam_lr: float = field(default=0.008, metadata={"help": "Adam base learning rate (lm_head)"})
     adam_beta1: float = field(default=0.8, metadata={"help": "Adam beta1"})
     adam_beta2: float = field(default=0.95, metadata={"help": "Adam beta2"})
@@ -192,6 +193,8 @@ def check_config(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"--orthogonalizer {cfg.orthogonalizer!r}: choose one of {', '.join(ORTHOGONALIZERS)}")
     if cfg.device not in ("cuda", "cpu"):
         raise ConfigError(f"--device {cfg.device!r}: choose cuda or cpu")
+    if not 0 <= cfg.normuon_beta2 < 1:
+        raise ConfigError(f"--normuon-beta2 {cfg.normuon_beta2} must be in [0, 1)")
     if not 0 <= cfg.cooldown_frac <= 1:
         raise ConfigError(f"--cooldown-frac {cfg.cooldown_frac} must be in [0, 1]")
     if cfg.val_every < 0 or cfg.warmup_steps < 0 or cfg.muon_momentum_warmup_steps < 0:
@@ -564,6 +567,7 @@ class MatrixGroup:
         self.lr_scale = max(1.0, rows / cols) ** 0.5
         p0 = params[0]
         self.momentum = torch.zeros(per_rank, *shape, dtype=torch.float32, device=p0.device)
+        self.row_mean_square = torch.zeros(per_rank, rows, 1, dtype=torch.float32, device=p0.device)  # NorMuon
         self.grad_shard = torch.empty_like(self.momentum)
         self.gathered = torch.empty(self.padded, *shape, dtype=p0.dtype, device=p0.device)
 
@@ -619,12 +623,12 @@ class DistributedMuon(GradientReduction):
     Gradients are reduce-scattered so each rank averages only the matrices it owns, updates them, and
     all-gathers the new weights: the bytes of one all-reduce, and 1/world_size of the optimizer work."""
 
-    def __init__(self, params: list, lr: float, orthogonalizer: str, comm: Comm):
+    def __init__(self, params: list, lr: float, orthogonalizer: str, comm: Comm, normuon_beta2: float = 0.0):
         by_shape = {}
         for p in params:
             by_shape.setdefault(tuple(p.shape[-2:]), []).append(p)
         self.groups = [MatrixGroup(ps, shape, comm) for shape, ps in by_shape.items()]
-        self.lr, self.orthogonalizer, self.comm = lr, orthogonalizer, comm
+        self.lr, self.orthogonalizer, self.comm, self.normuon_beta2 = lr, orthogonalizer, comm, normuon_beta2
         self._init_reduction([g.params for g in self.groups])
 
     @torch.no_grad()
@@ -640,12 +644,22 @@ class DistributedMuon(GradientReduction):
             group.momentum.lerp_(group.grad_shard, 1 - momentum)
             nesterov = group.grad_shard.lerp(group.momentum, momentum)
             update = orthogonalize(nesterov, self.orthogonalizer)
+            if self.normuon_beta2:
+                update = self._even_out_rows(group, update.float())
             new_own = group.own_params().add_(update.to(group.gathered.dtype), alpha=-self.lr * lr_mult * group.lr_scale)
             gathers.append(self.comm.all_gather(group.gathered, new_own))
         for group, handle in zip(self.groups, gathers):
             wait(handle)
             torch._foreach_copy_(group.views, list(group.gathered[: len(group.views)].unbind(0)))
         self._reset_reduction()
+
+    def _even_out_rows(self, group: MatrixGroup, update: Tensor) -> Tensor:
+        """NorMuon (arXiv 2510.05491): divide each output row by the root of an EMA of its mean squared
+        update, then restore the matrix's Frobenius norm, so no neuron's step size runs away."""
+        norm = update.norm(dim=(-2, -1), keepdim=True)
+        group.row_mean_square.lerp_(update.square().mean(-1, keepdim=True), 1 - self.normuon_beta2)
+        update = update / group.row_mean_square.clamp_min(1e-10).sqrt()
+        return update * (norm / update.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
 
 
 class DistributedAdam(GradientReduction):
@@ -746,7 +760,7 @@ def build_optimizers(model: GPT, cfg: Config, comm: Comm) -> Optimizers:
                 + [(p, cfg.adam_lr) for p in groups["head"]]
                 + [(p, cfg.adam_lr * cfg.scalar_lr_mult) for p in groups["scalar"]])
     adam = DistributedAdam(adam_lrs, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps, comm)
-    muon = DistributedMuon(groups["muon"], cfg.muon_lr, cfg.orthogonalizer, comm)
+    muon = DistributedMuon(groups["muon"], cfg.muon_lr, cfg.orthogonalizer, comm, cfg.normuon_beta2)
     hooks = OverlapHooks(model, [adam, muon]) if comm.world_size > 1 else None
     return Optimizers(adam, muon, hooks)
 

@@ -103,6 +103,28 @@ def test_muon_step_is_the_scaled_orthogonalized_nesterov_momentum(shape, lr_scal
         start = param.detach().clone()
 
 
+def test_normuon_evens_out_rows_and_keeps_the_update_norm():
+    torch.manual_seed(0)
+    shape = (48, 16)
+    plain, normed = (torch.nn.Parameter(torch.randn(shape)) for _ in range(2))
+    with torch.no_grad():
+        normed.copy_(plain)
+    start = plain.detach().clone()
+    muons = [tg.DistributedMuon([p], lr=0.1, orthogonalizer="polar_express", comm=tg.Comm(), normuon_beta2=beta2)
+             for p, beta2 in ((plain, 0.0), (normed, 0.95))]
+    grad = torch.randn(shape) * torch.logspace(-1, 1, shape[0])[:, None]  # rows of very different scale
+    for p, muon in zip((plain, normed), muons):
+        p.grad = grad.clone()
+        muon.reduce_gradients()
+        muon.step(1.0, 0.0)
+    plain_update, normed_update = start - plain.detach(), start - normed.detach()
+    row_norms = normed_update.norm(dim=1)
+    assert (row_norms.max() / row_norms.min()).item() < 1.0001  # every row takes the same step
+    plain_rows = plain_update.norm(dim=1)
+    assert (plain_rows.max() / plain_rows.min()).item() > 1.05  # which plain Muon does not do here
+    assert normed_update.norm().item() == pytest.approx(plain_update.norm().item(), rel=1e-5)
+
+
 def test_adam_matches_torch_adam():
     torch.manual_seed(0)
     ours = [torch.nn.Parameter(torch.randn(300, 7)), torch.nn.Parameter(torch.randn(5))]
