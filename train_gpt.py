@@ -831,8 +831,9 @@ class TrainLoader:
 
     def __init__(self, files: list, seq_len: int, rank: int, world_size: int, device: torch.device):
         for f in files:
-            if shard_token_count(f) < seq_len + 1:
-                raise DataError(f"{f}: {shard_token_count(f)} tokens, fewer than one training window of {seq_len + 1}")
+            num_tokens = shard_token_count(f)
+            if num_tokens < seq_len + 1:
+                raise DataError(f"{f}: {num_tokens} tokens, fewer than one training window of {seq_len + 1}")
         self.files, self.seq_len, self.rank, self.world_size, self.device = files, seq_len, rank, world_size, device
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.shard_index, self.passes = -1, 0
@@ -1063,6 +1064,7 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
         approx_ms = train_ms + 1000 * (time.perf_counter() - clock)
         logger.log(f"step:{step + 1}/{cfg.train_steps} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / (step + 1):.2f}ms")
     loader.close()
+    opt.close()
     if stopped:
         logger.log(stopped)
     return dict(model=model, train_ms=train_ms, val_losses=val_losses, stopped=stopped,
