@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import functools
 import glob
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -47,7 +49,7 @@ class Config:
     train_files: str = field(default="data/fineweb10B/fineweb_train_*.bin", metadata={"help": "glob of training shards, read in sorted order"})
     val_files: str = field(default="data/fineweb10B/fineweb_val_*.bin", metadata={"help": "glob of validation shards"})
     val_tokens: int = field(default=10_485_760, metadata={"help": "validate on exactly the first N tokens of the val files"})
-    val_seq_len: int = field(default=65_536, metadata={"help": "tokens per validation sequence (one per process per val step)"})
+    val_seq_len: int = field(default=262_144, metadata={"help": "tokens per validation sequence, dealt round-robin to the processes (record #28: 262,144)"})
     val_every: int = field(default=125, metadata={"help": "validate every N steps (0: only at the start and the end)"})
     # batch and schedule
     train_batch_tokens: int = field(default=393_216, metadata={"help": "tokens per optimizer step, over all processes and accumulation steps"})
@@ -75,7 +77,9 @@ class Config:
     muon_momentum: float = field(default=0.95, metadata={"help": "Muon Nesterov momentum after warm-up"})
     muon_momentum_start: float = field(default=0.85, metadata={"help": "Muon momentum at step 0"})
     muon_momentum_warmup_steps: int = field(default=300, metadata={"help": "steps to move Muon momentum from start to final"})
-    orthogonalizer: str = field(default="polar_express", metadata={"help": "Muon's orthogonalization: polar_express or ns5"})
+    orthogonalizer: str = field(default="ns5", metadata={"help": "Muon's orthogonalization: ns5 (record #28) or polar_express (larger updates, untested on GPU)"})
+    mlp_in_lr_mult: float = field(default=1.0, metadata={"help": "extra Muon LR multiplier of the MLP input matrix (record #28: 1; 2 reproduces sqrt(3072/768) of a fan_out x fan_in layout)"})
+    gates_on_adam: bool = field(default=False, metadata={"help": "train the attention output gates with Adam at the scalar LR instead of Muon (record #28: Muon)"})
     normuon_beta2: float = field(default=0.0, metadata={"help": "NorMuon: EMA of each output row's squared update, rows evened out (0: plain Muon; paper: 0.95)"})
     adam_lr: float = field(default=0.008, metadata={"help": "Adam base learning rate (lm_head)"})
     adam_beta1: float = field(default=0.8, metadata={"help": "Adam beta1"})
@@ -107,6 +111,7 @@ PRESETS = {
 }
 
 BLOCK_SIZE = 128  # FlexAttention block: sequence lengths and windows are counted in these
+VAL_HEAD_CHUNK = 32_768  # validation tokens per head call: bf16 logits of 3.3 GB, fp32 of 6.6 GB at vocab 50304
 EOT_TOKEN = 50256  # <|endoftext|>, which starts every document
 
 
@@ -132,6 +137,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="train_gpt.py", description="Train the speedrun GPT. No flags = the 8xH100 record configuration.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="record",
                         help="starting values: 'record' (8xH100 FineWeb) or 'tiny' (CPU in a minute); flags override (default: record)")
+    parser.add_argument("--print-recipe", action="store_true", default=argparse.SUPPRESS,
+                        help="print which optimizer and effective LR every parameter gets under these settings, then exit")
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
@@ -149,11 +156,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv=None) -> Config:
-    """Preset values first, then every flag given on the command line."""
+def parse_command(argv=None) -> tuple:
+    """(config, report): preset values first, then every flag given; report names what to print instead of
+    training ('recipe'), or is None."""
     args = vars(build_arg_parser().parse_args(argv))
     preset = args.pop("preset")
-    return dataclasses.replace(Config(), **{**PRESETS[preset], **args})
+    report = "recipe" if args.pop("print_recipe", False) else None
+    return dataclasses.replace(Config(), **{**PRESETS[preset], **args}), report
+
+
+def parse_config(argv=None) -> Config:
+    return parse_command(argv)[0]
 
 
 def check_config(cfg: Config, world_size: int) -> int:
@@ -172,11 +185,11 @@ def check_config(cfg: Config, world_size: int) -> int:
             f"world size {world_size} x --train-seq-len {cfg.train_seq_len} = {per_step} tokens does not divide "
             f"--train-batch-tokens {cfg.train_batch_tokens}: each step must be whole sequences on every process "
             f"(use a world size that divides {cfg.train_batch_tokens // cfg.train_seq_len}, or a shorter --train-seq-len)")
-    val_batch = world_size * cfg.val_seq_len
-    if cfg.val_tokens % val_batch:
-        raise ConfigError(
-            f"--val-tokens {cfg.val_tokens} is not divisible by the val batch: world size {world_size} x "
-            f"--val-seq-len {cfg.val_seq_len} = {val_batch}")
+    # Validation sequences are dealt to ranks round-robin (a rank may get one fewer), so any world size
+    # scores the same sequences; only whole sequences are scored.
+    if cfg.val_tokens % cfg.val_seq_len:
+        raise ConfigError(f"--val-tokens {cfg.val_tokens} is not a whole number of --val-seq-len {cfg.val_seq_len} "
+                          f"sequences (record: 10,485,760 = 40 x 262,144)")
     if cfg.num_heads * cfg.head_dim != cfg.model_dim:
         raise ConfigError(f"--num-heads {cfg.num_heads} x --head-dim {cfg.head_dim} must equal --model-dim {cfg.model_dim}")
     if cfg.head_dim % 4:
@@ -282,11 +295,13 @@ class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         hidden = cfg.mlp_ratio * cfg.model_dim
-        self.fc_w = nn.Parameter(uniform_init_(torch.empty(hidden, cfg.model_dim), cfg.model_dim))
+        # Both matrices stored (dim, hidden): one Muon shape group, and the input matrix's Muon LR shape factor
+        # sqrt(max(1, rows/cols)) is 1, as in record #28 (stored (hidden, dim) it would be 2).
+        self.fc_w = nn.Parameter(uniform_init_(torch.empty(cfg.model_dim, hidden), cfg.model_dim))
         self.proj_w = nn.Parameter(torch.zeros(cfg.model_dim, hidden))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.relu(F.linear(x, self.fc_w.type_as(x))).square(), self.proj_w.type_as(x))
+        return F.linear(F.relu(F.linear(x, self.fc_w.T.type_as(x))).square(), self.proj_w.type_as(x))
 
 
 class Block(nn.Module):
@@ -355,6 +370,25 @@ def head_loss(x: Tensor, head_w: Tensor, targets: Tensor, logit_cap: float, fp8_
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def equal_chunk(length: int, most: int) -> int:
+    """The largest chunk size <= most that splits length into equal parts."""
+    parts = -(-length // most)
+    while length % parts:
+        parts += 1
+    return length // parts
+
+
+def allow_block_variants(limit: int):
+    """Dynamo compiles one graph per variant of a function (per guard set) and, past its recompile limit (8 by
+    default), runs further variants EAGERLY without an error. Blocks vary by kind (attention with or without
+    value embeddings, MLP only, layer 0 whose input aliases x0) and by grad mode (train vs validation): 8 for
+    the record, exactly the default limit. The limit only caps how many graphs dynamo keeps; it changes no
+    generated code (this is not an inductor option)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: Config, max_seq_len: int):
         super().__init__()
@@ -373,6 +407,7 @@ class GPT(nn.Module):
     def compile_regions(self):
         """Compile one block's code (reused by every layer with the same structure) and the head, not the
         whole model: far less compile time for the same kernels."""
+        allow_block_variants(64)
         self.block_calls = [torch.compile(block, dynamic=False) for block in self.blocks]
         self.head_loss = torch.compile(head_loss, dynamic=False)
 
@@ -398,27 +433,20 @@ class GPT(nn.Module):
             x = block_call(x, x0, value_embeds[i], masks[i])
             if i < n_skip:
                 skips.append(x)
-        return self.head_loss(rms_norm(x[0]), self.lm_head_w, targets, self.cfg.logit_cap, self.fp8_grad_scale)
-
-    def param_groups(self) -> dict:
-        """Route by name: Muon for hidden matrices; Adam for embeddings, the head, and scalars/gates."""
-        groups = {"muon": [], "embed": [], "head": [], "scalar": []}
-        for name, p in self.named_parameters():
-            if name.startswith("blocks.") and name.endswith(("qkv_w", "proj_w", "fc_w")):
-                groups["muon"].append(p)
-            elif name.startswith(("embed.", "value_embeds.")):
-                groups["embed"].append(p)
-            elif name == "lm_head_w":
-                groups["head"].append(p)
-            else:
-                groups["scalar"].append(p)
-        return groups
+        x = rms_norm(x[0])
+        if self.training:
+            return self.head_loss(x, self.lm_head_w, targets, self.cfg.logit_cap, self.fp8_grad_scale)
+        # Validation: the bf16 head (FP8 would bias the reported loss), in equal chunks of at most VAL_HEAD_CHUNK
+        # tokens (one compiled shape) so a 262,144-token sequence never holds its (tokens x vocab) logits at once.
+        chunk = equal_chunk(x.size(0), VAL_HEAD_CHUNK)
+        return sum(self.head_loss(x_part, self.lm_head_w, t_part, self.cfg.logit_cap, None)
+                   for x_part, t_part in zip(x.split(chunk), targets.split(chunk)))
 
     def matmul_flops_per_token(self, window_tokens: int, seq_len: int) -> float:
         """Forward+backward matmul FLOPs per token: 6 per weight of a matmul, plus attention scores and
         values over the mean visible context (half the window, causal)."""
         cfg = self.cfg
-        weights = sum(p.numel() for p in self.param_groups()["muon"]) + self.lm_head_w.numel()
+        weights = sum(p.numel() for p in self.blocks.parameters() if p.ndim >= 2) + self.lm_head_w.numel()
         attn_layers = [i for i in range(cfg.num_layers) if i not in cfg.no_attn_layers]
         context = sum(min(window_tokens if i in cfg.long_window_layers else window_tokens // 2, seq_len) / 2 for i in attn_layers)
         return 6 * weights + 12 * cfg.num_heads * cfg.head_dim * context
@@ -488,7 +516,104 @@ def fp8_linear_op():
 
 
 # -----------------------------------------------------------------------------
-# Optimizer: Muon for hidden matrices, Adam for the rest, both sharded across processes without DDP.
+# Optimizer: the recipe table, then Muon for hidden matrices and Adam for the rest, sharded without DDP.
+
+
+@dataclass(frozen=True)
+class ParamRule:
+    """One row of the recipe: parameters whose name matches `pattern` (fnmatch) are trained by `optimizer` at
+    the LR of Config field `lr` times Config field `lr_mult` (or 1). Muon also scales each matrix's LR by
+    sqrt(max(1, rows / cols)) of its stored (..., rows, cols) shape, as record #28 does."""
+    pattern: str
+    optimizer: str
+    lr: str
+    lr_mult: str | None = None
+
+
+def recipe(cfg: Config) -> list:
+    """Which parameter gets which optimizer and LR: the first matching row wins. Defaults = record #28."""
+    gates = (ParamRule("blocks.*.attn.gate_w", "adam", "adam_lr", "scalar_lr_mult") if cfg.gates_on_adam
+             else ParamRule("blocks.*.attn.gate_w", "muon", "muon_lr"))
+    return [
+        ParamRule("blocks.*.attn.qkv_w", "muon", "muon_lr"),           # (3, hidden, dim): Q, K, V one by one
+        ParamRule("blocks.*.attn.proj_w", "muon", "muon_lr"),          # (dim, hidden)
+        ParamRule("blocks.*.mlp.fc_w", "muon", "muon_lr", "mlp_in_lr_mult"),  # (dim, 4 dim), used transposed
+        ParamRule("blocks.*.mlp.proj_w", "muon", "muon_lr"),           # (dim, 4 dim)
+        gates,                                                          # (heads, attn_gate_dim)
+        ParamRule("embed.weight", "adam", "adam_lr", "embed_lr_mult"),
+        ParamRule("value_embeds.*", "adam", "adam_lr", "embed_lr_mult"),
+        ParamRule("lm_head_w", "adam", "adam_lr"),
+        ParamRule("skip_weights", "adam", "adam_lr", "scalar_lr_mult"),
+        ParamRule("blocks.*.x0_mix", "adam", "adam_lr", "scalar_lr_mult"),
+        ParamRule("blocks.*.attn.value_mix", "adam", "adam_lr", "scalar_lr_mult"),
+    ]
+
+
+@dataclass(frozen=True)
+class ParamSetting:
+    name: str
+    param: Tensor
+    optimizer: str
+    lr: float            # base LR x multiplier
+    shape_factor: float  # Muon's sqrt(max(1, rows/cols)); 1 for Adam
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr * self.shape_factor
+
+
+def muon_shape_factor(shape: tuple) -> float:
+    rows, cols = shape[-2:]
+    return max(1.0, rows / cols) ** 0.5
+
+
+def assign_params(model: nn.Module, cfg: Config) -> list:
+    """Apply the recipe to every parameter of the model; a parameter no row matches is a bug, not a default."""
+    rules = recipe(cfg)
+    settings = []
+    for name, p in model.named_parameters():
+        rule = next((r for r in rules if fnmatch.fnmatchcase(name, r.pattern)), None)
+        if rule is None:
+            raise ValueError(f"no recipe row matches parameter {name}")
+        if rule.optimizer == "muon" and p.ndim < 2:
+            raise ValueError(f"recipe row {rule.pattern} gives Muon the {p.ndim}-D parameter {name}")
+        lr = getattr(cfg, rule.lr) * (getattr(cfg, rule.lr_mult) if rule.lr_mult else 1.0)
+        factor = muon_shape_factor(tuple(p.shape)) if rule.optimizer == "muon" else 1.0
+        settings.append(ParamSetting(name, p, rule.optimizer, lr, factor))
+    return settings
+
+
+def layer_ranges(layers: list) -> str:
+    """[0, 1, 2, 3, 5, 6] -> '0-3,5-6'"""
+    runs = []
+    for layer in layers:
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+
+def recipe_report(cfg: Config) -> str:
+    """The recipe as applied to this config's model (built on the meta device: no memory, no data), one line
+    per kind of parameter, with the layers that have it."""
+    with torch.device("meta"):
+        model = GPT(cfg, max(cfg.train_seq_len, cfg.val_seq_len))
+    kinds = {}
+    for s in assign_params(model, cfg):
+        layer = re.match(r"blocks\.(\d+)\.", s.name)
+        name = re.sub(r"^blocks\.\d+\.", "blocks.*.", s.name)
+        shape = "x".join(map(str, s.param.shape))
+        key = (name, shape, s.optimizer, s.lr, s.shape_factor, s.effective_lr)
+        kinds.setdefault(key, []).append(int(layer.group(1)) if layer else None)
+    lines = [f"{'parameter':24} {'layers':>10} {'shape':>12} {'optimizer':>9} {'lr':>7} {'shape x':>7} {'effective lr':>12}"]
+    for (name, shape, optimizer, lr, factor, effective), layers in kinds.items():
+        where = layer_ranges(layers) if layers[0] is not None else "-"
+        lines.append(f"{name:24} {where:>10} {shape:>12} {optimizer:>9} {lr:>7.4g} {factor:>7.4g} {effective:>12.4g}")
+    adam = f"adam: betas ({cfg.adam_beta1}, {cfg.adam_beta2}), eps {cfg.adam_eps}, no weight decay"
+    muon = (f"muon: {cfg.orthogonalizer}, Nesterov momentum {cfg.muon_momentum_start} -> {cfg.muon_momentum} over "
+            f"{cfg.muon_momentum_warmup_steps} steps, no weight decay")
+    return "\n".join(lines + [adam, muon])
 
 NS5_COEFFS = [(3.4445, -4.7750, 2.0315)] * 5  # tuned for slope at 0: maps [1e-3, 1] into ~[0.47, 1.20]
 
@@ -553,18 +678,17 @@ def wait(handle):
 
 
 class MatrixGroup:
-    """Same-shape matrices from several parameters, padded to a multiple of the world size; each rank
-    owns a contiguous share and keeps momentum only for it."""
+    """Same-shape, same-LR matrices from several parameters, padded to a multiple of the world size; each
+    rank owns a contiguous share and keeps momentum only for it."""
 
-    def __init__(self, params: list, shape: tuple, comm: Comm):
-        self.params, self.shape = params, shape
+    def __init__(self, params: list, shape: tuple, lr: float, comm: Comm):
+        self.params, self.shape, self.lr = params, shape, lr
         self.views = [m for p in params for m in p.data.view(-1, *shape)]
         per_rank = math.ceil(len(self.views) / comm.world_size)
         self.padded = per_rank * comm.world_size
         self.own = slice(comm.rank * per_rank, (comm.rank + 1) * per_rank)
         self.per_rank = per_rank
-        rows, cols = shape  # (fan_out, fan_in): wide-output matrices get a larger step
-        self.lr_scale = max(1.0, rows / cols) ** 0.5
+        rows, cols = shape
         p0 = params[0]
         self.momentum = torch.zeros(per_rank, *shape, dtype=torch.float32, device=p0.device)
         self.row_mean_square = torch.zeros(per_rank, rows, 1, dtype=torch.float32, device=p0.device)  # NorMuon
@@ -619,16 +743,17 @@ class GradientReduction:
 
 
 class DistributedMuon(GradientReduction):
-    """Muon: Nesterov momentum, then the update is orthogonalized, scaled by sqrt(max(1, fan_out/fan_in)).
-    Gradients are reduce-scattered so each rank averages only the matrices it owns, updates them, and
-    all-gathers the new weights: the bytes of one all-reduce, and 1/world_size of the optimizer work."""
+    """Muon: Nesterov momentum, then the update is orthogonalized and applied at each matrix's effective LR
+    (the recipe's, shape factor included). Gradients are reduce-scattered so each rank averages only the
+    matrices it owns, updates them, and all-gathers the new weights: the bytes of one all-reduce, and
+    1/world_size of the optimizer work."""
 
-    def __init__(self, params: list, lr: float, orthogonalizer: str, comm: Comm, normuon_beta2: float = 0.0):
-        by_shape = {}
-        for p in params:
-            by_shape.setdefault(tuple(p.shape[-2:]), []).append(p)
-        self.groups = [MatrixGroup(ps, shape, comm) for shape, ps in by_shape.items()]
-        self.lr, self.orthogonalizer, self.comm, self.normuon_beta2 = lr, orthogonalizer, comm, normuon_beta2
+    def __init__(self, param_lrs: list, orthogonalizer: str, comm: Comm, normuon_beta2: float = 0.0):
+        by_shape_and_lr = {}
+        for p, lr in param_lrs:
+            by_shape_and_lr.setdefault((tuple(p.shape[-2:]), lr), []).append(p)
+        self.groups = [MatrixGroup(ps, shape, lr, comm) for (shape, lr), ps in by_shape_and_lr.items()]
+        self.orthogonalizer, self.comm, self.normuon_beta2 = orthogonalizer, comm, normuon_beta2
         self._init_reduction([g.params for g in self.groups])
 
     @torch.no_grad()
@@ -646,7 +771,7 @@ class DistributedMuon(GradientReduction):
             update = orthogonalize(nesterov, self.orthogonalizer)
             if self.normuon_beta2:
                 update = self._even_out_rows(group, update.float())
-            new_own = group.own_params().add_(update.to(group.gathered.dtype), alpha=-self.lr * lr_mult * group.lr_scale)
+            new_own = group.own_params().add_(update.to(group.gathered.dtype), alpha=-group.lr * lr_mult)
             gathers.append(self.comm.all_gather(group.gathered, new_own))
         for group, handle in zip(self.groups, gathers):
             wait(handle)
@@ -663,7 +788,7 @@ class DistributedMuon(GradientReduction):
 
 
 class DistributedAdam(GradientReduction):
-    """Adam with bias correction. Large tensors whose first dimension divides by the world size are sharded
+    """Adam with bias correction, no weight decay. Large tensors whose first dimension divides by the world size are sharded
     along it (reduce-scatter, update own rows, all-gather); small ones are all-reduced and updated everywhere."""
 
     SHARD_MIN_NUMEL = 1 << 16
@@ -719,10 +844,12 @@ class DistributedAdam(GradientReduction):
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-        denoms = torch._foreach_div(exp_avg_sqs, bias2)
-        torch._foreach_sqrt_(denoms)
+        # Record #28's form: eps joins sqrt(v) before the bias correction, i.e. eps / sqrt(bias2) in
+        # torch.optim.Adam's terms; the correction is folded into the step size.
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_add_(denoms, self.eps)
-        torch._foreach_addcdiv_(params, exp_avgs, denoms, [-e["lr"] * lr_mult / bias1 for e in entries])
+        step_sizes = [-e["lr"] * lr_mult * math.sqrt(bias2) / bias1 for e in entries]
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, step_sizes)
 
 
 class OverlapHooks:
@@ -755,12 +882,11 @@ class Optimizers:
 
 
 def build_optimizers(model: GPT, cfg: Config, comm: Comm) -> Optimizers:
-    groups = model.param_groups()
-    adam_lrs = ([(p, cfg.adam_lr * cfg.embed_lr_mult) for p in groups["embed"]]
-                + [(p, cfg.adam_lr) for p in groups["head"]]
-                + [(p, cfg.adam_lr * cfg.scalar_lr_mult) for p in groups["scalar"]])
+    settings = assign_params(model, cfg)
+    adam_lrs = [(s.param, s.effective_lr) for s in settings if s.optimizer == "adam"]
+    muon_lrs = [(s.param, s.effective_lr) for s in settings if s.optimizer == "muon"]
     adam = DistributedAdam(adam_lrs, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps, comm)
-    muon = DistributedMuon(groups["muon"], cfg.muon_lr, cfg.orthogonalizer, comm, cfg.normuon_beta2)
+    muon = DistributedMuon(muon_lrs, cfg.orthogonalizer, comm, cfg.normuon_beta2)
     hooks = OverlapHooks(model, [adam, muon]) if comm.world_size > 1 else None
     return Optimizers(adam, muon, hooks)
 
@@ -942,9 +1068,11 @@ def evaluate(model: GPT, val_tokens: np.ndarray, cfg: Config, step: int, comm: C
     num_sequences = cfg.val_tokens // cfg.val_seq_len
     mine = range(comm.rank, num_sequences, comm.world_size)[:max_sequences]
     total = torch.zeros((), device=device, dtype=torch.float64)
+    model.eval()  # the bf16 head, in chunks (GPT.forward)
     for i in mine:
         window = torch.from_numpy(val_tokens[i * cfg.val_seq_len : (i + 1) * cfg.val_seq_len + 1].astype(np.int32)).to(device)
         total += model(window[:-1], window[1:].long(), window_blocks(step, cfg)).double()
+    model.train()
     if comm.world_size > 1:
         dist.all_reduce(total)
     return total.item() / cfg.val_tokens
@@ -1140,6 +1268,8 @@ def log_header(logger: Logger, cfg: Config, comm: Comm, device: torch.device, ac
     logger.log(f"grad_accum_steps: {accumulation}")
     logger.log(f"gpu: {gpu}")
     logger.log(f"config: {config_json(cfg)}")
+    for line in recipe_report(cfg).splitlines():
+        logger.log(f"recipe: {line}", console=False)
 
 
 def log_summary(logger: Logger, result: dict, cfg: Config, device: torch.device, comm: Comm):
@@ -1165,9 +1295,20 @@ def log_summary(logger: Logger, result: dict, cfg: Config, device: torch.device,
     logger.log(f"peak memory allocated: {allocated} MiB reserved: {reserved} MiB")
 
 
+def print_report(text: str) -> int:
+    """Print a report to stdout; a reader that closes the pipe early (| head) is not an error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def main(argv=None) -> int:
     launch_time = process_start_time() or time.time()
-    cfg = parse_config(argv)
+    cfg, report = parse_command(argv)
+    if report == "recipe":
+        return print_report(recipe_report(cfg))
     try:
         comm, device = setup_distributed(cfg)
         accumulation = check_config(cfg, comm.world_size)

@@ -87,10 +87,10 @@ def test_orthogonalize_is_batched_and_invariant_to_positive_scale():
 
 @pytest.mark.parametrize("shape, lr_scale", [((64, 16), 2.0), ((16, 64), 1.0), ((3, 32, 32), 1.0)])
 def test_muon_step_is_the_scaled_orthogonalized_nesterov_momentum(shape, lr_scale):
-    # Oracle: W <- W - lr * sqrt(max(1, fan_out / fan_in)) * orth(g.lerp(buf, mu)), buf <- buf.lerp(g, 1 - mu)
+    # Oracle: W <- W - lr * sqrt(max(1, rows / cols)) * orth(g.lerp(buf, mu)), buf <- buf.lerp(g, 1 - mu)
     torch.manual_seed(0)
     param = torch.nn.Parameter(torch.randn(shape))
-    muon = tg.DistributedMuon([param], lr=0.1, orthogonalizer="ns5", comm=tg.Comm())
+    muon = tg.DistributedMuon([(param, 0.1 * tg.muon_shape_factor(shape))], orthogonalizer="ns5", comm=tg.Comm())
     start, buf = param.detach().clone(), torch.zeros(shape)
     for step, momentum in enumerate([0.0, 0.9]):
         grad = torch.randn(shape)
@@ -110,7 +110,7 @@ def test_normuon_evens_out_rows_and_keeps_the_update_norm():
     with torch.no_grad():
         normed.copy_(plain)
     start = plain.detach().clone()
-    muons = [tg.DistributedMuon([p], lr=0.1, orthogonalizer="polar_express", comm=tg.Comm(), normuon_beta2=beta2)
+    muons = [tg.DistributedMuon([(p, 0.1)], orthogonalizer="polar_express", comm=tg.Comm(), normuon_beta2=beta2)
              for p, beta2 in ((plain, 0.0), (normed, 0.95))]
     grad = torch.randn(shape) * torch.logspace(-1, 1, shape[0])[:, None]  # rows of very different scale
     for p, muon in zip((plain, normed), muons):
@@ -125,25 +125,32 @@ def test_normuon_evens_out_rows_and_keeps_the_update_norm():
     assert normed_update.norm().item() == pytest.approx(plain_update.norm().item(), rel=1e-5)
 
 
-def test_adam_matches_torch_adam():
+@pytest.mark.parametrize("grad_scale", [1.0, 1e-10])
+def test_adam_is_record_28s_adam(grad_scale):
+    # Oracle, record #28's form: m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2;
+    # W <- W - lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps). Gradients near eps tell it apart from
+    # torch.optim.Adam, which adds eps after the bias correction of sqrt(v).
     torch.manual_seed(0)
-    ours = [torch.nn.Parameter(torch.randn(300, 7)), torch.nn.Parameter(torch.randn(5))]
-    reference = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    adam = tg.DistributedAdam([(ours[0], 0.01), (ours[1], 0.05)], (0.8, 0.95), 1e-10, tg.Comm())
-    torch_adam = torch.optim.Adam([{"params": [reference[0]], "lr": 0.01}, {"params": [reference[1]], "lr": 0.05}],
-                                  betas=(0.8, 0.95), eps=1e-10)
-    for step in range(5):
-        lr_mult = 1.0 - 0.1 * step  # the schedule multiplies every group's LR
-        for group, base in zip(torch_adam.param_groups, (0.01, 0.05)):
-            group["lr"] = base * lr_mult
-        for p, q in zip(ours, reference):
-            q.grad = torch.randn(p.shape)
-            p.grad = q.grad.clone()
+    betas, eps = (0.8, 0.95), 1e-10
+    ours = [torch.nn.Parameter(torch.randn(300, 7, dtype=torch.float64)), torch.nn.Parameter(torch.randn(5, dtype=torch.float64))]
+    adam = tg.DistributedAdam([(ours[0], 0.01), (ours[1], 0.05)], betas, eps, tg.Comm())
+    expected = [p.detach().clone() for p in ours]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in expected]
+    for t in range(1, 6):
+        lr_mult = 1.0 - 0.1 * t  # the schedule multiplies every group's LR
+        for i, (p, base_lr) in enumerate(zip(ours, (0.01, 0.05))):
+            grad = torch.randn(p.shape, dtype=torch.float64) * grad_scale
+            p.grad = grad.clone()
+            m, v = moments[i]
+            m = betas[0] * m + (1 - betas[0]) * grad
+            v = betas[1] * v + (1 - betas[1]) * grad ** 2
+            moments[i] = (m, v)
+            step_size = base_lr * lr_mult * (1 - betas[1] ** t) ** 0.5 / (1 - betas[0] ** t)
+            expected[i] = expected[i] - step_size * m / (v.sqrt() + eps)
         adam.reduce_gradients()
         adam.step(lr_mult)
-        torch_adam.step()
-    for p, q in zip(ours, reference):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    for p, e in zip(ours, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-12)
 
 
 def test_rotary_rotates_pairs_so_scores_depend_on_relative_position():
@@ -382,7 +389,7 @@ def test_help_lists_every_flag_with_its_default():
     text = " ".join(result.stdout.split())
     for f in tg.dataclasses.fields(tg.Config):
         assert "--" + f.name.replace("_", "-") in text
-    assert "(default: 393216)" in text and "(default: 'polar_express')" in text and "(default: 7)" in text
+    assert "(default: 393216)" in text and "(default: 'ns5')" in text and "(default: 7)" in text
 
 
 def test_unknown_flag_and_impossible_values_are_refused_in_one_line(tmp_path):
@@ -391,7 +398,7 @@ def test_unknown_flag_and_impossible_values_are_refused_in_one_line(tmp_path):
         "train_gpt.py: error: unrecognized arguments: --no-such-flag 3 (see --help)"]
     result = run_trainer(tiny_args(tmp_path, "x", "--val-tokens", "1000"))
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        "train_gpt.py: error: --val-tokens 1000 is not divisible by the val batch: world size 1 x --val-seq-len 512 = 512"]
+        "train_gpt.py: error: --val-tokens 1000 is not a whole number of --val-seq-len 512 sequences (record: 10,485,760 = 40 x 262,144)"]
 
 
 def test_world_sizes_the_batch_cannot_divide_are_refused():
@@ -446,7 +453,7 @@ def _optimizer_worker(rank, world_size, port, out_dir):
                    torch.nn.Parameter(torch.randn(16, 48))]
     adam_params = [torch.nn.Parameter(torch.randn(1024, 70)), torch.nn.Parameter(torch.randn(5, 3))]
     comm = tg.Comm(rank, world_size)
-    muon = tg.DistributedMuon(muon_params, lr=0.05, orthogonalizer="polar_express", comm=comm)
+    muon = tg.DistributedMuon([(p, 0.05) for p in muon_params], orthogonalizer="polar_express", comm=comm)
     adam = tg.DistributedAdam([(adam_params[0], 0.01), (adam_params[1], 0.02)], (0.8, 0.95), 1e-10, comm)
     reduced = []
     for step in range(3):
