@@ -174,6 +174,7 @@ def parse_float_lists(text: str) -> tuple:
 
 
 TUPLE_PARSERS = {"ints": parse_int_tuple, "floats": parse_float_tuple, "float_lists": parse_float_lists}
+TUPLE_METAVARS = {"ints": "I,J,...", "floats": "X,Y,...", "float_lists": "X,Y/Z/..."}
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -197,7 +198,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif isinstance(default, tuple):
-            parser.add_argument(flag, type=TUPLE_PARSERS[f.metadata.get("parse", "ints")], default=argparse.SUPPRESS, metavar="I,J,...", help=help_text)
+            kind = f.metadata.get("parse", "ints")
+            parser.add_argument(flag, type=TUPLE_PARSERS[kind], default=argparse.SUPPRESS, metavar=TUPLE_METAVARS[kind], help=help_text)
         else:
             parser.add_argument(flag, type=type(default), default=argparse.SUPPRESS, metavar=type(default).__name__.upper(), help=help_text)
     return parser
