@@ -57,6 +57,22 @@ class Config:
     train_steps: int = field(default=1695, metadata={"help": "optimizer steps; the LR and attention-window schedules scale with it"})
     cooldown_frac: float = field(default=0.45, metadata={"help": "fraction of steps over which the LR decays linearly"})
     final_lr_frac: float = field(default=0.1, metadata={"help": "LR multiplier at the last step"})
+    # schedule stages (the 2026 recipe): empty --stage-steps = one stage whose long window ramps up linearly (#28)
+    stage_steps: tuple = field(default=(), metadata={"help": "first step of each stage, from 0; the last stage runs to --train-steps ('' = one stage, #28's window ramp)"})
+    extension_steps: int = field(default=0, metadata={"help": "steps after the scheduled ones, at the final LR: the LR cooldown ends at --train-steps minus this"})
+    stage_batch_tokens: tuple = field(default=(), metadata={"help": "per stage: tokens per optimizer step, over all processes"})
+    stage_seq_len: tuple = field(default=(), metadata={"help": "per stage: tokens per training sequence (per process per accumulation step)"})
+    stage_max_doc_len: tuple = field(default=(), metadata={"help": "per stage: longest document in a training sequence; longer ones are cut"})
+    stage_short_window_blocks: tuple = field(default=(), metadata={"help": "per stage: short attention window in 128-token blocks"})
+    stage_long_window_blocks: tuple = field(default=(), metadata={"help": "per stage: long attention window in 128-token blocks"})
+    final_long_window_blocks: int = field(default=0, metadata={"help": "long window of the final validation, in 128-token blocks (0: the schedule's own)"})
+    stage_lr_mult: tuple = field(default=(), metadata={"help": "per stage: LR multiplier until the cooldown takes it to --final-lr-frac", "parse": "floats"})
+    stage_mtp_weights_start: tuple = field(default=(), metadata={"help": "per stage: multi-token prediction weights (next token first) at the stage's start, stages separated by '/'", "parse": "float_lists"})
+    stage_mtp_weights_end: tuple = field(default=(), metadata={"help": "per stage: the same weights at the stage's end (linear in between), stages separated by '/'", "parse": "float_lists"})
+    muon_momentum_cooldown_steps: int = field(default=0, metadata={"help": "last steps over which Muon momentum returns from final to start"})
+    adam_odd_steps_only: bool = field(default=False, metadata={"help": "Adam steps on odd steps only; even steps' gradients accumulate into them (staged schedule)"})
+    embed_split_stage: int = field(default=0, metadata={"help": "embedding tied to the head until the first odd step of this stage, untied after it (0: never tied; staged schedule)"})
+    attn_scale_log_growth: float = field(default=0.0, metadata={"help": "YaRN: at each long-window change attn scale *= 1 + c*ln(new/old) (0: fixed; staged schedule)"})
     # model
     vocab_size: int = field(default=50304, metadata={"help": "GPT-2's 50257 tokens padded to a multiple of 128"})
     num_layers: int = field(default=12, metadata={"help": "transformer blocks"})
@@ -108,6 +124,27 @@ PRESETS = {
         no_attn_layers=(), long_window_layers=(0, 3), max_window_tokens=512, muon_momentum_warmup_steps=10,
         compile=False, warmup_steps=0, fp8_head=False,
     ),
+    # The 2026-05-20 public record's SCHEDULE only (its model is not ported yet: training refuses, --print-schedule
+    # works). Three equal stages of 480 steps, then 40 extension steps at the final LR and windows.
+    "r2026": dict(
+        train_steps=1480, extension_steps=40, val_every=250,
+        train_batch_tokens=393_216, train_seq_len=49_152,  # the last stages' values
+        stage_steps=(0, 480, 960, 1440),
+        stage_batch_tokens=(131_072, 262_144, 393_216, 393_216),  # 8 sequences per step in every stage
+        stage_seq_len=(16_384, 32_768, 49_152, 49_152),
+        stage_max_doc_len=(896, 2048, 2048, 2048),
+        stage_short_window_blocks=(1, 3, 5, 6),
+        stage_long_window_blocks=(3, 7, 11, 13),
+        final_long_window_blocks=20,
+        # LR grows with the batch ((16/8)^0.6, (24/8)^0.5); from step 576 (40% of 1440) a linear cooldown from the
+        # stage's multiplier to 0.15 at step 1440, so the extension's 1.73 is never used.
+        stage_lr_mult=(1.0, 1.52, 1.73, 1.73), cooldown_frac=0.6, final_lr_frac=0.15,
+        stage_mtp_weights_start=((1.0, 0.5, 0.25), (1.0, 0.5), (1.0,), (1.0,)),
+        stage_mtp_weights_end=((1.0, 0.5, 0.0), (1.0, 0.0), (1.0,), (1.0,)),
+        muon_momentum_warmup_steps=300, muon_momentum_cooldown_steps=50,
+        adam_odd_steps_only=True, embed_split_stage=2,  # the split step is 961: odd, so Adam steps on it
+        attn_scale=0.1, attn_scale_log_growth=0.2,
+    ),
 }
 
 BLOCK_SIZE = 128  # FlexAttention block: sequence lengths and windows are counted in these
@@ -127,6 +164,23 @@ def parse_int_tuple(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def parse_float_tuple(text: str) -> tuple:
+    text = text.strip()
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip()) if text else ()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_float_lists(text: str) -> tuple:
+    """'1,0.5,0.25/1,0.5/1' -> ((1.0, 0.5, 0.25), (1.0, 0.5), (1.0,)): one list of numbers per stage."""
+    return tuple(parse_float_tuple(part) for part in text.split("/")) if text.strip() else ()
+
+
+TUPLE_PARSERS = {"ints": parse_int_tuple, "floats": parse_float_tuple, "float_lists": parse_float_lists}
+TUPLE_METAVARS = {"ints": "I,J,...", "floats": "X,Y,...", "float_lists": "X,Y/Z/..."}
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -136,9 +190,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="train_gpt.py", description="Train the speedrun GPT. No flags = the 8xH100 record configuration.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="record",
-                        help="starting values: 'record' (8xH100 FineWeb) or 'tiny' (CPU in a minute); flags override (default: record)")
+                        help="starting values: 'record' (8xH100 FineWeb), 'tiny' (CPU in a minute) or 'r2026' (the 2026 schedule; --print-schedule only); flags override (default: record)")
     parser.add_argument("--print-recipe", action="store_true", default=argparse.SUPPRESS,
                         help="print which optimizer and effective LR every parameter gets under these settings, then exit")
+    parser.add_argument("--print-schedule", action="store_true", default=argparse.SUPPRESS,
+                        help="print the schedule as one JSON line per step 0..train_steps, then exit (no data, no GPU)")
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
@@ -150,7 +206,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif isinstance(default, tuple):
-            parser.add_argument(flag, type=parse_int_tuple, default=argparse.SUPPRESS, metavar="I,J,...", help=help_text)
+            kind = f.metadata.get("parse", "ints")
+            parser.add_argument(flag, type=TUPLE_PARSERS[kind], default=argparse.SUPPRESS, metavar=TUPLE_METAVARS[kind], help=help_text)
         else:
             parser.add_argument(flag, type=type(default), default=argparse.SUPPRESS, metavar=type(default).__name__.upper(), help=help_text)
     return parser
@@ -158,10 +215,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def parse_command(argv=None) -> tuple:
     """(config, report): preset values first, then every flag given; report names what to print instead of
-    training ('recipe'), or is None."""
+    training ('recipe' or 'schedule'), or is None."""
     args = vars(build_arg_parser().parse_args(argv))
     preset = args.pop("preset")
-    report = "recipe" if args.pop("print_recipe", False) else None
+    report = next((name for name in ("recipe", "schedule") if args.pop(f"print_{name}", False)), None)
     return dataclasses.replace(Config(), **{**PRESETS[preset], **args}), report
 
 
@@ -1012,24 +1069,241 @@ class TrainLoader:
 # Training: schedules, one optimizer step, validation, untimed warm-up and reset, the timed loop.
 
 
+# The schedule: what every step uses (batch, windows, LR, momentum, ...) as data, from one pure function of the
+# step and the config. Two shapes: one stage whose long window ramps up linearly (#28: record, tiny), or stages
+# with a table of values each (--stage-steps: the 2026 recipe). Training step k, and the validation before it,
+# read schedule_at(k); step train_steps only validates.
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    step: int
+    stage: int  # index into the --stage-* tables (always 0 with one stage)
+    trains: bool  # False at step train_steps: the final validation only
+    batch_tokens: int  # tokens per optimizer step, over all processes and accumulation steps
+    seq_len: int  # tokens per training sequence (per process per accumulation step)
+    max_doc_len: int  # longest document in a training sequence; longer ones are cut
+    window_short_tokens: int
+    window_long_tokens: int
+    lr_mult: float  # multiplies every base LR, Muon's and Adam's
+    muon_momentum: float
+    mtp_weights: tuple  # loss weights of the next 1, 2, 3, ... tokens
+    adam_step: bool  # Adam updates at the end of this step; if not, its gradients accumulate into the next one
+    embed_tied: bool  # the embedding is the head's transpose in this step (the split step is the last such one)
+    attn_scale: float  # attention softmax scale
+
+
+def is_staged(cfg: Config) -> bool:
+    return len(cfg.stage_steps) > 0
+
+
+def scheduled_steps(cfg: Config) -> int:
+    """Steps over which the LR (and #28's window ramp) is scheduled; the extension after them keeps the final values."""
+    return cfg.train_steps - cfg.extension_steps
+
+
+def stage_of(step: int, cfg: Config) -> int:
+    """The last stage starting at or before step (0 with one stage)."""
+    return sum(1 for start in cfg.stage_steps[1:] if start <= step)
+
+
+def stage_progress(step: int, cfg: Config) -> float:
+    """Fraction of its stage done at step: 0 at the stage's first step, 1 only at train_steps."""
+    stage = stage_of(step, cfg)
+    ends = [*cfg.stage_steps[1:], cfg.train_steps]
+    start = cfg.stage_steps[stage] if is_staged(cfg) else 0
+    return (step - start) / (ends[stage] - start)
+
+
+def lerp(start: float, end: float, frac: float) -> float:
+    return (1 - frac) * start + frac * end
+
+
 def lr_multiplier(step: int, cfg: Config) -> float:
-    """Flat, then linear to final_lr_frac over the last cooldown_frac of the steps."""
-    progress = step / cfg.train_steps
+    """#28: flat, then linear to final_lr_frac over the last cooldown_frac of the scheduled steps."""
+    if is_staged(cfg):
+        return staged_lr_multiplier(step, cfg)
+    progress = min(step / scheduled_steps(cfg), 1)
     if cfg.cooldown_frac == 0 or progress < 1 - cfg.cooldown_frac:
         return 1.0
     remaining = (1 - progress) / cfg.cooldown_frac
     return remaining + (1 - remaining) * cfg.final_lr_frac
 
 
+def staged_lr_multiplier(step: int, cfg: Config) -> float:
+    """2026: the stage's multiplier (larger batches, larger LR); from a whole step (the 2026 script truncates
+    it, 576 for 1440 x 0.4) linearly from the current stage's multiplier to final_lr_frac at the end of the
+    scheduled steps, then flat through the extension."""
+    stage_lr = cfg.stage_lr_mult[stage_of(step, cfg)]
+    end = scheduled_steps(cfg)
+    cooldown_start = int(end * (1 - cfg.cooldown_frac))
+    if cfg.cooldown_frac == 0 or step < cooldown_start:
+        return stage_lr
+    done = min(1.0, (step - cooldown_start) / (end - cooldown_start))
+    return stage_lr * (1 - done) + cfg.final_lr_frac * done
+
+
 def muon_momentum(step: int, cfg: Config) -> float:
-    frac = min(step / cfg.muon_momentum_warmup_steps, 1) if cfg.muon_momentum_warmup_steps else 1
-    return (1 - frac) * cfg.muon_momentum_start + frac * cfg.muon_momentum
+    """Warm-up from start to final over the first warm-up steps; back to start over the last cool-down steps (2026)."""
+    start, final = cfg.muon_momentum_start, cfg.muon_momentum
+    warmup, cooldown = cfg.muon_momentum_warmup_steps, cfg.muon_momentum_cooldown_steps
+    cooldown_start = cfg.train_steps - cooldown
+    if step < warmup:
+        return lerp(start, final, step / warmup)
+    if cooldown and step > cooldown_start:
+        return lerp(final, start, (step - cooldown_start) / cooldown)
+    return final
+
+
+def ramp_long_window_blocks(step: int, cfg: Config) -> int:
+    """#28: (max_window_tokens - half a block) x progress, rounded up to whole blocks, at least one. For 1792 this
+    is #28's 'next multiple of 128 of 1728 x progress': every width up to 13 blocks holds for the same number of
+    steps, the final 14 blocks for half as many, at the end."""
+    ramp_tokens = cfg.max_window_tokens - BLOCK_SIZE // 2
+    tokens = ramp_tokens * min(step / scheduled_steps(cfg), 1)
+    return max(1, math.ceil(tokens / BLOCK_SIZE))
+
+
+def long_window_blocks(step: int, cfg: Config) -> int:
+    if step == cfg.train_steps and cfg.final_long_window_blocks:
+        return cfg.final_long_window_blocks  # the final validation may look further than training did (2026: 20)
+    if is_staged(cfg):
+        return cfg.stage_long_window_blocks[stage_of(step, cfg)]
+    return ramp_long_window_blocks(step, cfg)
+
+
+def short_window_blocks(step: int, cfg: Config) -> int:
+    if is_staged(cfg):
+        return cfg.stage_short_window_blocks[stage_of(step, cfg)]
+    # #28: half the long window, rounded down. #28's 0 (long window of 1 block) runs as 1 block: its masks keep
+    # at least the query's own block (partial-block count clamped to >= 1), as the model's max(1, ...) does.
+    return max(1, ramp_long_window_blocks(step, cfg) // 2)
 
 
 def window_blocks(step: int, cfg: Config) -> int:
-    """Long attention window in 128-token blocks: grows linearly to max_window_tokens over the run."""
-    tokens = cfg.max_window_tokens * step / cfg.train_steps
-    return max(1, math.ceil(tokens / BLOCK_SIZE))
+    """The long attention window of step in 128-token blocks: what the model takes (it halves it for the short one)."""
+    return schedule_at(step, cfg).window_long_tokens // BLOCK_SIZE
+
+
+def mtp_weights(step: int, cfg: Config) -> tuple:
+    """Loss weights of the next 1, 2, 3, ... tokens: linear from the stage's start to its end weights."""
+    if not cfg.stage_mtp_weights_start:
+        return (1.0,)  # the next token only
+    stage, done = stage_of(step, cfg), stage_progress(step, cfg)
+    start, end = cfg.stage_mtp_weights_start[stage], cfg.stage_mtp_weights_end[stage]
+    return tuple(a + (b - a) * done for a, b in zip(start, end))
+
+
+def is_adam_step(step: int, cfg: Config) -> bool:
+    if step >= cfg.train_steps:
+        return False  # the final validation step trains nothing
+    return step % 2 == 1 if cfg.adam_odd_steps_only else True
+
+
+def embed_split_step(cfg: Config) -> int:
+    """The last step with the embedding tied to the head: the first odd step of embed_split_stage (odd so that
+    Adam, odd steps only, updates the tied pair once more); after it the head's Adam state is copied into the
+    embedding's and the two train apart. -1: never tied."""
+    return cfg.stage_steps[cfg.embed_split_stage] | 1 if cfg.embed_split_stage else -1
+
+
+def yarn_attn_scale(step: int, cfg: Config) -> float:
+    """YaRN (2026): at each change of the training long window, between stages, the scale is multiplied by
+    1 + c * ln(new / old). The final validation's wider window keeps the scale, as in the 2026 script."""
+    scale = cfg.attn_scale
+    if not cfg.attn_scale_log_growth:
+        return scale
+    windows = [blocks * BLOCK_SIZE for blocks in cfg.stage_long_window_blocks[: stage_of(step, cfg) + 1]]
+    for old, new in zip(windows, windows[1:]):
+        if new != old:
+            scale *= cfg.attn_scale_log_growth * math.log(new / old) + 1
+    return scale
+
+
+def per_stage(values: tuple, step: int, cfg: Config, one_stage_value):
+    return values[stage_of(step, cfg)] if is_staged(cfg) else one_stage_value
+
+
+def schedule_at(step: int, cfg: Config) -> StepSchedule:
+    """Everything the schedule sets for step (0..train_steps): pure, no data, no device."""
+    return StepSchedule(
+        step=step,
+        stage=stage_of(step, cfg),
+        trains=step < cfg.train_steps,
+        batch_tokens=per_stage(cfg.stage_batch_tokens, step, cfg, cfg.train_batch_tokens),
+        seq_len=per_stage(cfg.stage_seq_len, step, cfg, cfg.train_seq_len),
+        max_doc_len=per_stage(cfg.stage_max_doc_len, step, cfg, cfg.train_seq_len),  # #28 cuts no document
+        window_short_tokens=short_window_blocks(step, cfg) * BLOCK_SIZE,
+        window_long_tokens=long_window_blocks(step, cfg) * BLOCK_SIZE,
+        lr_mult=lr_multiplier(step, cfg),
+        muon_momentum=muon_momentum(step, cfg),
+        mtp_weights=mtp_weights(step, cfg),
+        adam_step=is_adam_step(step, cfg),
+        embed_tied=step <= embed_split_step(cfg),
+        attn_scale=yarn_attn_scale(step, cfg),
+    )
+
+
+def schedule_report(cfg: Config) -> str:
+    """One JSON object per step 0..train_steps (--print-schedule)."""
+    return "\n".join(json.dumps(dataclasses.asdict(schedule_at(step, cfg))) for step in range(cfg.train_steps + 1))
+
+
+def stage_tokens(cfg: Config) -> list:
+    """Training tokens of each stage (step train_steps only validates)."""
+    tokens = [0] * max(1, len(cfg.stage_steps))
+    for step in range(cfg.train_steps):
+        schedule = schedule_at(step, cfg)
+        tokens[schedule.stage] += schedule.batch_tokens
+    return tokens
+
+
+def schedule_summary(cfg: Config) -> str:
+    tokens = stage_tokens(cfg)
+    return f"schedule: {cfg.train_steps} steps, stage tokens [{', '.join(f'{t:,}' for t in tokens)}], total {sum(tokens):,} tokens"
+
+
+STAGE_TABLES = ["stage_batch_tokens", "stage_seq_len", "stage_max_doc_len", "stage_short_window_blocks",
+                "stage_long_window_blocks", "stage_lr_mult", "stage_mtp_weights_start", "stage_mtp_weights_end"]
+STAGED_ONLY = STAGE_TABLES + ["adam_odd_steps_only", "embed_split_stage", "attn_scale_log_growth"]
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_schedule(cfg: Config, training: bool):
+    """Refuse a schedule that cannot be followed, with a one-line reason. Training also refuses the staged
+    (2026) schedule: the model and trainer for it (batch and window per stage, MTP, odd-step Adam, embedding
+    split, YaRN) are not ported yet."""
+    if cfg.train_steps <= 0 or not 0 <= cfg.extension_steps < cfg.train_steps:
+        raise ConfigError(f"--train-steps {cfg.train_steps} must be positive and --extension-steps {cfg.extension_steps} in 0..train_steps-1")
+    if cfg.final_long_window_blocks < 0 or cfg.muon_momentum_cooldown_steps < 0:
+        raise ConfigError("--final-long-window-blocks and --muon-momentum-cooldown-steps must be >= 0")
+    if not is_staged(cfg):
+        staged_only = [flag(name) for name in STAGED_ONLY if getattr(cfg, name)]
+        if staged_only:
+            raise ConfigError(f"{', '.join(staged_only)}: only with a staged schedule (--stage-steps), e.g. --preset r2026")
+        return
+    starts = cfg.stage_steps
+    if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= cfg.train_steps:
+        raise ConfigError(f"--stage-steps {','.join(map(str, starts))}: must start at 0 and increase, below --train-steps {cfg.train_steps}")
+    for name in STAGE_TABLES:
+        if len(getattr(cfg, name)) != len(starts):
+            raise ConfigError(f"{flag(name)}: one value per stage ({len(starts)} stages), got {len(getattr(cfg, name))}")
+    for stage, (start, end) in enumerate(zip(cfg.stage_mtp_weights_start, cfg.stage_mtp_weights_end)):
+        if not start or len(start) != len(end):
+            raise ConfigError(f"stage {stage}: --stage-mtp-weights-start {start} and -end {end} need the same number (>= 1) of weights")
+    for stage, (batch, seq_len) in enumerate(zip(cfg.stage_batch_tokens, cfg.stage_seq_len)):
+        if seq_len <= 0 or seq_len % BLOCK_SIZE or batch % seq_len:
+            raise ConfigError(f"stage {stage}: --stage-seq-len {seq_len} must be a positive multiple of {BLOCK_SIZE} dividing --stage-batch-tokens {batch}")
+    if min(cfg.stage_short_window_blocks + cfg.stage_long_window_blocks + cfg.stage_max_doc_len) <= 0:
+        raise ConfigError("--stage-short-window-blocks, --stage-long-window-blocks and --stage-max-doc-len must be positive")
+    if not 0 <= cfg.embed_split_stage < len(starts):
+        raise ConfigError(f"--embed-split-stage {cfg.embed_split_stage}: stages are numbered 0..{len(starts) - 1}")
+    if training:
+        raise ConfigError("the staged 2026 schedule (--preset r2026) cannot train: its model is not ported yet; "
+                          "--print-schedule prints the schedule")
 
 
 def is_val_step(step: int, cfg: Config) -> bool:
@@ -1042,7 +1316,8 @@ def train_step(model: GPT, batch: list, opt: Optimizers, step: int, cfg: Config)
     """One optimizer step over this rank's accumulation steps. The gradient is the per-sequence token sum
     averaged over all sequences of the step, so any world size gives the same update.
     Returns the summed train loss of this rank (on device, no sync)."""
-    window = window_blocks(step, cfg)
+    schedule = schedule_at(step, cfg)
+    window = schedule.window_long_tokens // BLOCK_SIZE
     loss_sum = torch.zeros((), device=batch[0][0].device)
     for i, (inputs, targets) in enumerate(batch):
         if opt.hooks is not None:  # gradients are final only in the last backward pass
@@ -1054,9 +1329,8 @@ def train_step(model: GPT, batch: list, opt: Optimizers, step: int, cfg: Config)
         opt.hooks.armed = False
     opt.adam.reduce_gradients()
     opt.muon.reduce_gradients()
-    lr_mult = lr_multiplier(step, cfg)
-    opt.adam.step(lr_mult)
-    opt.muon.step(lr_mult, muon_momentum(step, cfg))
+    opt.adam.step(schedule.lr_mult)
+    opt.muon.step(schedule.lr_mult, schedule.muon_momentum)
     model.zero_grad(set_to_none=True)
     return loss_sum
 
@@ -1136,6 +1410,7 @@ class DeferredValue:
 
 def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumulation: int, launch_time: float) -> dict:
     """Compile and warm up (untimed), reset, then the timed run with validation off the clock."""
+    logger.log(schedule_summary(cfg))
     val_files = resolve_files(cfg.val_files, "--val-files")
     train_files = resolve_files(cfg.train_files, "--train-files")
     val_tokens = load_val_tokens(val_files, cfg.val_tokens)
@@ -1307,9 +1582,10 @@ def print_report(text: str) -> int:
 def main(argv=None) -> int:
     launch_time = process_start_time() or time.time()
     cfg, report = parse_command(argv)
-    if report == "recipe":
-        return print_report(recipe_report(cfg))
     try:
+        check_schedule(cfg, training=report is None)
+        if report is not None:
+            return print_report(recipe_report(cfg) if report == "recipe" else schedule_report(cfg))
         comm, device = setup_distributed(cfg)
         accumulation = check_config(cfg, comm.world_size)
     except ConfigError as e:

@@ -435,7 +435,7 @@ def test_schedules():
     assert tg.muon_momentum(0, cfg) == 0.85 and tg.muon_momentum(150, cfg) == pytest.approx(0.90)
     assert tg.muon_momentum(5000, cfg) == 0.95
     assert tg.window_blocks(0, cfg) == 1 and tg.window_blocks(cfg.train_steps, cfg) == 1792 // 128
-    assert tg.window_blocks(847, cfg) == 7 and tg.window_blocks(848, cfg) == 8  # 895.5 and 896.5 tokens, rounded up
+    assert tg.window_blocks(878, cfg) == 7 and tg.window_blocks(879, cfg) == 8  # #28: 1728 x progress = 895.1 and 896.1 tokens, rounded up
 
 
 # -----------------------------------------------------------------------------
