@@ -153,7 +153,7 @@ def folder_date_problem(folder, meta):
     """Why the folder name's date disagrees with record.json's date, or None (also None without a dated name)."""
     match = FOLDER_RE.match(os.path.basename(os.path.normpath(folder)))
     if match and match.group(1) != meta["date"]:
-        return f"folder date {match.group(1)} differs from {METADATA_FILE} date {meta['date']}"
+        return f"folder date differs from {METADATA_FILE} date {meta['date']} (folder name: {match.group(1)})"
     return None
 
 
