@@ -179,6 +179,17 @@ def read_logs(folder):
     return logs
 
 
+def claimed_time_text(folder):
+    """record.json's time_s as written, even when another field is bad (so the time rule still runs); else None."""
+    try:
+        with open(os.path.join(folder, METADATA_FILE), encoding="utf-8") as handle:
+            time_s = json.loads(handle.read(), parse_float=decimal.Decimal).get("time_s")
+    except (OSError, ValueError, AttributeError):
+        return None
+    valid = isinstance(time_s, (int, decimal.Decimal)) and not isinstance(time_s, bool) and time_s > 0
+    return str(time_s) if valid else None
+
+
 def load_submission(folder):
     """Read a record folder once: record.json, the logs, baseline/ and crashed/ logs, train_gpt.py."""
     sub = Submission(folder=folder)
@@ -188,6 +199,7 @@ def load_submission(folder):
         sub.meta_error = folder_date_problem(folder, sub.meta)
     except SubmissionError as error:
         sub.meta_error = str(error)
+        sub.time_text = claimed_time_text(folder)
     sub.logs = read_logs(folder)
     sub.baseline = read_logs(os.path.join(folder, BASELINE_DIR))
     sub.crashed = read_logs(os.path.join(folder, CRASHED_DIR))
@@ -514,6 +526,18 @@ def _dotted(node):
     return None
 
 
+def _assigned_names(target):
+    """Dotted names an assignment target writes to: `a.b.c = `, `a.b, c.d = `, `a.b[k] = ` (a.b)."""
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [name for element in target.elts for name in _assigned_names(element)]
+    if isinstance(target, ast.Starred):
+        return _assigned_names(target.value)
+    if isinstance(target, ast.Subscript):
+        return _assigned_names(target.value)
+    name = _dotted(target) if isinstance(target, ast.Attribute) else None
+    return [name] if name else []
+
+
 def _config_aliases(tree):
     """Local names bound to a compiler config module: `import torch._inductor.config as c`, `from torch._inductor import config`."""
     aliases = {}
@@ -572,9 +596,9 @@ def compiler_option_violations(source):
         elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             for target in targets:
-                for sub_target in ast.walk(target):
-                    name = _resolve(_dotted(sub_target), aliases)
-                    if isinstance(sub_target, ast.Attribute) and _is_config_name(name):
+                for name in _assigned_names(target):
+                    name = _resolve(name, aliases)
+                    if _is_config_name(name):
                         found.append(f"line {node.lineno}: sets {name}")
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(COMPILER_ENV_PREFIXES):
             found.append(f"line {node.lineno}: names the compiler variable {node.value.split('=')[0]!r}")
