@@ -666,8 +666,15 @@ def format_result(name, ok, figure):
     return f"{'PASS' if ok else 'FAIL'}  {name}: {figure}"
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """Usage errors as one line (exit 2), like train_gpt.py."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="check_submission.py", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="record folder, e.g. records/track_1_short/YYYY-MM-DD_ShortName")
@@ -678,7 +685,8 @@ def main(argv=None):
     """Entry point: 0 all rules pass, 1 a rule fails, 2 usage error."""
     args = build_parser().parse_args(argv)
     if not os.path.isdir(args.folder):
-        print(f"check_submission.py: error: {args.folder}: no such folder", file=sys.stderr)
+        why = "not a folder" if os.path.exists(args.folder) else "no such folder"
+        print(f"check_submission.py: error: {args.folder}: {why}", file=sys.stderr)
         return 2
     sub = load_submission(args.folder)
     print(f"checking {os.path.normpath(args.folder)} (track {sub.track_name})")

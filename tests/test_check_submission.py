@@ -215,6 +215,10 @@ def test_command_line_exit_codes_and_no_traceback(tmp_path):
     missing = subprocess.run(script + [str(tmp_path / "nope")], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and missing.stdout == ""
     assert missing.stderr == f"check_submission.py: error: {tmp_path / 'nope'}: no such folder\n"
+    no_args = subprocess.run(script, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert no_args.returncode == 2 and no_args.stderr.count("\n") == 1 and "required: folder" in no_args.stderr
+    a_file = subprocess.run(script + ["README.md"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert a_file.returncode == 2 and a_file.stderr == "check_submission.py: error: README.md: not a folder\n"
     broken = make_submission(tmp_path, claimed="999.00")
     (broken / "record.json").write_text("{not json")
     done = subprocess.run(script + [str(broken)], cwd=REPO, capture_output=True, text=True, timeout=120)
