@@ -5,7 +5,10 @@ Every folder records/track_*/YYYY-MM-DD_ShortName/ is one record. Its
 record.json gives the date, the claimed time, a description and the
 contributors; the mean final val loss and mean time are computed from the run
 logs in the same folder (with compare.py's functions), so the table cannot
-drift from the evidence. The table lives between the marker comments
+drift from the evidence. A record that breaks the rules of records/README.md
+(check_submission.py's rule functions: p-value, hardware, data, compiler
+options) is refused: one line per refused record, nothing is rewritten, and
+the exit status is 1. The table lives between the marker comments
 <!-- leaderboard:start --> and <!-- leaderboard:end --> and is never edited by
 hand: adding a record is one folder plus one run of this script.
 
@@ -15,22 +18,21 @@ Examples:
 """
 
 import argparse
-import datetime
-import json
 import os
 import re
 import sys
 
 if __package__:
-    from . import compare
+    from . import check_submission, compare
 else:  # run as `python records/leaderboard.py`: this folder is sys.path[0]
+    import check_submission
     import compare
 
 START_MARKER = "<!-- leaderboard:start -->"
 END_MARKER = "<!-- leaderboard:end -->"
-METADATA_FILE = "record.json"
+METADATA_FILE = check_submission.METADATA_FILE
 RECORDS_DIR = os.path.dirname(os.path.abspath(__file__))
-FOLDER_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})_[A-Za-z0-9][A-Za-z0-9_.-]*$")
+FOLDER_RE = check_submission.FOLDER_RE
 TRACK_RE = re.compile(r"^track_[A-Za-z0-9_]+$")
 NO_RECORDS = "No records yet: the first folder under `records/track_1_short/` will appear here."
 
@@ -62,35 +64,11 @@ def _require(condition, folder, message):
 
 
 def read_metadata(folder):
-    """Load and validate record.json; why strict: a typo should fail CI, not publish."""
-    path = os.path.join(folder, METADATA_FILE)
-    _require(os.path.isfile(path), folder, f"missing {METADATA_FILE}")
+    """Load and validate record.json with check_submission's rules (one place for them)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            meta = json.load(handle)
-    except ValueError as error:
-        raise LeaderboardError(f"{folder}: {METADATA_FILE} is not valid JSON ({error})") from None
-    _require(isinstance(meta, dict), folder, f"{METADATA_FILE} must hold a JSON object")
-    date = meta.get("date")
-    _require(isinstance(date, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", date), folder,
-             f"{METADATA_FILE}: 'date' must be a string YYYY-MM-DD")
-    try:
-        datetime.date.fromisoformat(date)
-    except ValueError:
-        raise LeaderboardError(f"{folder}: {METADATA_FILE}: 'date' {date} is not a calendar date") from None
-    time_s = meta.get("time_s")
-    _require(isinstance(time_s, (int, float)) and not isinstance(time_s, bool) and time_s > 0, folder,
-             f"{METADATA_FILE}: 'time_s' must be a positive number of seconds")
-    _require(isinstance(meta.get("description"), str) and meta["description"].strip(), folder,
-             f"{METADATA_FILE}: 'description' must be a non-empty string")
-    people = meta.get("contributors")
-    _require(isinstance(people, list) and people and all(isinstance(p, str) and p.strip() for p in people),
-             folder, f"{METADATA_FILE}: 'contributors' must be a non-empty list of names")
-    _require(meta.get("commit") is None or isinstance(meta["commit"], str), folder,
-             f"{METADATA_FILE}: 'commit' must be a string when given")
-    match = FOLDER_RE.match(os.path.basename(folder))
-    _require(match, folder, "folder name must be YYYY-MM-DD_ShortName")
-    _require(match.group(1) == date, folder, f"folder date differs from {METADATA_FILE} date {date}")
+        meta, _ = check_submission.read_record_json(folder)
+    except check_submission.SubmissionError as error:
+        raise LeaderboardError(f"{folder}: {error}") from None
     return meta
 
 
@@ -102,7 +80,8 @@ def read_record(folder, target=compare.DEFAULT_TARGET):
     runs = [compare.runlog.parse_log_file(path) for path in logs]
     summary = compare.group_summary(folder, runs, target)
     _require(summary["n"] > 0, folder, "no complete run (no log has a validation line at step T/T)")
-    return {"folder": folder, "meta": meta, "stats": summary}
+    refused = check_submission.refusals(folder)  # the rules of records/README.md: p, hardware, data, code
+    return {"folder": folder, "meta": meta, "stats": summary, "refused": refused}
 
 
 def read_tracks(root, target=compare.DEFAULT_TARGET):
@@ -174,13 +153,20 @@ def build_parser():
 
 
 def main(argv=None):
-    """Entry point; returns 0 (up to date / rewritten), 1 (--check: stale) or 2 (error)."""
+    """Entry point; returns 0 (up to date / rewritten), 1 (a record breaks the rules, or --check: stale) or 2 (error)."""
     args = build_parser().parse_args(argv)
     readme = os.path.relpath(args.readme or os.path.join(args.root, "README.md"))
     try:
         with open(readme, encoding="utf-8") as handle:
             old = handle.read()
         tracks = read_tracks(args.root, args.target)
+        refused = [e for entries in tracks.values() for e in entries if e["refused"]]
+        if refused:
+            for entry in refused:
+                print(f"refused: {entry['folder']}: {'; '.join(entry['refused'])}", file=sys.stderr)
+            print(f"{readme}: not rewritten: {len(refused)} record folder(s) break the rules "
+                  f"(python records/check_submission.py FOLDER shows every rule)", file=sys.stderr)
+            return 1
         new = splice(old, render_leaderboard(tracks, os.path.dirname(os.path.abspath(readme))), readme)
     except (LeaderboardError, compare.CompareError) as error:
         print(f"error: {error}", file=sys.stderr)

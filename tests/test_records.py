@@ -565,10 +565,16 @@ def test_importing_tools_has_no_side_effects():
 README_TEMPLATE = f"# Records\n\nintro\n\n{leaderboard.START_MARKER}\nold table\n{leaderboard.END_MARKER}\n\nfooter\n"
 
 
+# The data settings the rules of a record require (leaderboard.py refuses records that break them).
+RECORD_CONFIG = {"train_files": "data/fineweb10B/fineweb_train_*.bin", "val_files": "data/fineweb10B/fineweb_val_*.bin",
+                 "val_tokens": 10_485_760, "val_seq_len": 65_536, "num_iterations": 100}
+RECORD_SOURCE = "import torch\n\nmodel = torch.compile(torch.nn.Linear(2, 2), dynamic=False)\n"  # valid Python, no compiler options
+
+
 def make_record(root, folder, date, time_s, losses, times, description="Change", contributors=("A",), **meta):
-    """A record folder with record.json and one log per run; returns its path."""
+    """A record folder with record.json and one log per run (8 x H100, FineWeb config); returns its path."""
     path = Path(root) / "track_1_short" / folder
-    write_group(path, losses, times)
+    write_group(path, losses, times, config=RECORD_CONFIG, source=RECORD_SOURCE)
     record = {"date": date, "time_s": time_s, "description": description, "contributors": list(contributors)}
     record.update(meta)
     write(path / "record.json", json.dumps(record))
@@ -591,10 +597,10 @@ def test_leaderboard_without_records_says_so(tmp_path, capsys):
 
 def test_leaderboard_regenerates_sorted_and_check_detects_staleness(tmp_path, capsys):
     readme = write(tmp_path / "README.md", README_TEMPLATE)
-    make_record(tmp_path, "2026-12-01_Later", "2026-12-01", 150.0, [3.271, 3.275], [149.0, 151.0],
+    make_record(tmp_path, "2026-12-01_Later", "2026-12-01", 150.0, [3.2700, 3.2702], [149.0, 151.0],
                 description="later | faster", contributors=["B", "C"])
-    make_record(tmp_path, "2026-11-24_Slow", "2026-11-24", 170.0, [3.279, 3.277, 3.275], [169.0, 170.0, 171.0])
-    make_record(tmp_path, "2026-11-24_Fast", "2026-11-24", 160.5, [3.276, 3.278], [160.0, 161.0], commit="abc123")
+    make_record(tmp_path, "2026-11-24_Slow", "2026-11-24", 170.0, [3.2700, 3.2710, 3.2720], [169.0, 170.0, 171.0])
+    make_record(tmp_path, "2026-11-24_Fast", "2026-11-24", 160.5, [3.2750, 3.2752], [160.0, 161.0], commit="abc123")
     assert leaderboard.main(["--root", str(tmp_path), "--check"]) == 1  # "old table" is stale
     assert leaderboard.main(["--root", str(tmp_path)]) == 0
     text = readme.read_text()
@@ -602,13 +608,13 @@ def test_leaderboard_regenerates_sorted_and_check_detects_staleness(tmp_path, ca
     assert [row.split(" | ")[1] for row in rows] == ["2026-11-24", "2026-11-24", "2026-12-01"]
     assert "2026-11-24_Fast" in rows[0] and "2026-11-24_Slow" in rows[1]
     assert rows[0].startswith("| 1 | ") and rows[2].startswith("| 3 | ")
-    # Loss and time recomputed from the logs: (3.279 + 3.277 + 3.275) / 3 = 3.2770, time 170.00 s.
-    assert "3.2770 (n=3, p=" in rows[1] and "| 170.00 s |" in rows[1]
-    assert "3.2730 (n=2" in rows[2] and "| 150.00 s |" in rows[2] and "later \\| faster" in rows[2]
+    # Loss and time recomputed from the logs: (3.2700 + 3.2710 + 3.2720) / 3 = 3.2710, time 170.00 s.
+    assert "3.2710 (n=3, p=" in rows[1] and "| 170.00 s |" in rows[1]
+    assert "3.2701 (n=2" in rows[2] and "| 150.00 s |" in rows[2] and "later \\| faster" in rows[2]
     assert "B, C" in rows[2] and "(track_1_short/2026-12-01_Later/)" in rows[2]
     assert "### track_1_short" in text and text.endswith("\n\nfooter\n")
     assert leaderboard.main(["--root", str(tmp_path), "--check"]) == 0
-    make_record(tmp_path, "2026-11-30_New", "2026-11-30", 155.0, [3.27], [155.0])
+    make_record(tmp_path, "2026-11-30_New", "2026-11-30", 155.0, [3.2700, 3.2702], [155.0, 155.0])
     before = readme.read_text()
     assert leaderboard.main(["--root", str(tmp_path), "--check"]) == 1
     assert readme.read_text() == before  # --check never writes

@@ -1,0 +1,705 @@
+#!/usr/bin/env python3
+"""Check a record folder against the rules of a record (records/README.md) before a person reads it.
+
+Prints one line per rule, PASS or FAIL with the figure it was judged on, then a
+summary line. Exit status: 0 when every rule passes, 1 when any rule fails,
+2 on a usage error (no such folder).
+
+Each rule is one function taking a Submission and returning (ok, figure text),
+so leaderboard.py can apply the same rules to the records it publishes.
+
+Examples:
+  python records/check_submission.py records/track_1_short/2026-11-24_MyChange
+"""
+
+import argparse
+import ast
+import dataclasses
+import datetime
+import decimal
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if __package__:
+    from . import compare, runlog, stats
+else:  # run as `python records/check_submission.py`: this folder is sys.path[0]
+    import compare
+    import runlog
+    import stats
+
+METADATA_FILE = "record.json"
+SCRIPT_NAME = "train_gpt.py"
+BASELINE_DIR = "baseline"
+CRASHED_DIR = "crashed"
+FOLDER_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})_[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MAX_P = 0.01  # the record test must reject "mean >= target" at this level (strict <)
+HELP_TIMEOUT_S = 180  # importing the real trainer loads torch; a cold CI runner can take a while
+MAX_TIME_DECIMALS = 3  # the logs give train_time in whole milliseconds
+
+
+@dataclasses.dataclass(frozen=True)
+class Track:
+    """What a track fixes: hardware, target and data. One entry per records/track_* folder."""
+    name: str
+    gpu_model: str          # substring of the logged GPU name, e.g. "H100 80GB" in "NVIDIA H100 80GB HBM3"
+    world_size: int
+    target: float = compare.DEFAULT_TARGET
+    train_files_name: str = "fineweb_train_*.bin"  # last component of --train-files: every FineWeb train shard, in order
+    val_files_name: str = "fineweb_val_*.bin"
+    val_tokens: int = 10_485_760
+    val_seq_len: int = 65_536
+
+    @property
+    def hardware(self):
+        return f"{self.world_size} x {self.gpu_model}"
+
+
+TRACKS = {
+    "track_1_short": Track("track_1_short", gpu_model="H100 80GB", world_size=8),
+}
+
+
+class SubmissionError(Exception):
+    """A record.json or folder problem, as one line (leaderboard.py prefixes the folder)."""
+
+
+@dataclasses.dataclass
+class Log:
+    """One log file of a submission: its path, name, text and the parsed run."""
+    path: str
+    text: str
+    run: runlog.RunLog
+
+    @property
+    def name(self):
+        return os.path.basename(self.path)
+
+    @property
+    def source(self):
+        return runlog.split_source(self.text)[0]
+
+
+@dataclasses.dataclass
+class Submission:
+    """Everything the rules look at, read once from a record folder."""
+    folder: str
+    track: Track = None
+    meta: dict = None
+    meta_error: str = None
+    time_text: str = None  # record.json's time_s as written, e.g. "168.75"
+    logs: list = dataclasses.field(default_factory=list)
+    baseline: list = dataclasses.field(default_factory=list)
+    crashed: list = dataclasses.field(default_factory=list)
+    script: str = None  # the train_gpt.py in the folder, if any
+
+    @property
+    def name(self):
+        return os.path.basename(os.path.normpath(self.folder))
+
+    @property
+    def track_name(self):
+        return os.path.basename(os.path.dirname(os.path.abspath(self.folder)))
+
+    @property
+    def complete(self):
+        return [log for log in self.logs if log.run.complete]
+
+
+# ----------------------------------------------------------------------------- reading
+
+def parse_record_json(folder):
+    """Load record.json and check its fields; returns (meta, time_s as written). Raises SubmissionError.
+
+    Why strict: a typo should fail CI, not publish. time_s is read as written ("168.70" keeps its
+    two decimals) because the claimed-time rule compares to that precision; meta["time_s"] is a float.
+    """
+    path = os.path.join(folder, METADATA_FILE)
+    if not os.path.isfile(path):
+        raise SubmissionError(f"missing {METADATA_FILE}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            meta = json.loads(handle.read(), parse_float=decimal.Decimal)
+    except ValueError as error:
+        raise SubmissionError(f"{METADATA_FILE} is not valid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise SubmissionError(f"{METADATA_FILE} must hold a JSON object")
+    date = meta.get("date")
+    if not (isinstance(date, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", date)):
+        raise SubmissionError(f"{METADATA_FILE}: 'date' must be a string YYYY-MM-DD")
+    try:
+        datetime.date.fromisoformat(date)
+    except ValueError:
+        raise SubmissionError(f"{METADATA_FILE}: 'date' {date} is not a calendar date") from None
+    time_s = meta.get("time_s")
+    if not (isinstance(time_s, (int, decimal.Decimal)) and not isinstance(time_s, bool) and time_s > 0):
+        raise SubmissionError(f"{METADATA_FILE}: 'time_s' must be a positive number of seconds")
+    if not (isinstance(meta.get("description"), str) and meta["description"].strip()):
+        raise SubmissionError(f"{METADATA_FILE}: 'description' must be a non-empty string")
+    people = meta.get("contributors")
+    if not (isinstance(people, list) and people and all(isinstance(p, str) and p.strip() for p in people)):
+        raise SubmissionError(f"{METADATA_FILE}: 'contributors' must be a non-empty list of names")
+    if not (meta.get("commit") is None or isinstance(meta["commit"], str)):
+        raise SubmissionError(f"{METADATA_FILE}: 'commit' must be a string when given")
+    time_text = str(time_s)
+    meta["time_s"] = float(time_s)
+    return meta, time_text
+
+
+def folder_date_problem(folder, meta):
+    """Why the folder name's date disagrees with record.json's date, or None (also None without a dated name)."""
+    match = FOLDER_RE.match(os.path.basename(os.path.normpath(folder)))
+    if match and match.group(1) != meta["date"]:
+        return f"folder date differs from {METADATA_FILE} date {meta['date']} (folder name: {match.group(1)})"
+    return None
+
+
+def read_record_json(folder):
+    """parse_record_json plus the folder name (YYYY-MM-DD_ShortName, same date); what leaderboard.py reads."""
+    meta, time_text = parse_record_json(folder)
+    if not FOLDER_RE.match(os.path.basename(os.path.normpath(folder))):
+        raise SubmissionError("folder name must be YYYY-MM-DD_ShortName")
+    problem = folder_date_problem(folder, meta)
+    if problem:
+        raise SubmissionError(problem)
+    return meta, time_text
+
+
+def read_logs(folder):
+    """The logs directly in folder (compare.py's notion of a log), parsed; [] if no such folder."""
+    if not os.path.isdir(folder):
+        return []
+    logs = []
+    for path in compare.find_logs(folder):
+        text = runlog.read_text(path)
+        logs.append(Log(path, text, runlog.parse_log_text(text, path)))
+    return logs
+
+
+def claimed_time_text(folder):
+    """record.json's time_s as written, even when another field is bad (so the time rule still runs); else None."""
+    try:
+        with open(os.path.join(folder, METADATA_FILE), encoding="utf-8") as handle:
+            time_s = json.loads(handle.read(), parse_float=decimal.Decimal).get("time_s")
+    except (OSError, ValueError, AttributeError):
+        return None
+    valid = isinstance(time_s, (int, decimal.Decimal)) and not isinstance(time_s, bool) and time_s > 0
+    return str(time_s) if valid else None
+
+
+def load_submission(folder):
+    """Read a record folder once: record.json, the logs, baseline/ and crashed/ logs, train_gpt.py."""
+    sub = Submission(folder=folder)
+    sub.track = TRACKS.get(sub.track_name)
+    try:
+        sub.meta, sub.time_text = parse_record_json(folder)
+        sub.meta_error = folder_date_problem(folder, sub.meta)
+    except SubmissionError as error:
+        sub.meta_error = str(error)
+        sub.time_text = claimed_time_text(folder)
+    sub.logs = read_logs(folder)
+    sub.baseline = read_logs(os.path.join(folder, BASELINE_DIR))
+    sub.crashed = read_logs(os.path.join(folder, CRASHED_DIR))
+    script = os.path.join(folder, SCRIPT_NAME)
+    if os.path.isfile(script):
+        sub.script = runlog.read_text(script)
+    return sub
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _names(logs, limit=3):
+    """'a.txt, b.txt' (and 'and N more'): which logs a figure is about."""
+    names = [log.name for log in logs]
+    text = ", ".join(names[:limit])
+    return text + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _distinct(values):
+    """Distinct values in first-seen order."""
+    seen = []
+    for value in values:
+        if value not in seen:
+            seen.append(value)
+    return seen
+
+
+def _hardware_text(run):
+    return f"{run.world_size if run.world_size is not None else '?'} x {run.gpu or 'unknown GPU'}"
+
+
+def _need_track(sub):
+    """(False, figure) when the folder is not in a known track, else None."""
+    if sub.track is None:
+        return False, f"unknown track {sub.track_name!r} (known: {', '.join(sorted(TRACKS))})"
+    return None
+
+
+def _need_logs(sub):
+    if not sub.logs:
+        return False, "no logs in the folder"
+    return None
+
+
+def _config_values(sub, key):
+    """[(log, value)] of one config key in every record log; value None when the log has no config/key."""
+    return [(log, None if log.run.config is None else log.run.config.get(key)) for log in sub.logs]
+
+
+# ----------------------------------------------------------------------------- rules: folder and metadata
+
+def rule_folder(sub):
+    """The folder is records/<known track>/YYYY-MM-DD_ShortName."""
+    problems = []
+    if not FOLDER_RE.match(sub.name):
+        problems.append(f"name {sub.name!r} is not YYYY-MM-DD_ShortName")
+    if sub.track is None:
+        problems.append(f"parent {sub.track_name!r} is not a track ({', '.join(sorted(TRACKS))})")
+    if problems:
+        return False, "; ".join(problems)
+    return True, f"{sub.track_name}/{sub.name}"
+
+
+def rule_metadata(sub):
+    """record.json has every field, with the right types, and its date is the folder's date."""
+    if sub.meta_error:
+        return False, sub.meta_error
+    meta = sub.meta
+    same = " (= folder name)" if FOLDER_RE.match(sub.name) else ""
+    return True, (f"date {meta['date']}{same}, time_s {sub.time_text}, "
+                  f"{len(meta['contributors'])} contributor(s), description {meta['description']!r}")
+
+
+# ----------------------------------------------------------------------------- rules: logs and source
+
+def log_problem(log):
+    """Why a log is not usable evidence, or None. A stopped run (stopping: line) is kept but not counted."""
+    run = log.run
+    missing = [name for name, value in (("source", log.source), ("world_size", run.world_size),
+                                         ("gpu", run.gpu), ("config", run.config), ("step lines", run.steps_total))
+               if value is None]
+    if missing:
+        return f"{log.name}: not parsed (no {', '.join(missing)})"
+    if not run.complete and run.stopping is None:
+        return (f"{log.name}: incomplete (last step {run.last_step}/{run.steps_total}) without a stopping: line;"
+                f" move a crashed run's log to {CRASHED_DIR}/")
+    return None
+
+
+def rule_logs(sub):
+    """Every log parses (source, header lines, steps) and is complete or was stopped by the trainer."""
+    missing = _need_logs(sub)
+    if missing:
+        return missing
+    problems = [p for p in map(log_problem, sub.logs) if p]
+    if problems:
+        return False, "; ".join(problems)
+    stopped = len(sub.logs) - len(sub.complete)
+    figure = f"{len(sub.logs)} logs parsed, {len(sub.complete)} complete"
+    if stopped:
+        figure += f", {stopped} stopped (listed, not counted)"
+    if sub.crashed:
+        figure += f", {len(sub.crashed)} in {CRASHED_DIR}/ (not counted)"
+    return True, figure
+
+
+def _same_script(a, b):
+    """The logger adds a newline after the file's text, so trailing newlines do not count."""
+    return a.rstrip("\r\n") == b.rstrip("\r\n")
+
+
+def rule_one_source(sub):
+    """Every log embeds the same source (one hash), and it is the folder's train_gpt.py."""
+    missing = _need_logs(sub)
+    if missing:
+        return missing
+    hashes = _distinct(log.run.source_hash for log in sub.logs + sub.crashed)
+    if None in hashes:
+        return False, f"no embedded source in {_names([l for l in sub.logs + sub.crashed if l.run.source_hash is None])}"
+    if len(hashes) > 1:
+        groups = [f"{h}: {_names([l for l in sub.logs + sub.crashed if l.run.source_hash == h])}" for h in hashes]
+        return False, f"{len(hashes)} different sources ({'; '.join(groups)})"
+    if sub.script is None:
+        return False, f"one source {hashes[0]}, but the folder has no {SCRIPT_NAME} (the script you claim)"
+    if not _same_script(sub.script, sub.logs[0].source):
+        return False, (f"the logs' source {hashes[0]} differs from the folder's {SCRIPT_NAME} "
+                       f"{runlog.source_hash(sub.script)}")
+    return True, f"{hashes[0]} in {len(sub.logs) + len(sub.crashed)} logs, equal to the folder's {SCRIPT_NAME}"
+
+
+def source_help(source, timeout=HELP_TIMEOUT_S):
+    """Write source to a temporary train_gpt.py and run `python train_gpt.py --help`; returns (ok, figure).
+
+    Why: a log must come from a script that exists and runs; --help imports it without training.
+    """
+    with tempfile.TemporaryDirectory(prefix="check_submission_") as tmp:
+        path = os.path.join(tmp, SCRIPT_NAME)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(source)
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        try:
+            done = subprocess.run([sys.executable, path, "--help"], cwd=tmp, env=env, capture_output=True,
+                                  text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return False, f"`{SCRIPT_NAME} --help` did not finish in {timeout} s"
+    usage = next((line.strip() for line in done.stdout.splitlines() if line.strip()), "")
+    if done.returncode != 0:
+        last = next((line.strip() for line in reversed(done.stderr.splitlines()) if line.strip()), "no message")
+        return False, f"`{SCRIPT_NAME} --help` exits {done.returncode}: {last}"
+    if not usage.lower().startswith("usage:"):
+        return False, f"`{SCRIPT_NAME} --help` prints no usage line (got {usage[:60]!r})"
+    return True, f"`{SCRIPT_NAME} --help` exits 0 ({usage[:70]})"
+
+
+def rule_source_runs(sub):
+    """The embedded source is a train_gpt.py that imports and whose --help works."""
+    sources = _distinct(log.source for log in sub.logs if log.source is not None)
+    if not sources:
+        return False, "no embedded source to run"
+    results = [source_help(source) for source in sources]
+    bad = [figure for ok, figure in results if not ok]
+    if bad:
+        return False, "; ".join(bad)
+    return True, results[0][1]
+
+
+# ----------------------------------------------------------------------------- rules: data
+
+def rule_data_shards(sub):
+    """--train-files and --val-files name every FineWeb shard: fineweb_train_*.bin / fineweb_val_*.bin."""
+    missing = _need_track(sub) or _need_logs(sub)
+    if missing:
+        return missing
+    track = sub.track
+    bad = []
+    for (log, train), (_, val) in zip(_config_values(sub, "train_files"), _config_values(sub, "val_files")):
+        if not isinstance(train, str) or os.path.basename(train) != track.train_files_name:
+            bad.append(f"{log.name}: train_files {train!r}")
+        if not isinstance(val, str) or os.path.basename(val) != track.val_files_name:
+            bad.append(f"{log.name}: val_files {val!r}")
+    needs = f"{track.name} needs .../{track.train_files_name} and .../{track.val_files_name}"
+    if bad:
+        return False, f"{'; '.join(bad[:4])} ({needs})"
+    return True, f"{track.train_files_name}, {track.val_files_name} in {len(sub.logs)} logs ({needs})"
+
+
+def rule_val_tokens(sub):
+    """Validation scores exactly the first 10,485,760 tokens of the val shards."""
+    missing = _need_track(sub) or _need_logs(sub)
+    if missing:
+        return missing
+    need = sub.track.val_tokens
+    values = _config_values(sub, "val_tokens")
+    bad = [f"{log.name}: {value}" for log, value in values if value != need]
+    if bad:
+        return False, f"val_tokens {'; '.join(bad[:4])} ({sub.track.name} needs {need:,})"
+    return True, f"val_tokens {need:,} in {len(values)} logs ({sub.track.name} needs {need:,})"
+
+
+def rule_val_sequences(sub):
+    """Validation sequences are the track's length and tile the val tokens exactly over the GPUs."""
+    missing = _need_track(sub) or _need_logs(sub)
+    if missing:
+        return missing
+    track = sub.track
+    bad, figures = [], []
+    for log, seq_len in _config_values(sub, "val_seq_len"):
+        tokens, world = (log.run.config or {}).get("val_tokens"), log.run.world_size
+        if seq_len != track.val_seq_len:
+            bad.append(f"{log.name}: val_seq_len {seq_len}")
+        elif not isinstance(tokens, int) or not world or tokens % (world * seq_len):
+            bad.append(f"{log.name}: {tokens} val tokens do not split into {world} x {seq_len}-token sequences")
+        else:
+            figures.append(f"{tokens // seq_len} sequences of {seq_len:,}, {tokens // seq_len // world} per GPU")
+    needs = f"{track.name} needs val_seq_len {track.val_seq_len:,}, whole sequences on every GPU"
+    if bad:
+        return False, f"{'; '.join(bad[:4])} ({needs})"
+    return True, f"{', '.join(_distinct(figures))} in {len(sub.logs)} logs ({needs})"
+
+
+# ----------------------------------------------------------------------------- rules: hardware
+
+def rule_hardware(sub):
+    """Every log ran on the track's hardware (8 x H100 80GB for track_1_short)."""
+    missing = _need_track(sub) or _need_logs(sub)
+    if missing:
+        return missing
+    track = sub.track
+    found = _distinct(_hardware_text(log.run) for log in sub.logs)
+    ok = all(log.run.world_size == track.world_size and track.gpu_model in (log.run.gpu or "") for log in sub.logs)
+    return ok, f"{', '.join(found)} ({track.name} needs {track.hardware})"
+
+
+def rule_baseline_hardware(sub):
+    """baseline/ holds complete logs of the previous record, on the same GPU model and world size."""
+    missing = _need_logs(sub)
+    if missing:
+        return missing
+    complete = [log for log in sub.baseline if log.run.complete]
+    if not complete:
+        return False, f"no complete baseline logs in {BASELINE_DIR}/ (re-time the previous record on your machine)"
+    mine = _distinct(_hardware_text(log.run) for log in sub.logs)
+    theirs = _distinct(_hardware_text(log.run) for log in sub.baseline)
+    ok = len(mine) == 1 and theirs == mine
+    return ok, (f"{len(complete)} baseline logs on {', '.join(theirs)}; record logs on {', '.join(mine)}"
+                + ("" if ok else " (must be the same GPU model and world size)"))
+
+
+# ----------------------------------------------------------------------------- rules: statistics and time
+
+def rule_statistics(sub):
+    """Mean final val loss <= target, and the one-sided t-test gives p < 0.01."""
+    missing = _need_track(sub)
+    if missing:
+        return missing
+    target = sub.track.target
+    losses = [log.run.final_val_loss for log in sub.complete]
+    need = f"needs mean <= {target} and p < {MAX_P}"
+    if len(losses) < 2:
+        return False, f"{len(losses)} complete run(s): the t-test needs at least 2 ({need})"
+    mean, p = stats.mean(losses), stats.one_sided_p_below(losses, target)
+    ok = mean <= target and p is not None and p < MAX_P
+    return ok, f"mean val loss {mean:.4f} over n={len(losses)}, p={compare.fmt_p(p)} ({need})"
+
+
+def claimed_time_matches(time_text, mean_s):
+    """Whether record.json's time (as written) is the mean official time rounded to its written decimals.
+
+    "168.75" claims the mean is in [168.745, 168.755]. 1 to 3 decimals must be written.
+    """
+    claimed = decimal.Decimal(time_text)
+    decimals = -claimed.as_tuple().exponent
+    if not 1 <= decimals <= MAX_TIME_DECIMALS:
+        return False, decimals
+    half = decimal.Decimal(5).scaleb(-decimals - 1)  # half a unit of the last written decimal
+    return abs(decimal.Decimal(repr(mean_s)) - claimed) <= half, decimals
+
+
+def rule_claimed_time(sub):
+    """record.json's time_s is the mean official time of the complete logs, within its written rounding."""
+    if sub.time_text is None:
+        return False, f"no claimed time ({sub.meta_error})"
+    times = [log.run.train_time_s for log in sub.complete]
+    if not times:
+        return False, "no complete logs to time"
+    mean_s = stats.mean(times)
+    ok, decimals = claimed_time_matches(sub.time_text, mean_s)
+    if not 1 <= decimals <= MAX_TIME_DECIMALS:
+        return False, f"time_s {sub.time_text}: write 1 to {MAX_TIME_DECIMALS} decimals (mean of the logs {mean_s:.3f} s)"
+    relation = "=" if ok else "!="
+    return ok, f"claimed {sub.time_text} s {relation} mean official time {mean_s:.{decimals + 1}f} s of {len(times)} logs, rounded to {decimals} decimal(s)"
+
+
+def rule_speed(sub):
+    """The new mean time is below the baseline logs' mean (Welch two-sided p reported)."""
+    mine = [log.run.train_time_s for log in sub.complete]
+    theirs = [log.run.train_time_s for log in sub.baseline if log.run.complete]
+    if not mine or not theirs:
+        return False, f"needs complete record logs ({len(mine)}) and baseline logs ({len(theirs)})"
+    welch = stats.welch_test(theirs, mine)
+    new, old = stats.mean(mine), stats.mean(theirs)
+    ok = new < old
+    return ok, (f"mean {new:.3f} s vs baseline {old:.3f} s: {new - old:+.3f} s ({100 * (new - old) / old:+.2f}%), "
+                f"Welch p={compare.fmt_p(welch['p_two_sided'])}" + ("" if ok else " (must be faster)"))
+
+
+# ----------------------------------------------------------------------------- rules: code
+
+COMPILE_FUNCTIONS = {"torch.compile"}
+ALLOWED_COMPILE_KEYWORDS = {"dynamic", "fullgraph"}
+COMPILER_CONFIG_MODULES = ("torch._inductor.config", "torch._dynamo.config", "torch._functorch.config")
+COMPILER_ENV_PREFIXES = ("TORCHINDUCTOR_", "TORCHDYNAMO_", "TORCH_COMPILE_")
+
+
+def _dotted(node):
+    """'torch._inductor.config.x' for an attribute chain of names, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+        return ".".join(reversed(parts))
+    return None
+
+
+def _assigned_names(target):
+    """Dotted names an assignment target writes to: `a.b.c = `, `a.b, c.d = `, `a.b[k] = ` (a.b)."""
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [name for element in target.elts for name in _assigned_names(element)]
+    if isinstance(target, ast.Starred):
+        return _assigned_names(target.value)
+    if isinstance(target, ast.Subscript):
+        return _assigned_names(target.value)
+    name = _dotted(target) if isinstance(target, ast.Attribute) else None
+    return [name] if name else []
+
+
+def _config_aliases(tree):
+    """Local names bound to a compiler config module: `import torch._inductor.config as c`, `from torch._inductor import config`."""
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in COMPILER_CONFIG_MODULES and alias.asname:
+                    aliases[alias.asname] = alias.name
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                if full in COMPILER_CONFIG_MODULES:
+                    aliases[alias.asname or alias.name] = full
+    return aliases
+
+
+def _resolve(name, aliases):
+    """Expand a leading alias of a config module to its full dotted name."""
+    if name is None:
+        return None
+    head, _, rest = name.partition(".")
+    return aliases[head] + ("." + rest if rest else "") if head in aliases else name
+
+
+def _is_config_name(name):
+    return name is not None and any(name == m or name.startswith(m + ".") for m in COMPILER_CONFIG_MODULES)
+
+
+def compiler_option_violations(source):
+    """Lines of the source that set compiler options (README rule 5), as 'line N: what'.
+
+    Forbidden: torch.compile arguments other than the function and the keywords dynamic= and
+    fullgraph= (so no mode=, options=, backend=); any assignment, setattr or .patch() of
+    torch._inductor.config / torch._dynamo.config / torch._functorch.config; and environment
+    variables TORCHINDUCTOR_* / TORCHDYNAMO_* / TORCH_COMPILE_* named in the source.
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as error:
+        return [f"line {error.lineno}: the source does not parse ({error.msg})"]
+    aliases = _config_aliases(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = _resolve(_dotted(node.func), aliases)
+            if name in COMPILE_FUNCTIONS:
+                extra = [k.arg or "**" for k in node.keywords if k.arg not in ALLOWED_COMPILE_KEYWORDS]
+                if len(node.args) > 1:
+                    extra.append("positional options")
+                if extra:
+                    found.append(f"line {node.lineno}: torch.compile(... {', '.join(extra)})")
+            elif name == "setattr" and node.args and _is_config_name(_resolve(_dotted(node.args[0]), aliases)):
+                found.append(f"line {node.lineno}: setattr({_resolve(_dotted(node.args[0]), aliases)}, ...)")
+            elif name and name.endswith(".patch") and _is_config_name(_resolve(name[:-len(".patch")], aliases)):
+                found.append(f"line {node.lineno}: {name}(...)")
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                for name in _assigned_names(target):
+                    name = _resolve(name, aliases)
+                    if _is_config_name(name):
+                        found.append(f"line {node.lineno}: sets {name}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(COMPILER_ENV_PREFIXES):
+            found.append(f"line {node.lineno}: names the compiler variable {node.value.split('=')[0]!r}")
+    return sorted(set(found), key=lambda text: int(text.split(":")[0].split()[1]))
+
+
+def rule_compiler_options(sub):
+    """README rule 5: no extra compiler options or compiler config in the logged source."""
+    sources = _distinct(log.source for log in sub.logs if log.source is not None)
+    if not sources:
+        return False, "no embedded source to read"
+    found = [v for source in sources for v in compiler_option_violations(source)]
+    if found:
+        return False, "; ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    calls = sum(1 for source in sources for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.Call) and _dotted(node.func) in COMPILE_FUNCTIONS)
+    return True, f"no compiler options or config in the source ({calls} torch.compile call(s), keywords only dynamic/fullgraph)"
+
+
+# ----------------------------------------------------------------------------- running the rules
+
+RULES = [
+    ("folder", rule_folder),
+    ("record.json", rule_metadata),
+    ("logs", rule_logs),
+    ("one source", rule_one_source),
+    ("source runs", rule_source_runs),
+    ("data shards", rule_data_shards),
+    ("val tokens", rule_val_tokens),
+    ("val sequences", rule_val_sequences),
+    ("hardware", rule_hardware),
+    ("baseline hardware", rule_baseline_hardware),
+    ("statistics", rule_statistics),
+    ("claimed time", rule_claimed_time),
+    ("compiler options", rule_compiler_options),
+    ("speed", rule_speed),
+]
+RULE_FUNCTIONS = dict(RULES)
+
+# The rules leaderboard.py applies to every published record: static, no subprocess, no baseline history.
+LEADERBOARD_RULES = ["hardware", "data shards", "val tokens", "val sequences", "statistics", "compiler options"]
+
+
+def apply_rule(function, sub):
+    """Run one rule; an unexpected error is that rule's FAIL, never a traceback."""
+    try:
+        ok, figure = function(sub)
+    except Exception as error:  # noqa: BLE001 - one broken input must not hide the other rules
+        return False, f"could not check ({type(error).__name__}: {error})"
+    return bool(ok), figure
+
+
+def check(sub, names=None):
+    """[(rule name, ok, figure)] for the named rules (default: all), in RULES order."""
+    chosen = [(name, fn) for name, fn in RULES if names is None or name in names]
+    return [(name, *apply_rule(fn, sub)) for name, fn in chosen]
+
+
+def refusals(folder, names=LEADERBOARD_RULES):
+    """['rule: figure'] for each named rule the record folder breaks; [] when it may be published."""
+    return [f"{name}: {figure}" for name, ok, figure in check(load_submission(folder), names) if not ok]
+
+
+def format_result(name, ok, figure):
+    return f"{'PASS' if ok else 'FAIL'}  {name}: {figure}"
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """Usage errors as one line (exit 2), like train_gpt.py."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser():
+    parser = OneLineArgumentParser(
+        prog="check_submission.py", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", help="record folder, e.g. records/track_1_short/YYYY-MM-DD_ShortName")
+    return parser
+
+
+def main(argv=None):
+    """Entry point: 0 all rules pass, 1 a rule fails, 2 usage error."""
+    args = build_parser().parse_args(argv)
+    if not os.path.isdir(args.folder):
+        why = "not a folder" if os.path.exists(args.folder) else "no such folder"
+        print(f"check_submission.py: error: {args.folder}: {why}", file=sys.stderr)
+        return 2
+    sub = load_submission(args.folder)
+    print(f"checking {os.path.normpath(args.folder)} (track {sub.track_name})")
+    results = check(sub)
+    for result in results:
+        print(format_result(*result))
+    failed = [name for name, ok, _ in results if not ok]
+    if failed:
+        print(f"FAILED: {len(failed)} of {len(results)} rules ({', '.join(failed)})")
+        return 1
+    print(f"OK: all {len(results)} rules pass")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

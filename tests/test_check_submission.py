@@ -1,0 +1,302 @@
+"""Tests of records/check_submission.py (the rules of a record), the rules in leaderboard.py, and the CI files.
+
+Record folders come from tests/submission_fixtures.py: one that passes every rule, and for each rule
+a copy with exactly that rule broken, which must fail with that rule's own line.
+"""
+
+import filecmp
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from records import check_submission, leaderboard  # noqa: E402
+from submission_fixtures import SCRIPT, make_log, make_submission, write  # noqa: E402
+
+PASSING = REPO / "tests" / "fixtures" / "submissions" / "track_1_short" / "2026-11-24_Example"
+README_TEMPLATE = f"# Records\n\n{leaderboard.START_MARKER}\nold table\n{leaderboard.END_MARKER}\n"
+
+
+def run_check(capsys, folder):
+    """check_submission.main on folder: (exit code, {rule: (status, figure)}, stdout lines)."""
+    code = check_submission.main([str(folder)])
+    lines = capsys.readouterr().out.splitlines()
+    results = {}
+    for line in lines:
+        status, _, rest = line.partition("  ")
+        if status in ("PASS", "FAIL"):
+            rule, _, figure = rest.partition(": ")
+            results[rule] = (status, figure)
+    return code, results, lines
+
+
+def failed(results):
+    return {rule for rule, (status, _) in results.items() if status == "FAIL"}
+
+
+# ----------------------------------------------------------------------------- the passing fixture
+
+def test_passing_fixture_passes_every_rule_with_its_figures(capsys):
+    code, results, lines = run_check(capsys, PASSING)
+    assert code == 0, "\n".join(lines)
+    assert list(results) == [name for name, _ in check_submission.RULES]
+    assert failed(results) == set()
+    assert lines[-1] == f"OK: all {len(check_submission.RULES)} rules pass"
+    # Hand-computed figures: losses 3.2768, 3.2772, 3.2770 -> mean 3.2770, std 0.0002,
+    # t = -0.003 / (0.0002 / sqrt 3) with df = 2, p = 1/2 + t / (2 sqrt(t^2 + 2)).
+    t = -0.003 / (0.0002 / math.sqrt(3))
+    p = 0.5 + t / (2 * math.sqrt(t * t + 2))
+    assert results["statistics"][1].startswith(f"mean val loss 3.2770 over n=3, p={p:.4f}")
+    assert results["hardware"][1] == "8 x NVIDIA H100 80GB HBM3 (track_1_short needs 8 x H100 80GB)"
+    assert "claimed 150.25 s = mean official time 150.250 s of 3 logs" in results["claimed time"][1]
+    assert "-10.050 s (-6.27%)" in results["speed"][1]  # 150.25 - 160.30 s
+    assert "160 sequences of 65,536, 20 per GPU" in results["val sequences"][1]
+    assert results["source runs"][1].startswith("`train_gpt.py --help` exits 0 (usage: train_gpt.py")
+
+
+def test_committed_fixture_matches_the_generator(tmp_path):
+    made = make_submission(tmp_path)
+    compared = filecmp.dircmp(made, PASSING)
+    assert not compared.left_only and not compared.right_only and not compared.diff_files
+    base = filecmp.dircmp(made / "baseline", PASSING / "baseline")
+    assert not base.left_only and not base.right_only and not base.diff_files
+
+
+# ----------------------------------------------------------------------------- one broken rule at a time
+
+BROKEN = {
+    "folder name": (dict(name="MyRecord", meta={"date": "2026-11-24"}), {"folder"}, "'MyRecord' is not YYYY-MM-DD_ShortName"),
+    "date differs": (dict(meta={"date": "2026-11-25"}), {"record.json"}, "folder date differs from record.json date 2026-11-25"),
+    "no contributors": (dict(meta={"contributors": None}), {"record.json"}, "'contributors' must be a non-empty list"),
+    "cut-off log": (dict(extra_logs={"run3.txt": make_log(crash_at=12)}), {"logs"},
+                    "run3.txt: incomplete (last step 12/20) without a stopping: line"),
+    "two sources": (dict(extra_logs={"run3.txt": make_log(SCRIPT + "# tweaked\n", 3.2770, 150_250)}), {"one source"},
+                    "2 different sources"),
+    "script differs": (dict(script=SCRIPT + "# edited after the runs\n"), {"one source"},
+                       "differs from the folder's train_gpt.py"),
+    "no script": (dict(with_script=False), {"one source"}, "the folder has no train_gpt.py"),
+    "source fails": (dict(source="import module_that_does_not_exist_xyz\n" + SCRIPT), {"source runs"},
+                     "exits 1: ModuleNotFoundError"),
+    "edu shards": (dict(config={"train_files": "data/finewebedu10B/finewebedu_train_*.bin"}), {"data shards"},
+                   "train_files 'data/finewebedu10B/finewebedu_train_*.bin'"),
+    "fewer val tokens": (dict(config={"val_tokens": 5_242_880}), {"val tokens"}, "run0.txt: 5242880"),
+    "short val sequences": (dict(config={"val_seq_len": 32_768}), {"val sequences"}, "run0.txt: val_seq_len 32768"),
+    "PCIe GPUs": (dict(gpu="NVIDIA H100 PCIe"), {"hardware"}, "8 x NVIDIA H100 PCIe (track_1_short needs 8 x H100 80GB)"),
+    "4 GPUs": (dict(world_size=4), {"hardware"}, "4 x NVIDIA H100 80GB HBM3 (track_1_short needs"),
+    "baseline on A100": (dict(baseline_gpu="NVIDIA A100-SXM4-80GB"), {"baseline hardware"},
+                         "3 baseline logs on 8 x NVIDIA A100-SXM4-80GB; record logs on 8 x NVIDIA H100 80GB HBM3"),
+    "no baseline": (dict(baseline_times_ms=()), {"baseline hardware", "speed"}, "no complete baseline logs in baseline/"),
+    "p too large": (dict(losses=(3.2790, 3.2770, 3.2800)), {"statistics"}, "mean val loss 3.2787 over n=3, p="),
+    "one run": (dict(losses=(3.2700,), times_ms=(150_250,)), {"statistics"}, "1 complete run(s): the t-test needs at least 2"),
+    "time claimed too low": (dict(claimed="150.10"), {"claimed time"}, "claimed 150.10 s != mean official time 150.250 s"),
+    "time without decimals": (dict(claimed="150"), {"claimed time"}, "time_s 150: write 1 to 3 decimals"),
+    "compile mode": (dict(source=SCRIPT.replace("dynamic=False", 'mode="max-autotune"')), {"compiler options"},
+                     "torch.compile(... mode)"),
+    "inductor config": (dict(source=SCRIPT.replace("    return torch.compile(",
+                                                   "    torch._inductor.config.coordinate_descent_tuning = True\n"
+                                                   "    return torch.compile(")),
+                        {"compiler options"}, "sets torch._inductor.config.coordinate_descent_tuning"),
+    "slower than baseline": (dict(baseline_times_ms=(140_000, 140_500, 141_000)), {"speed"},
+                             "mean 150.250 s vs baseline 140.500 s: +9.750 s (+6.94%)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_each_broken_rule_fails_with_its_own_line(tmp_path, capsys, case):
+    kwargs, rules, figure = BROKEN[case]
+    folder = make_submission(tmp_path, **kwargs)
+    code, results, lines = run_check(capsys, folder)
+    assert code == 1
+    assert failed(results) == rules, "\n".join(lines)
+    first = sorted(rules, key=[name for name, _ in check_submission.RULES].index)[0]
+    assert figure in results[first][1], results[first][1]
+    assert lines[-1].startswith(f"FAILED: {len(rules)} of {len(check_submission.RULES)} rules")
+
+
+def test_stopped_run_is_listed_not_counted_and_crashed_folder_is_reported(tmp_path, capsys):
+    folder = make_submission(tmp_path, extra_logs={"run3.txt": make_log(stopping=7),
+                                                   "crashed/run4.txt": make_log(crash_at=3)})
+    code, results, lines = run_check(capsys, folder)
+    assert code == 0, "\n".join(lines)
+    assert results["logs"][1] == "4 logs parsed, 3 complete, 1 stopped (listed, not counted), 1 in crashed/ (not counted)"
+    assert "over n=3" in results["statistics"][1]
+
+
+def test_log_without_header_lines_is_not_parsed(tmp_path, capsys):
+    text = "".join(line for line in make_log().splitlines(keepends=True) if not line.startswith(("config:", "gpu:")))
+    folder = make_submission(tmp_path, extra_logs={"run3.txt": text})
+    code, results, _ = run_check(capsys, folder)
+    assert code == 1
+    assert results["logs"] == ("FAIL", "run3.txt: not parsed (no config)")  # the GPU comes from nvidia-smi
+    assert "run3.txt: train_files None" in results["data shards"][1]
+
+
+def test_unknown_track_fails_the_folder_and_the_track_rules(tmp_path, capsys):
+    folder = make_submission(tmp_path, track="track_9_laptop")
+    code, results, _ = run_check(capsys, folder)
+    assert code == 1
+    assert results["folder"] == ("FAIL", "parent 'track_9_laptop' is not a track (track_1_short)")
+    assert results["hardware"] == ("FAIL", "unknown track 'track_9_laptop' (known: track_1_short)")
+
+
+@pytest.mark.parametrize("text, mean, ok", [
+    ("150.25", 150.25, True), ("150.25", 150.2549, True), ("150.25", 150.2551, False),
+    ("150.3", 150.26, True), ("150.3", 150.24, False), ("150.250", 150.2504, True), ("150.250", 150.2506, False),
+    ("150.26", 150.25, False), ("150", 150.0, False), ("150.2500", 150.25, False),
+])
+def test_claimed_time_is_the_mean_rounded_to_the_written_decimals(text, mean, ok):
+    assert check_submission.claimed_time_matches(text, mean)[0] is ok
+
+
+# ----------------------------------------------------------------------------- rule 5: compiler options
+
+@pytest.mark.parametrize("source, expected", [
+    ("import torch\nm = torch.compile(f, mode='max-autotune')\n", "line 2: torch.compile(... mode)"),
+    ("import torch\nm = torch.compile(f, options={'triton.cudagraphs': True})\n", "line 2: torch.compile(... options)"),
+    ("import torch\nm = torch.compile(f, backend='cudagraphs', dynamic=False)\n", "line 2: torch.compile(... backend)"),
+    ("import torch\nm = torch.compile(f, False, False)\n", "line 2: torch.compile(... positional options)"),
+    ("import torch\nkw = {}\nm = torch.compile(f, **kw)\n", "line 3: torch.compile(... **)"),
+    ("import torch\n@torch.compile(mode='reduce-overhead')\ndef f(x):\n    return x\n", "line 2: torch.compile(... mode)"),
+    ("import torch\ntorch._inductor.config.max_autotune = True\n", "line 2: sets torch._inductor.config.max_autotune"),
+    ("import torch\ntorch._dynamo.config.cache_size_limit += 8\n", "line 2: sets torch._dynamo.config.cache_size_limit"),
+    ("import torch._inductor.config as ic\nic.coordinate_descent_tuning = True\n",
+     "line 2: sets torch._inductor.config.coordinate_descent_tuning"),
+    ("from torch._inductor import config\nconfig.triton.unique_kernel_names = True\n",
+     "line 2: sets torch._inductor.config.triton.unique_kernel_names"),
+    ("import torch\nsetattr(torch._inductor.config, 'max_autotune', True)\n", "line 2: setattr(torch._inductor.config, ...)"),
+    ("import torch\nwith torch._inductor.config.patch(max_autotune=True):\n    pass\n",
+     "line 2: torch._inductor.config.patch(...)"),
+    ("import os\nos.environ['TORCHINDUCTOR_MAX_AUTOTUNE'] = '1'\n", "line 2: names the compiler variable 'TORCHINDUCTOR_MAX_AUTOTUNE'"),
+    ("def f(:\n", "line 1: the source does not parse"),
+])
+def test_compiler_options_are_found(source, expected):
+    found = check_submission.compiler_option_violations(source)
+    assert len(found) == 1 and found[0].startswith(expected), found
+
+
+def test_allowed_compile_calls_and_unrelated_config_pass():
+    source = ("import torch\nimport json\nconfig = {}\nconfig['mode'] = 'fast'\n"
+              "a = torch.compile(f)\nb = torch.compile(f, dynamic=False, fullgraph=True)\n"
+              "torch.backends.cuda.matmul.allow_tf32 = True\nprint('TORCHINDUCTOR is not a prefix here')\n")
+    assert check_submission.compiler_option_violations(source) == []
+
+
+def test_repository_trainer_breaks_no_compiler_rule():
+    source = (REPO / "train_gpt.py").read_text(encoding="utf-8")
+    assert check_submission.compiler_option_violations(source) == []
+
+
+def test_real_trainer_source_imports_and_its_help_works(tmp_path):
+    """The real train_gpt.py, embedded as the logger writes it: --help runs in a temporary folder."""
+    source = (REPO / "train_gpt.py").read_text(encoding="utf-8")
+    folder = make_submission(tmp_path, source=source)
+    sub = check_submission.load_submission(str(folder))
+    ok, figure = check_submission.rule_source_runs(sub)
+    assert ok, figure
+    assert "usage: train_gpt.py" in figure
+    assert check_submission.rule_one_source(sub)[0]
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_command_line_exit_codes_and_no_traceback(tmp_path):
+    script = [sys.executable, "records/check_submission.py"]
+    done = subprocess.run(script + [str(PASSING)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.splitlines()[-1].startswith("OK: all")
+    missing = subprocess.run(script + [str(tmp_path / "nope")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert missing.stderr == f"check_submission.py: error: {tmp_path / 'nope'}: no such folder\n"
+    no_args = subprocess.run(script, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert no_args.returncode == 2 and no_args.stderr.count("\n") == 1 and "required: folder" in no_args.stderr
+    a_file = subprocess.run(script + ["README.md"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert a_file.returncode == 2 and a_file.stderr == "check_submission.py: error: README.md: not a folder\n"
+    broken = make_submission(tmp_path, claimed="999.00")
+    (broken / "record.json").write_text("{not json")
+    done = subprocess.run(script + [str(broken)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stdout + done.stderr
+    assert "FAIL  record.json: record.json is not valid JSON" in done.stdout
+
+
+# ----------------------------------------------------------------------------- leaderboard.py applies the rules
+
+def test_leaderboard_refuses_records_that_break_the_rules(tmp_path, capsys):
+    readme = write(tmp_path / "README.md", README_TEMPLATE)
+    make_submission(tmp_path, "2026-11-24_Good")
+    # The record issue 11 reported: a CPU run with p = 0.9999.
+    make_submission(tmp_path, "2026-11-25_CpuTest", gpu="cpu", world_size=1, losses=(3.3005, 3.3010, 3.3015),
+                    baseline_times_ms=())
+    make_submission(tmp_path, "2026-11-26_EduData", config={"train_files": "data/finewebedu10B/finewebedu_train_*.bin"})
+    assert leaderboard.main(["--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    refused = [line for line in err if line.startswith("refused: ")]
+    assert len(refused) == 2
+    cpu = next(line for line in refused if "2026-11-25_CpuTest" in line)
+    assert "hardware: 1 x cpu (track_1_short needs 8 x H100 80GB)" in cpu
+    # t = 0.021 / (0.0005 / sqrt 3) with df = 2: p = 1/2 + t / (2 sqrt(t^2 + 2)) = 0.99991.
+    t = 0.021 / (0.0005 / math.sqrt(3))
+    assert f"statistics: mean val loss 3.3010 over n=3, p={0.5 + t / (2 * math.sqrt(t * t + 2)):.4f}" in cpu
+    assert "p=0.9999" in cpu
+    edu = next(line for line in refused if "2026-11-26_EduData" in line)
+    assert "data shards:" in edu and "hardware" not in edu and "statistics" not in edu
+    assert readme.read_text() == README_TEMPLATE  # nothing published
+    assert leaderboard.main(["--root", str(tmp_path), "--check"]) == 1
+
+
+def test_leaderboard_publishes_a_record_that_keeps_the_rules(tmp_path, capsys):
+    readme = write(tmp_path / "README.md", README_TEMPLATE)
+    make_submission(tmp_path, "2026-11-24_Good")
+    assert leaderboard.main(["--root", str(tmp_path)]) == 0, capsys.readouterr().err
+    assert "| 1 | 2026-11-24 | 150.25 s | 3.2770 (n=3, p=" in readme.read_text()
+
+
+def test_leaderboard_and_check_share_the_rule_functions():
+    assert set(check_submission.LEADERBOARD_RULES) <= set(check_submission.RULE_FUNCTIONS)
+    assert {"hardware", "statistics", "data shards", "val tokens", "val sequences"} <= set(check_submission.LEADERBOARD_RULES)
+    assert leaderboard.check_submission is check_submission
+
+
+# ----------------------------------------------------------------------------- CI files
+
+WORKFLOWS = REPO / ".github" / "workflows"
+
+
+def workflow_steps():
+    """{workflow file: (triggers, [step dicts])} for every workflow."""
+    found = {}
+    for path in sorted(WORKFLOWS.glob("*.y*ml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        triggers = data.get("on", data.get(True))  # PyYAML reads a bare `on:` key as True
+        steps = [step for job in data["jobs"].values() for step in job["steps"]]
+        found[path.name] = (triggers, steps)
+    return found
+
+
+def test_workflows_parse_and_call_the_real_scripts():
+    found = workflow_steps()
+    assert found, "no workflow in .github/workflows"
+    runs = [step.get("run", "") for _, steps in found.values() for step in steps]
+    uses = [step.get("uses", "") for _, steps in found.values() for step in steps]
+    assert any("bash .ci/run" in run for run in runs)
+    assert any("python records/check_submission.py" in run for run in runs)
+    assert any(u.startswith("actions/checkout@") for u in uses) and any(u.startswith("actions/setup-python@") for u in uses)
+    for triggers, _ in found.values():
+        assert "push" in triggers and "pull_request" in triggers
+    for script in (".ci/run", "records/check_submission.py"):
+        assert (REPO / script).is_file(), script
+
+
+def test_pull_request_template_has_the_record_checklist():
+    template = (REPO / ".github" / "PULL_REQUEST_TEMPLATE" / "record.md").read_text(encoding="utf-8")
+    boxes = [line for line in template.splitlines() if line.lstrip().startswith("- [ ]")]
+    assert len(boxes) >= 6
+    assert "python records/check_submission.py" in template and "baseline/" in template
+    assert (REPO / "requirements-dev.txt").read_text().count("pyyaml") == 1
