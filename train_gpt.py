@@ -441,9 +441,11 @@ def allow_block_variants(limit: int):
     value embeddings, MLP only, layer 0 whose input aliases x0) and by grad mode (train vs validation): 8 for
     the record, exactly the default limit. The limit only caps how many graphs dynamo keeps; it changes no
     generated code (this is not an inductor option)."""
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), limit))
+    dynamo_config = torch._dynamo.config
+    if hasattr(dynamo_config, "recompile_limit"):
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
+    else:  # PyTorch < 2.6
+        dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, limit)
 
 
 class GPT(nn.Module):

@@ -31,7 +31,7 @@ class Config:
     train_files: str = "data/fineweb10B/fineweb_train_*.bin"
     val_files: str = "data/fineweb10B/fineweb_val_*.bin"
     val_tokens: int = 10_485_760
-    val_seq_len: int = 65_536
+    val_seq_len: int = 262_144
     train_steps: int = 20
     seed: int = 0
 
@@ -63,7 +63,7 @@ if __name__ == "__main__":
 BASELINE_SCRIPT = SCRIPT.replace("train_steps: int = 20", "train_steps: int = 24")
 
 CONFIG = {"train_files": "data/fineweb10B/fineweb_train_*.bin", "val_files": "data/fineweb10B/fineweb_val_*.bin",
-          "val_tokens": 10_485_760, "val_seq_len": 65_536, "train_steps": 20, "seed": 0}
+          "val_tokens": 10_485_760, "val_seq_len": 262_144, "train_steps": 20, "seed": 0}
 
 LOSSES = (3.2768, 3.2772, 3.2770)
 TIMES_MS = (150_100, 150_250, 150_400)          # mean 150.25 s

@@ -59,7 +59,7 @@ def test_passing_fixture_passes_every_rule_with_its_figures(capsys):
     assert results["hardware"][1] == "8 x NVIDIA H100 80GB HBM3 (track_1_short needs 8 x H100 80GB)"
     assert "claimed 150.25 s = mean official time 150.250 s of 3 logs" in results["claimed time"][1]
     assert "-10.050 s (-6.27%)" in results["speed"][1]  # 150.25 - 160.30 s
-    assert "160 sequences of 65,536, 20 per GPU" in results["val sequences"][1]
+    assert "40 sequences of 262,144" in results["val sequences"][1]
     assert results["source runs"][1].startswith("`train_gpt.py --help` exits 0 (usage: train_gpt.py")
 
 
@@ -167,7 +167,8 @@ def test_claimed_time_is_the_mean_rounded_to_the_written_decimals(text, mean, ok
     ("import torch\nkw = {}\nm = torch.compile(f, **kw)\n", "line 3: torch.compile(... **)"),
     ("import torch\n@torch.compile(mode='reduce-overhead')\ndef f(x):\n    return x\n", "line 2: torch.compile(... mode)"),
     ("import torch\ntorch._inductor.config.max_autotune = True\n", "line 2: sets torch._inductor.config.max_autotune"),
-    ("import torch\ntorch._dynamo.config.cache_size_limit += 8\n", "line 2: sets torch._dynamo.config.cache_size_limit"),
+    ("import torch\ntorch._dynamo.config.automatic_dynamic_shapes = False\n", "line 2: sets torch._dynamo.config.automatic_dynamic_shapes"),
+    ("import torch\nc = torch._inductor.config\nc.max_autotune = True\n", "line 3: sets torch._inductor.config.max_autotune"),
     ("import torch._inductor.config as ic\nic.coordinate_descent_tuning = True\n",
      "line 2: sets torch._inductor.config.coordinate_descent_tuning"),
     ("from torch._inductor import config\nconfig.triton.unique_kernel_names = True\n",
@@ -187,6 +188,12 @@ def test_allowed_compile_calls_and_unrelated_config_pass():
     source = ("import torch\nimport json\nconfig = {}\nconfig['mode'] = 'fast'\n"
               "a = torch.compile(f)\nb = torch.compile(f, dynamic=False, fullgraph=True)\n"
               "torch.backends.cuda.matmul.allow_tf32 = True\nprint('TORCHINDUCTOR is not a prefix here')\n")
+    assert check_submission.compiler_option_violations(source) == []
+
+
+def test_raising_the_recompile_limit_is_the_one_allowed_setting():
+    source = ("import torch\ntorch._dynamo.config.recompile_limit = 64\nd = torch._dynamo.config\n"
+              "d.cache_size_limit = max(d.cache_size_limit, 64)\n")
     assert check_submission.compiler_option_violations(source) == []
 
 
