@@ -23,7 +23,9 @@ fi
 # size that does not fit is then the first and only line of output, not a line inside torchrun's
 # failure report. The flags are parsed by train_gpt.py itself, so --device cpu or another
 # --train-seq-len is taken into account.
-python - "$nproc" "$@" <<'PY'
+python=$(command -v python || command -v python3)
+"$python" - "$nproc" "$@" <<'PY'
+import os
 import shlex
 import sys
 
@@ -64,9 +66,14 @@ def rerun(n):
     return " ".join([f"NPROC={n}", "./run.sh", *map(shlex.quote, argv)])
 
 
-def largest_fitting(limit):
-    """The largest world size <= limit that train_gpt.py accepts, or None."""
-    return next((n for n in range(limit, 0, -1) if fits(n)), None)
+def usable_sizes(limit):
+    """The world sizes 1..limit that train_gpt.py accepts for these flags."""
+    return [n for n in range(1, limit + 1) if fits(n)]
+
+
+def one_of(sizes):
+    """[1, 2, 4, 8] -> '1, 2, 4 or 8'."""
+    return " or ".join([", ".join(map(str, sizes[:-1])), str(sizes[-1])]) if len(sizes) > 1 else str(sizes[0])
 
 
 gpus = None
@@ -75,15 +82,15 @@ if cfg.device == "cuda":
     if gpus == 0:
         fail(f"CUDA is not available on this machine (PyTorch {torch.__version__} sees no GPU); {CPU_HINT}")
     if nproc > gpus:
-        usable = largest_fitting(gpus)
-        advice = f"run {rerun(usable)}" if usable else "use a machine with more GPUs"
+        usable = usable_sizes(gpus)
+        advice = f"run {rerun(usable[-1])}" if usable else "use a machine with more GPUs"
         fail(f"NPROC={nproc} needs {nproc} GPUs but this machine has {gpus}; {advice} "
              f"(the global batch is fixed, so fewer GPUs give the same math)")
 try:
     train_gpt.check_config(cfg, nproc)
 except train_gpt.ConfigError as error:
-    usable = largest_fitting(nproc)
-    fail(f"NPROC={nproc}: {error}" + (f"; e.g. {rerun(usable)}" if usable else ""))
+    usable = usable_sizes(gpus if gpus is not None else max(nproc, os.cpu_count() or 1))
+    fail(f"NPROC={nproc}: {error}" + (f"; here NPROC can be {one_of(usable)}, e.g. {rerun(usable[-1])}" if usable else ""))
 PY
 
 exec torchrun --standalone --nproc_per_node="$nproc" train_gpt.py "$@"
