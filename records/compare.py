@@ -9,8 +9,15 @@ the one-sided t-test p-value that the mean is below --target, and the mean
 train time with a 95% t-interval. With exactly two groups it adds the time and
 loss differences (group 2 - group 1) with Welch-test p-values.
 
-Incomplete runs (no validation line at step T/T: crashed or stopped) are listed
-with the last step reached and left out of the group statistics.
+Incomplete runs (no validation line at step T/T: crashed or stopped, or a log
+cut inside that line) are listed with the last step reached and left out of the
+group statistics. A group whose runs differ in configuration (the `config:` line,
+apart from seed, run id and such) or in source hash gets a warning on stderr
+naming what differs: its statistics pool runs that are not repeats.
+
+--plot draws one colour per run (legend: run names) and one line style per
+group, on axes fitted to the data; the target line is drawn when it falls in
+the plotted loss range.
 
 Examples:
   python records/compare.py logs/baseline logs/new_idea
@@ -396,7 +403,7 @@ def draw_curves(result, plt):
     Returns the figure so tests can read its axes. Two legends: the runs by name, and the
     groups (line styles) with the target line.
     """
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=100)
     curves = []
     for index, group in enumerate(result["groups"]):
         for run in (r for r in result["runs"] if r["group"] == group["name"]):
@@ -425,10 +432,13 @@ def draw_curves(result, plt):
     ax.set_xlabel("train time (s)")
     ax.set_ylabel("val loss")
     ax.grid(True, alpha=0.3)
-    groups_legend = ax.legend(handles=key_lines, title="group", loc="upper center", fontsize=8, title_fontsize=8)
+    # Both legends right of the axes: inside they would cover curves, and a folder of runs is a long list.
+    groups_legend = ax.legend(handles=key_lines, title="group", loc="lower left", bbox_to_anchor=(1.01, 0.0),
+                              fontsize=8, title_fontsize=8)
     ax.add_artist(groups_legend)
     if run_lines:
-        ax.legend(handles=run_lines, title="run", loc="upper right", fontsize=8, title_fontsize=8)
+        ax.legend(handles=run_lines, title="run", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  fontsize=8, title_fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -437,7 +447,8 @@ def plot_curves(result, out_path, plt):
     """Draw the curves (see draw_curves) into a PNG file."""
     fig = draw_curves(result, plt)
     try:
-        fig.savefig(out_path, format="png")
+        # "tight" widens the image to the legends right of the axes; the group legend is an extra artist
+        fig.savefig(out_path, format="png", bbox_inches="tight", bbox_extra_artists=list(fig.axes[0].artists))
     finally:
         plt.close(fig)
 
