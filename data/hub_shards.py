@@ -23,6 +23,7 @@ How a run behaves, and why:
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import socket
@@ -254,6 +255,7 @@ class FetchSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     requests: int = 0  # calls to the hub, first tries and retries (huggingface_hub's own retries not seen)
     retries: int = 0
+    hub_retries: int = 0  # retries inside huggingface_hub, counted from its log (CLI only)
     partial_kept: int = 0  # resumable partial downloads left in the staging folder
     bytes_downloaded: int = 0
     bytes_present: int = 0
@@ -264,10 +266,12 @@ class FetchSummary:
     def text(self, ds: HubDataset, local_dir: str) -> str:
         total = len(self.fetched) + len(self.refetched) + len(self.skipped) + len(self.failed)
         rate = self.bytes_downloaded / max(self.seconds, 1e-9) / 1e6
+        hub = f" (and {self.hub_retries} more inside huggingface_hub)" if self.hub_retries else ""
+        retries_word = "retry" if self.retries == 1 else "retries"
         lines = [
             f"{ds.repo_id} -> {local_dir}: {total} file(s): {len(self.fetched)} fetched, "
             f"{len(self.refetched)} re-fetched (corrupt), {len(self.skipped)} skipped (already complete), "
-            f"{len(self.failed)} failed; {self.requests} download request(s), {self.retries} retries",
+            f"{len(self.failed)} failed; {self.requests} download request(s), {self.retries} {retries_word}{hub}",
             f"downloaded {self.bytes_downloaded:,} bytes ({self.bytes_downloaded / 1e9:.2f} GB) in "
             f"{self.seconds:.1f} s ({rate:.1f} MB/s); {self.bytes_present:,} bytes of shards on disk",
         ]
@@ -479,14 +483,38 @@ def build_parser(ds: HubDataset, prog: str) -> argparse.ArgumentParser:
     return ap
 
 
-def _quiet_hub_logging() -> None:
-    """Keep huggingface_hub's own retry warnings and per-file bars out of the output."""
+class HubRetryCounter(logging.Handler):
+    """Counts the retries huggingface_hub makes inside hf_hub_download, from the warning it logs for each.
+
+    Why: those are requests too. Without them a run that failed after a dozen
+    requests reported "0 retries".
+    """
+    MARKERS = ("[Retry ", "Trying to resume download")
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if any(marker in record.getMessage() for marker in self.MARKERS):
+            self.count += 1  # handle() holds the handler's lock: safe across download threads
+
+
+def _quiet_hub_logging() -> HubRetryCounter:
+    """Keep huggingface_hub's own warnings and per-file bars out of the output, but count its retries."""
+    counter = HubRetryCounter()
+    hub_logger = logging.getLogger("huggingface_hub")
+    for handler in list(hub_logger.handlers):
+        hub_logger.removeHandler(handler)  # its stderr handler: the summary reports what matters
+    hub_logger.addHandler(counter)
+    hub_logger.setLevel(logging.WARNING)
+    hub_logger.propagate = False
     try:
-        from huggingface_hub.utils import disable_progress_bars, logging as hf_logging
+        from huggingface_hub.utils import disable_progress_bars
     except ImportError:
-        return
-    hf_logging.set_verbosity_error()
+        return counter
     disable_progress_bars()
+    return counter
 
 
 def main(ds_key: str, argv=None, *, download=hub_download, sleep=time.sleep) -> int:
@@ -508,7 +536,7 @@ def main(ds_key: str, argv=None, *, download=hub_download, sleep=time.sleep) -> 
         except ImportError:
             print(f"{prog}: error: huggingface_hub is not installed: pip install huggingface_hub", file=sys.stderr)
             return 1
-    _quiet_hub_logging()
+    hub_retries = _quiet_hub_logging()
     local_dir = os.path.abspath(args.local_dir or ds.default_dir())
     try:
         summary = fetch_shards(ds, args.n, local_dir, workers=args.workers, download=download, sleep=sleep,
@@ -519,6 +547,7 @@ def main(ds_key: str, argv=None, *, download=hub_download, sleep=time.sleep) -> 
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; complete files are kept, rerun to fetch the rest", file=sys.stderr)
         return 130
+    summary.hub_retries = hub_retries.count
     if "offline" in summary.kinds:  # offline mode switched on inside huggingface_hub, not by env
         print(f"{prog}: error: huggingface_hub offline mode is on, so nothing can be downloaded; "
               f"unset HF_HUB_OFFLINE and run again", file=sys.stderr)

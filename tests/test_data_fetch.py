@@ -4,6 +4,7 @@ Only huggingface_hub.hf_hub_download is replaced, by FakeHub below, which
 writes small shards and can fail on demand; sleeps are recorded, not slept.
 """
 
+import logging
 import os
 import socket
 import subprocess
@@ -268,6 +269,24 @@ def test_summary_counts_the_retries_of_failed_files(tmp_path, monkeypatch, capsy
     assert captured.err.strip().splitlines() == [
         "cached_fineweb10B.py: error: 2 of 2 download(s) failed (FAILED lines above); complete files are kept, "
         "rerun the same command to fetch only what is missing"]
+
+
+class RetryingHub(FakeHub):
+    """Like huggingface_hub with a failing server: retries inside the call (and logs each retry), then raises."""
+
+    def __call__(self, repo_id, filename, **kw):
+        http_log = logging.getLogger("huggingface_hub.utils._http")
+        for attempt in range(1, 6):
+            http_log.warning(f"Retrying in 1s [Retry {attempt}/5].")
+        return super().__call__(repo_id, filename, **kw)
+
+
+def test_summary_counts_retries_inside_huggingface_hub(tmp_path, monkeypatch, capsys):
+    hub = RetryingHub(failures={"fineweb_val_000000.bin": [http_error(503)] * 9})
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    assert run_main(tmp_path, 0, "--retries", 1) == 1
+    out = capsys.readouterr().out
+    assert "1 failed; 2 download request(s), 1 retry (and 10 more inside huggingface_hub)" in out
 
 
 def read_timeout():
