@@ -141,10 +141,22 @@ def _chain(exc: BaseException):
 
 
 def http_status(exc: BaseException) -> int | None:
-    """The HTTP status of an error raised for a response (requests, httpx or huggingface_hub)."""
-    response = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None)
-    return status if isinstance(status, int) else None
+    """The HTTP status of an error raised for a response (requests, httpx or huggingface_hub).
+
+    The chain is searched: huggingface_hub wraps a failed metadata request (e.g. HTTP 503
+    after its own retries) in LocalEntryNotFoundError, and the hub did answer then.
+    """
+    for e in _chain(exc):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+    return None
+
+
+def _answered(exc: BaseException) -> BaseException:
+    """The error in exc's chain that carries the HTTP answer, else exc itself."""
+    return next((e for e in _chain(exc) if isinstance(getattr(getattr(e, "response", None), "status_code", None), int)),
+                exc)
 
 
 def _names(exc: BaseException) -> set[str]:
@@ -175,20 +187,20 @@ def classify_error(exc: BaseException) -> str:
 
     huggingface_hub already retries a failing connection itself and then
     raises LocalEntryNotFoundError ("cannot find the requested files in the
-    local cache"); unless the cause shows the hub answered and then stalled
-    (which is retried), that and DNS failures mean the hub cannot be reached,
-    and retrying more only makes the user wait.
+    local cache"); unless the cause shows the hub answered (an HTTP status, or
+    a stall, both judged as such), that and DNS failures mean the hub cannot be
+    reached, and retrying more only makes the user wait.
     """
     if "OfflineModeIsEnabled" in _names(exc):
         return "offline"
+    status = http_status(exc)
+    if status is not None:  # the hub answered, with an error
+        return "transient" if status == 429 or status >= 500 else "fatal"
     if stalled(exc):
         return "transient"
     for e in _chain(exc):
         if "LocalEntryNotFoundError" in {c.__name__ for c in type(e).__mro__} or isinstance(e, socket.gaierror):
             return "unreachable"
-    status = http_status(exc)
-    if status is not None:
-        return "transient" if status == 429 or status >= 500 else "fatal"
     for e in _chain(exc):
         names = {c.__name__ for c in type(e).__mro__}
         if isinstance(e, (ConnectionError, TimeoutError)) or names & _TRANSIENT_NAMES:
@@ -199,6 +211,7 @@ def classify_error(exc: BaseException) -> str:
 def describe_error(exc: BaseException) -> str:
     """Short text for an error: the HTTP status if any, and the first line of the message."""
     status = http_status(exc)
+    exc = _answered(exc)
     first = (str(exc).strip().splitlines() or [""])[0][:160]
     what = f"HTTP {status}" if status is not None else type(exc).__name__
     return f"{what}: {first}" if first else what
@@ -315,7 +328,7 @@ def download_one(ds: HubDataset, filename: str, local_dir: str, *, download=hub_
             message = describe_error(e)
             if kind == "transient":  # out of retries
                 kind = give_up_kind(e)
-                message += f" (gave up after {retries} retries)"
+                message += f" (gave up after {retries} {'retry' if retries == 1 else 'retries'})"
             if kind in STOP_ALL_KINDS and stop is not None:
                 stop.set()  # tell the other downloads at once, before they start
             raise FetchError(message, kind=kind, retries=attempt) from e
@@ -502,18 +515,20 @@ class HubRetryCounter(logging.Handler):
 
 def _quiet_hub_logging() -> HubRetryCounter:
     """Keep huggingface_hub's own warnings and per-file bars out of the output, but count its retries."""
+    try:
+        # first: importing huggingface_hub's logging module adds its stderr handler, replaced below
+        import huggingface_hub.utils.logging  # noqa: F401
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    except ImportError:
+        pass
     counter = HubRetryCounter()
     hub_logger = logging.getLogger("huggingface_hub")
     for handler in list(hub_logger.handlers):
-        hub_logger.removeHandler(handler)  # its stderr handler: the summary reports what matters
+        hub_logger.removeHandler(handler)  # the summary and the error line report what matters
     hub_logger.addHandler(counter)
     hub_logger.setLevel(logging.WARNING)
     hub_logger.propagate = False
-    try:
-        from huggingface_hub.utils import disable_progress_bars
-    except ImportError:
-        return counter
-    disable_progress_bars()
     return counter
 
 

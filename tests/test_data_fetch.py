@@ -271,6 +271,22 @@ def test_summary_counts_the_retries_of_failed_files(tmp_path, monkeypatch, capsy
         "rerun the same command to fetch only what is missing"]
 
 
+def test_server_error_behind_huggingface_hubs_wrapper_is_not_called_unreachable(tmp_path, monkeypatch, capsys):
+    # huggingface_hub retries a 503 on the metadata request itself, then raises LocalEntryNotFoundError from it
+    hub = FakeHub(failures={"*": [_chained(LocalEntryNotFoundError("An error happened while trying to locate the file"),
+                                           http_error(503))]})
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    sleeps = []
+    assert run_main(tmp_path, 0, "--retries", 1, sleeps=sleeps) == 1
+    assert len(hub.calls) == 2 and sleeps == [2.0]  # retried: a server error may pass
+    captured = capsys.readouterr()
+    assert "could not reach" not in captured.err
+    assert "FAILED fineweb_val_000000.bin: HTTP 503: 503 error (gave up after 1 retry)" in captured.out
+    assert captured.err.strip().splitlines() == [
+        "cached_fineweb10B.py: error: 1 of 1 download(s) failed (FAILED lines above); complete files are kept, "
+        "rerun the same command to fetch only what is missing"]
+
+
 class RetryingHub(FakeHub):
     """Like huggingface_hub with a failing server: retries inside the call (and logs each retry), then raises."""
 
