@@ -154,12 +154,14 @@ def describe_differences(differences):
 
 
 def group_warnings(name, runs, differences, hashes):
-    """One line per reason a group's statistics pool runs that are not repeats of one another.
+    """One line per surprise in a group: a log cut inside its final line (left out of the
+    statistics), and runs pooled that are not repeats of one another.
 
     Why warn: the t-test and the time interval assume repeats of one configuration; pooling
     different ones gives intervals such as [-261.8 s, 610.0 s] that look like noise.
     """
-    warnings = []
+    warnings = [f"{run.path}: {run.incomplete_reason}; left out of the statistics: use the whole, unedited log"
+                for run in runs if run.incomplete_reason]
     if differences:
         warnings.append(f"{name}: its runs have different configurations ({describe_differences(differences)}); "
                         f"the statistics pool them: put each configuration in its own folder")

@@ -215,7 +215,7 @@ def parse_log_text(text, path="<text>"):
     if run.world_size is None and smi_gpus:
         run.world_size = len(smi_gpus)
     if final is not None and final["total"] == run.steps_total and final.get("train_time") is None:
-        run.incomplete_reason = "final validation line has no train_time in ms (log cut short?)"
+        run.incomplete_reason = "final validation line has no train_time in ms: log cut short?"
     elif final is not None and final["total"] == run.steps_total:
         run.final_val_loss = final["val_loss"]
         run.train_time_ms = final["train_time"]

@@ -710,14 +710,16 @@ def test_log_cut_inside_final_train_time_is_incomplete(tmp_path, capsys):
     assert cut.endswith("step:100/100 val_loss:3.2790 train_time:3709")
     run = runlog.parse_log_text(cut)
     assert not run.complete and run.train_time_ms is None and run.final_val_loss is None
-    assert run.incomplete_reason == "final validation line has no train_time in ms (log cut short?)"
+    assert run.incomplete_reason == "final validation line has no train_time in ms: log cut short?"
     folder = write(tmp_path / "g" / "cut.txt", cut).parent
     write(folder / "whole.txt", text)
     group = compare.analyse(compare.load_groups([str(folder)]))["groups"][0]
     assert group["n"] == 1 and group["n_incomplete"] == 1
     assert group["mean_train_time_s"] == pytest.approx(370.958)
-    code, out, _ = run_compare(capsys, folder)
-    assert code == 0 and "INCOMPLETE (final validation line has no train_time in ms (log cut short?))" in out
+    code, out, err = run_compare(capsys, folder)
+    assert code == 0 and "INCOMPLETE (final validation line has no train_time in ms: log cut short?)" in out
+    assert err.splitlines() == [f"warning: {folder / 'cut.txt'}: final validation line has no train_time in ms: "
+                                f"log cut short?; left out of the statistics: use the whole, unedited log"]
     assert "3.709 s" not in out
 
 
