@@ -13,17 +13,24 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 nproc="${NPROC:-8}"
+python=$(command -v python || command -v python3 || echo python)
 
 if ! command -v torchrun >/dev/null 2>&1; then
     echo "run.sh: error: torchrun is not on the PATH; install the requirements first: pip install -r requirements.txt" >&2
     exit 1
 fi
 
+# --help: train_gpt.py's help once, not once per process
+for arg in "$@"; do
+    if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
+        exec "$python" train_gpt.py --help
+    fi
+done
+
 # Check the launch in one process before torchrun starts NPROC of them: a missing GPU or a world
 # size that does not fit is then the first and only line of output, not a line inside torchrun's
 # failure report. The flags are parsed by train_gpt.py itself, so --device cpu or another
 # --train-seq-len is taken into account.
-python=$(command -v python || command -v python3)
 "$python" - "$nproc" "$@" <<'PY'
 import os
 import shlex

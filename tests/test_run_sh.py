@@ -75,3 +75,9 @@ def test_a_launch_that_fits_reaches_torchrun(tmp_path, gpus, nproc, args):
     result, torchrun = run_sh(tmp_path, *args, gpus=gpus, nproc=nproc)
     assert result.returncode == 0, result.stderr
     assert torchrun == ["--standalone", f"--nproc_per_node={nproc}", "train_gpt.py", *args]
+
+
+def test_help_is_printed_once_without_torchrun(tmp_path):
+    result, torchrun = run_sh(tmp_path, "--seed", "1", "--help", gpus=0)
+    assert result.returncode == 0 and torchrun is None
+    assert result.stdout.startswith("usage: train_gpt.py") and result.stdout.count("usage:") == 1
