@@ -266,7 +266,7 @@ class FetchSummary:
     refetched: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
-    requests: int = 0  # calls to the hub, first tries and retries (huggingface_hub's own retries not seen)
+    requests: int = 0  # our calls of hf_hub_download, first tries and retries
     retries: int = 0
     hub_retries: int = 0  # retries inside huggingface_hub, counted from its log (CLI only)
     partial_kept: int = 0  # resumable partial downloads left in the staging folder
