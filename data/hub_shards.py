@@ -153,10 +153,17 @@ def http_status(exc: BaseException) -> int | None:
     return None
 
 
-def _answered(exc: BaseException) -> BaseException:
-    """The error in exc's chain that carries the HTTP answer, else exc itself."""
-    return next((e for e in _chain(exc) if isinstance(getattr(getattr(e, "response", None), "status_code", None), int)),
-                exc)
+def _root_cause(exc: BaseException) -> BaseException:
+    """The error in exc's chain that says what happened: the one with the HTTP answer, else
+    the network error (a timeout, a refused connection), else exc itself.
+
+    Why: huggingface_hub's wrapper says "check your connection" for a server that answered.
+    """
+    chain = list(_chain(exc))
+    answered = [e for e in chain if isinstance(getattr(getattr(e, "response", None), "status_code", None), int)]
+    network = [e for e in chain if {c.__name__ for c in type(e).__mro__} & (_CONNECT_NAMES | _STALL_NAMES)
+               or isinstance(e, (TimeoutError, ConnectionError, socket.gaierror))]
+    return (answered or network or [exc])[0]
 
 
 def _names(exc: BaseException) -> set[str]:
@@ -211,7 +218,7 @@ def classify_error(exc: BaseException) -> str:
 def describe_error(exc: BaseException) -> str:
     """Short text for an error: the HTTP status if any, and the first line of the message."""
     status = http_status(exc)
-    exc = _answered(exc)
+    exc = _root_cause(exc)
     first = (str(exc).strip().splitlines() or [""])[0][:160]
     what = f"HTTP {status}" if status is not None else type(exc).__name__
     return f"{what}: {first}" if first else what

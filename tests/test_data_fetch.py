@@ -333,6 +333,8 @@ def test_server_that_answers_then_stalls_is_not_called_unreachable(tmp_path, mon
     assert "could not reach" not in captured.err
     assert captured.err.strip().splitlines() == [STALL_LINE.format(kept="")]
     assert "1 failed; 3 download request(s), 2 retries" in captured.out
+    assert "FAILED fineweb_val_000000.bin: ReadTimeout: The read operation timed out (gave up after 2 retries)" \
+        in captured.out  # the cause, not huggingface_hub's "check your connection" wrapper
 
 
 class DebrisHub(FakeHub):
