@@ -13,13 +13,17 @@ How a run behaves, and why:
   file system); a file is verified there and only then renamed to its final
   name, so a final name never holds half a download.
 - HTTP 429/5xx, timeouts and dropped connections are retried with
-  exponential back-off. When the hub cannot be reached at all the run stops
-  with one line saying what to try instead.
+  exponential back-off. When the hub cannot be reached at all, when it
+  answers but the transfer keeps stalling, or when offline mode is on, the
+  run stops with one line saying which of these it is and what to try.
+- A failed run leaves no lock or metadata files of huggingface_hub behind;
+  only a partial download it can resume is kept in the staging folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import socket
@@ -58,11 +62,17 @@ DATASETS = {
 
 
 class FetchError(Exception):
-    """A failure reported to the user as one line; kind says which advice fits."""
+    """A failure reported to the user as one line; kind says which advice fits.
 
-    def __init__(self, message: str, kind: str = "fatal"):
+    kind: 'fatal', 'usage', 'unreachable' (no connection), 'stalled' (the hub answered, the
+    transfer did not finish), 'offline' (HF_HUB_OFFLINE), 'cancelled'. retries: how many
+    retries were spent before giving up, so the summary can count them.
+    """
+
+    def __init__(self, message: str, kind: str = "fatal", retries: int = 0):
         super().__init__(message)
         self.kind = kind
+        self.retries = retries
 
 
 # --------------------------------------------------------------------------
@@ -113,7 +123,12 @@ _TRANSIENT_NAMES = {
     "NetworkError", "ConnectError", "ReadError", "WriteError", "RemoteProtocolError", "ProtocolError",
     "TransportError", "ChunkedEncodingError", "IncompleteRead", "ConnectionError",
 }
-_UNREACHABLE_NAMES = {"LocalEntryNotFoundError", "OfflineModeIsEnabled"}
+# Errors raised before any byte came back: no route to the hub.
+_CONNECT_NAMES = {"ConnectTimeout", "ConnectError", "NewConnectionError", "NameResolutionError", "PoolTimeout"}
+# Errors raised after the hub accepted the connection: it answered, then stopped or broke off.
+_STALL_NAMES = {"ReadTimeout", "ReadError", "RemoteProtocolError", "ChunkedEncodingError", "IncompleteRead",
+                "ProtocolError", "WriteTimeout", "WriteError"}
+_TRUE_VALUES = {"1", "on", "yes", "true"}  # how huggingface_hub reads HF_HUB_OFFLINE
 
 
 def _chain(exc: BaseException):
@@ -126,27 +141,73 @@ def _chain(exc: BaseException):
 
 
 def http_status(exc: BaseException) -> int | None:
-    """The HTTP status of an error raised for a response (requests, httpx or huggingface_hub)."""
-    response = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None)
-    return status if isinstance(status, int) else None
+    """The HTTP status of an error raised for a response (requests, httpx or huggingface_hub).
+
+    The chain is searched: huggingface_hub wraps a failed metadata request (e.g. HTTP 503
+    after its own retries) in LocalEntryNotFoundError, and the hub did answer then.
+    """
+    for e in _chain(exc):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+    return None
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The error in exc's chain that says what happened: the one with the HTTP answer, else
+    the network error (a timeout, a refused connection), else exc itself.
+
+    Why: huggingface_hub's wrapper says "check your connection" for a server that answered.
+    """
+    chain = list(_chain(exc))
+    answered = [e for e in chain if isinstance(getattr(getattr(e, "response", None), "status_code", None), int)]
+    network = [e for e in chain if {c.__name__ for c in type(e).__mro__} & (_CONNECT_NAMES | _STALL_NAMES)
+               or isinstance(e, (TimeoutError, ConnectionError, socket.gaierror))]
+    return (answered or network or [exc])[0]
+
+
+def _names(exc: BaseException) -> set[str]:
+    """The class names of exc and of everything in its chain, base classes included."""
+    return {c.__name__ for e in _chain(exc) for c in type(e).__mro__}
+
+
+def offline_mode() -> bool:
+    """True when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) turns huggingface_hub's network off."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().lower() in _TRUE_VALUES
+
+
+def stalled(exc: BaseException) -> bool:
+    """True when the hub answered and the transfer then timed out or broke off.
+
+    huggingface_hub wraps a failed metadata request in LocalEntryNotFoundError, so
+    the whole chain is searched; a connect-phase error anywhere means no answer.
+    """
+    names = _names(exc)
+    if names & _CONNECT_NAMES or any(isinstance(e, (socket.gaierror, ConnectionRefusedError)) for e in _chain(exc)):
+        return False
+    return bool(names & _STALL_NAMES) or any(isinstance(e, (TimeoutError, ConnectionResetError)) for e in _chain(exc))
 
 
 def classify_error(exc: BaseException) -> str:
-    """'unreachable', 'transient' (worth retrying) or 'fatal'.
+    """'offline', 'unreachable', 'transient' (worth retrying) or 'fatal'.
 
     huggingface_hub already retries a failing connection itself and then
     raises LocalEntryNotFoundError ("cannot find the requested files in the
-    local cache"); that, offline mode and DNS failures mean the hub cannot be
+    local cache"); unless the cause shows the hub answered (an HTTP status, or
+    a stall, both judged as such), that and DNS failures mean the hub cannot be
     reached, and retrying more only makes the user wait.
     """
-    for e in _chain(exc):
-        names = {c.__name__ for c in type(e).__mro__}
-        if names & _UNREACHABLE_NAMES or isinstance(e, socket.gaierror):
-            return "unreachable"
+    if "OfflineModeIsEnabled" in _names(exc):
+        return "offline"
     status = http_status(exc)
-    if status is not None:
+    if status is not None:  # the hub answered, with an error
         return "transient" if status == 429 or status >= 500 else "fatal"
+    if stalled(exc):
+        return "transient"
+    for e in _chain(exc):
+        if "LocalEntryNotFoundError" in {c.__name__ for c in type(e).__mro__} or isinstance(e, socket.gaierror):
+            return "unreachable"
     for e in _chain(exc):
         names = {c.__name__ for c in type(e).__mro__}
         if isinstance(e, (ConnectionError, TimeoutError)) or names & _TRANSIENT_NAMES:
@@ -157,18 +218,40 @@ def classify_error(exc: BaseException) -> str:
 def describe_error(exc: BaseException) -> str:
     """Short text for an error: the HTTP status if any, and the first line of the message."""
     status = http_status(exc)
+    exc = _root_cause(exc)
     first = (str(exc).strip().splitlines() or [""])[0][:160]
     what = f"HTTP {status}" if status is not None else type(exc).__name__
     return f"{what}: {first}" if first else what
 
 
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
 def unreachable_message(ds: HubDataset) -> str:
     """The one line printed when there is no way to the hub."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else ""
-    return (f"could not reach the Hugging Face hub at {endpoint}{offline} to download {ds.repo_id}; "
+    return (f"could not reach the Hugging Face hub at {hub_endpoint()} to download {ds.repo_id}; "
             f"check the connection, set HF_ENDPOINT to a mirror (e.g. HF_ENDPOINT=https://hf-mirror.com), "
             f"or build shards from your own text with data/tokenize_corpus.py")
+
+
+def offline_message(ds: HubDataset, missing: int) -> str:
+    """The one line printed when offline mode forbids the download (no connection was tried)."""
+    var = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
+    return (f"huggingface_hub offline mode is on ({var}={os.environ.get(var)}), so the {missing} missing "
+            f"file(s) of {ds.repo_id} cannot be downloaded; turn it off for this command "
+            f"({var}=0 python data/cached_{ds.key}.py ...) or run `unset {var}`")
+
+
+def stalled_message(ds: HubDataset, summary: "FetchSummary", local_dir: str) -> str:
+    """The one line printed when the hub answered but downloads kept stalling or breaking off."""
+    timeout = os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    kept = (f"; {summary.partial_kept} partial download(s) kept in {os.path.join(local_dir, STAGING)} to resume"
+            if summary.partial_kept else "")
+    return (f"the hub at {hub_endpoint()} answered but {len(summary.failed)} download(s) of {ds.repo_id} stalled "
+            f"or broke off{kept}; rerun the same command to continue "
+            f"(complete files are kept), raise HF_HUB_DOWNLOAD_TIMEOUT (now {timeout} s) on a slow link, "
+            f"or set HF_ENDPOINT to a mirror")
 
 
 # --------------------------------------------------------------------------
@@ -190,19 +273,25 @@ class FetchSummary:
     refetched: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    requests: int = 0  # our calls of hf_hub_download, first tries and retries
     retries: int = 0
+    hub_retries: int = 0  # retries inside huggingface_hub, counted from its log (CLI only)
+    partial_kept: int = 0  # resumable partial downloads left in the staging folder
     bytes_downloaded: int = 0
     bytes_present: int = 0
     seconds: float = 0.0
     unreachable: bool = False
+    kinds: set[str] = field(default_factory=set)  # FetchError kinds of the failures
 
     def text(self, ds: HubDataset, local_dir: str) -> str:
         total = len(self.fetched) + len(self.refetched) + len(self.skipped) + len(self.failed)
         rate = self.bytes_downloaded / max(self.seconds, 1e-9) / 1e6
+        hub = f" (and {self.hub_retries} more inside huggingface_hub)" if self.hub_retries else ""
+        retries_word = "retry" if self.retries == 1 else "retries"
         lines = [
             f"{ds.repo_id} -> {local_dir}: {total} file(s): {len(self.fetched)} fetched, "
             f"{len(self.refetched)} re-fetched (corrupt), {len(self.skipped)} skipped (already complete), "
-            f"{len(self.failed)} failed; {self.retries} retries",
+            f"{len(self.failed)} failed; {self.requests} download request(s), {self.retries} {retries_word}{hub}",
             f"downloaded {self.bytes_downloaded:,} bytes ({self.bytes_downloaded / 1e9:.2f} GB) in "
             f"{self.seconds:.1f} s ({rate:.1f} MB/s); {self.bytes_present:,} bytes of shards on disk",
         ]
@@ -235,7 +324,8 @@ def download_one(ds: HubDataset, filename: str, local_dir: str, *, download=hub_
         try:
             path = download(repo_id=ds.repo_id, filename=filename, repo_type="dataset",
                             local_dir=staging, force_download=force)
-        except FetchError:
+        except FetchError as e:
+            e.retries = attempt
             raise
         except Exception as e:
             kind = classify_error(e)
@@ -244,11 +334,11 @@ def download_one(ds: HubDataset, filename: str, local_dir: str, *, download=hub_
                 continue
             message = describe_error(e)
             if kind == "transient":  # out of retries
-                kind = "unreachable" if http_status(e) is None else "fatal"
-                message += f" (gave up after {retries} retries)"
-            if kind == "unreachable" and stop is not None:
+                kind = give_up_kind(e)
+                message += f" (gave up after {retries} {'retry' if retries == 1 else 'retries'})"
+            if kind in STOP_ALL_KINDS and stop is not None:
                 stop.set()  # tell the other downloads at once, before they start
-            raise FetchError(message, kind=kind) from e
+            raise FetchError(message, kind=kind, retries=attempt) from e
         problem = shard_problem(path)
         if problem is None:
             os.replace(path, os.path.join(local_dir, filename))
@@ -258,7 +348,22 @@ def download_one(ds: HubDataset, filename: str, local_dir: str, *, download=hub_
         force = True  # the hub cache metadata may claim the bad file is current
         if attempt < retries:
             sleep(backoff_delay(attempt, base_delay))
-    raise FetchError(f"downloaded file is not a valid shard ({problem}) after {retries + 1} tries")
+    raise FetchError(f"downloaded file is not a valid shard ({problem}) after {retries + 1} tries", retries=retries)
+
+
+# Failures that would hit every other file the same way: the run stops starting new downloads.
+STOP_ALL_KINDS = ("unreachable", "stalled", "offline")
+
+
+def give_up_kind(exc: BaseException) -> str:
+    """What a transient error that outlasted the retries means for the user.
+
+    An HTTP status (429/5xx) is the server's own answer; a stall or a dropped
+    transfer means it answered and then stopped; anything else never got through.
+    """
+    if http_status(exc) is not None:
+        return "fatal"
+    return "stalled" if stalled(exc) else "unreachable"
 
 
 def plan(ds: HubDataset, names: list[str], local_dir: str):
@@ -275,17 +380,33 @@ def plan(ds: HubDataset, names: list[str], local_dir: str):
     return skip, corrupt, missing
 
 
-def cleanup_staging(staging: str, everything: bool) -> None:
-    """Drop the staging folder after a clean run; after a failed one keep any
-    partial download huggingface_hub can resume, but no empty folders."""
+def cleanup_staging(staging: str, everything: bool) -> int:
+    """Drop the staging folder after a clean run; after a failed one keep only the
+    partial downloads huggingface_hub can resume (non-empty *.incomplete files).
+
+    Why delete the rest: the .lock and .metadata files and empty folders that
+    huggingface_hub leaves after a failure resume nothing, and stale locks look
+    like a download still running. Returns the number of partial files kept.
+    """
     if everything:
         shutil.rmtree(staging, ignore_errors=True)
-        return
-    for root, _, _ in sorted(os.walk(staging), key=lambda w: -len(w[0])):
+        return 0
+    kept = 0
+    for root, _, files in sorted(os.walk(staging), key=lambda w: -len(w[0])):
+        for name in files:
+            path = os.path.join(root, name)
+            if name.endswith(".incomplete") and os.path.getsize(path) > 0:
+                kept += 1
+                continue
+            try:
+                os.remove(path)
+            except OSError:
+                pass
         try:
             os.rmdir(root)  # only succeeds when empty
         except OSError:
             pass
+    return kept
 
 
 def _progress(total: int):
@@ -303,10 +424,13 @@ def fetch_shards(ds: HubDataset, n_train: int | None, local_dir: str | None = No
     """
     local_dir = local_dir or ds.default_dir()
     names = shard_filenames(ds, n_train)
-    os.makedirs(local_dir, exist_ok=True)
     t0 = time.perf_counter()
     summary = FetchSummary()
     skip, corrupt, missing = plan(ds, names, local_dir)
+    if (corrupt or missing) and offline_mode():
+        # huggingface_hub would refuse every file anyway, after leaving lock files behind
+        raise FetchError(offline_message(ds, len(corrupt) + len(missing)), kind="offline")
+    os.makedirs(local_dir, exist_ok=True)
     summary.skipped = skip
     if log is not None:
         for name, problem in corrupt:
@@ -324,13 +448,18 @@ def fetch_shards(ds: HubDataset, n_train: int | None, local_dir: str | None = No
                 if fut.cancelled():  # never started: the hub was found unreachable
                     continue
                 try:
-                    summary.retries += fut.result()
+                    used = fut.result()
+                    summary.retries += used
+                    summary.requests += used + 1
                 except FetchError as e:
                     if e.kind == "cancelled":
                         continue
+                    summary.retries += e.retries
+                    summary.requests += e.retries + 1
                     summary.failed.append((name, str(e)))
-                    if e.kind == "unreachable":
-                        summary.unreachable = True
+                    summary.kinds.add(e.kind)
+                    if e.kind in STOP_ALL_KINDS:
+                        summary.unreachable = summary.unreachable or e.kind == "unreachable"
                         stop.set()  # no point starting the other downloads
                         for other in futures:
                             other.cancel()
@@ -343,7 +472,7 @@ def fetch_shards(ds: HubDataset, n_train: int | None, local_dir: str | None = No
     finally:
         if bar is not None:
             bar.close()
-    cleanup_staging(os.path.join(local_dir, STAGING), everything=not summary.failed)
+    summary.partial_kept = cleanup_staging(os.path.join(local_dir, STAGING), everything=not summary.failed)
     summary.bytes_present = sum(os.path.getsize(os.path.join(local_dir, n)) for n in names
                                 if os.path.exists(os.path.join(local_dir, n)))
     summary.seconds = time.perf_counter() - t0
@@ -374,14 +503,40 @@ def build_parser(ds: HubDataset, prog: str) -> argparse.ArgumentParser:
     return ap
 
 
-def _quiet_hub_logging() -> None:
-    """Keep huggingface_hub's own retry warnings and per-file bars out of the output."""
+class HubRetryCounter(logging.Handler):
+    """Counts the retries huggingface_hub makes inside hf_hub_download, from the warning it logs for each.
+
+    Why: those are requests too. Without them a run that failed after a dozen
+    requests reported "0 retries".
+    """
+    MARKERS = ("[Retry ", "Trying to resume download")
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if any(marker in record.getMessage() for marker in self.MARKERS):
+            self.count += 1  # handle() holds the handler's lock: safe across download threads
+
+
+def _quiet_hub_logging() -> HubRetryCounter:
+    """Keep huggingface_hub's own warnings and per-file bars out of the output, but count its retries."""
     try:
-        from huggingface_hub.utils import disable_progress_bars, logging as hf_logging
+        # first: importing huggingface_hub's logging module adds its stderr handler, replaced below
+        import huggingface_hub.utils.logging  # noqa: F401
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
     except ImportError:
-        return
-    hf_logging.set_verbosity_error()
-    disable_progress_bars()
+        pass
+    counter = HubRetryCounter()
+    hub_logger = logging.getLogger("huggingface_hub")
+    for handler in list(hub_logger.handlers):
+        hub_logger.removeHandler(handler)  # the summary and the error line report what matters
+    hub_logger.addHandler(counter)
+    hub_logger.setLevel(logging.WARNING)
+    hub_logger.propagate = False
+    return counter
 
 
 def main(ds_key: str, argv=None, *, download=hub_download, sleep=time.sleep) -> int:
@@ -403,7 +558,7 @@ def main(ds_key: str, argv=None, *, download=hub_download, sleep=time.sleep) -> 
         except ImportError:
             print(f"{prog}: error: huggingface_hub is not installed: pip install huggingface_hub", file=sys.stderr)
             return 1
-    _quiet_hub_logging()
+    hub_retries = _quiet_hub_logging()
     local_dir = os.path.abspath(args.local_dir or ds.default_dir())
     try:
         summary = fetch_shards(ds, args.n, local_dir, workers=args.workers, download=download, sleep=sleep,
@@ -414,8 +569,19 @@ def main(ds_key: str, argv=None, *, download=hub_download, sleep=time.sleep) -> 
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; complete files are kept, rerun to fetch the rest", file=sys.stderr)
         return 130
+    summary.hub_retries = hub_retries.count
+    if "offline" in summary.kinds:  # offline mode switched on inside huggingface_hub, not by env
+        print(f"{prog}: error: huggingface_hub offline mode is on, so nothing can be downloaded; "
+              f"unset HF_HUB_OFFLINE and run again", file=sys.stderr)
+        return 1
     if summary.unreachable:
         print(f"{prog}: error: {unreachable_message(ds)}", file=sys.stderr)
         return 1
     print(summary.text(ds, local_dir))
+    if "stalled" in summary.kinds:
+        print(f"{prog}: error: {stalled_message(ds, summary, local_dir)}", file=sys.stderr)
+    elif summary.failed:
+        tried = len(summary.failed) + len(summary.fetched) + len(summary.refetched)
+        print(f"{prog}: error: {len(summary.failed)} of {tried} download(s) failed (FAILED lines above); "
+              f"complete files are kept, rerun the same command to fetch only what is missing", file=sys.stderr)
     return 1 if summary.failed else 0

@@ -9,8 +9,15 @@ the one-sided t-test p-value that the mean is below --target, and the mean
 train time with a 95% t-interval. With exactly two groups it adds the time and
 loss differences (group 2 - group 1) with Welch-test p-values.
 
-Incomplete runs (no validation line at step T/T: crashed or stopped) are listed
-with the last step reached and left out of the group statistics.
+Incomplete runs (no validation line at step T/T: crashed or stopped, or a log
+cut inside that line) are listed with the last step reached and left out of the
+group statistics. A group whose runs differ in configuration (the `config:` line,
+apart from seed, run id and such) or in source hash gets a warning on stderr
+naming what differs: its statistics pool runs that are not repeats.
+
+--plot draws one colour per run (legend: run names) and one line style per
+group, on axes fitted to the data; the target line is drawn when it falls in
+the plotted loss range.
 
 Examples:
   python records/compare.py logs/baseline logs/new_idea
@@ -106,10 +113,62 @@ def run_summary(run, group):
         "reserved_memory_mib": run.reserved_memory_mib,
         "mfu_percent": run.mfu_percent,
         "stopping": run.stopping,
+        "incomplete_reason": run.incomplete_reason,
         "last_val_loss": run.val_points[-1].val_loss if run.val_points else None,
         "val_curve": [[p.step, None if p.train_time_ms is None else p.train_time_ms / 1000.0, p.val_loss]
                       for p in run.val_points],
     }
+
+
+# Config fields that name or file a run but do not change what is trained or timed, so runs that
+# differ only in these are repeats of one configuration. Every other field counts.
+RUN_ONLY_FIELDS = frozenset({"seed", "run_id", "log_dir", "save_model", "gpu_peak_tflops"})
+MAX_SHOWN_VALUES = 3
+
+
+def config_differences(runs):
+    """{field: sorted distinct values} over the runs' `config:` lines, run-only fields excluded.
+
+    world_size counts as a field too: it is not in the config line but changes the time. Runs
+    without a config line (public logs) cannot be compared and are left out.
+    """
+    configs = []
+    for run in runs:
+        if run.config is not None:
+            configs.append({**run.config, "world_size": run.world_size})
+    differences = {}
+    for key in sorted({k for config in configs for k in config} - RUN_ONLY_FIELDS):
+        values = {json.dumps(config.get(key), sort_keys=True) for config in configs}
+        if len(values) > 1:
+            differences[key] = sorted(values)
+    return differences
+
+
+def describe_differences(differences):
+    """'train_steps: 10, 12; val_every: 4, 5': the fields and values, a few of each."""
+    parts = []
+    for key, values in differences.items():
+        shown = ", ".join(values[:MAX_SHOWN_VALUES]) + (", ..." if len(values) > MAX_SHOWN_VALUES else "")
+        parts.append(f"{key}: {shown}")
+    return "; ".join(parts)
+
+
+def group_warnings(name, runs, differences, hashes):
+    """One line per surprise in a group: a log cut inside its final line (left out of the
+    statistics), and runs pooled that are not repeats of one another.
+
+    Why warn: the t-test and the time interval assume repeats of one configuration; pooling
+    different ones gives intervals such as [-261.8 s, 610.0 s] that look like noise.
+    """
+    warnings = [f"{run.path}: {run.incomplete_reason}; left out of the statistics: use the whole, unedited log"
+                for run in runs if run.incomplete_reason]
+    if differences:
+        warnings.append(f"{name}: its runs have different configurations ({describe_differences(differences)}); "
+                        f"the statistics pool them: put each configuration in its own folder")
+    if len(hashes) > 1:
+        warnings.append(f"{name}: its runs come from {len(hashes)} different sources (hashes {', '.join(hashes)}); "
+                        f"the statistics pool them: put each version of the code in its own folder")
+    return warnings
 
 
 def group_summary(name, runs, target=DEFAULT_TARGET, confidence=CONFIDENCE):
@@ -123,6 +182,7 @@ def group_summary(name, runs, target=DEFAULT_TARGET, confidence=CONFIDENCE):
     times = [r.train_time_s for r in complete]
     interval = stats.t_interval(times, confidence)
     hashes = sorted({r.source_hash for r in runs if r.source_hash is not None})
+    differences = config_differences(runs)
     return {
         "name": name,
         "n": len(complete),
@@ -138,6 +198,8 @@ def group_summary(name, runs, target=DEFAULT_TARGET, confidence=CONFIDENCE):
         "confidence": confidence,
         "source_hashes": hashes,
         "single_source": len(hashes) == 1 and all(r.source_hash is not None for r in runs),
+        "config_differences": differences,
+        "warnings": group_warnings(name, runs, differences, hashes),
     }
 
 
@@ -226,6 +288,8 @@ def run_rows(runs):
         if not r["complete"]:
             reached = f"{r['last_step']}/{r['steps']}" if r["steps"] is not None else "none"
             status = f"INCOMPLETE (last step {reached})"
+            if r["incomplete_reason"]:
+                status = f"INCOMPLETE ({r['incomplete_reason']})"
         rows.append([
             r["group"], os.path.basename(r["path"]), status,
             fmt(r["final_val_loss"], ".4f"), fmt(r["train_time_s"], ".3f", " s"),
@@ -289,6 +353,11 @@ def render_text(result):
     return "\n".join(out)
 
 
+def warning_lines(result):
+    """Every group's warnings, as 'warning: ...' lines (printed to stderr, after the report)."""
+    return [f"warning: {w}" for g in result["groups"] for w in g["warnings"]]
+
+
 # ----------------------------------------------------------------------------- plot
 
 def require_matplotlib():
@@ -302,35 +371,88 @@ def require_matplotlib():
     return plt
 
 
-def plot_curves(result, out_path, plt):
-    """Draw val loss against train time for every run, one colour per group."""
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    late_losses = []
+GROUP_STYLES = ["-", "--", ":", "-."]
+Y_MARGIN = 0.05  # of the loss range, above and below the data
+
+
+def run_label(run):
+    """A run's name in the legend: the log's file name without extension (train_gpt.py names logs by run id)."""
+    return os.path.splitext(os.path.basename(run["path"]))[0]
+
+
+def run_colours(n, plt):
+    """n distinct colours: the default cycle (10), then tab20, then evenly spaced hues."""
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if n <= len(cycle):
+        return cycle[:n]
+    cmap = plt.get_cmap("tab20" if n <= 20 else "hsv")
+    return [cmap(i / (n if n > 20 else 20)) for i in range(n)]
+
+
+def loss_limits(losses, target):
+    """y range: the data with a small margin; the target line only widens it when it lies inside.
+
+    Why from the data: CPU runs end near 7 and GPU runs near 3.3, so no fixed range fits both.
+    """
+    low, high = min(losses), max(losses)
+    pad = Y_MARGIN * (high - low) if high > low else 0.05 * max(abs(high), 1.0)
+    return low - pad, high + pad
+
+
+def draw_curves(result, plt):
+    """The val-loss-against-train-time figure: one colour per run, one line style per group.
+
+    Returns the figure so tests can read its axes. Two legends: the runs by name, and the
+    groups (line styles) with the target line.
+    """
+    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=100)
+    curves = []
     for index, group in enumerate(result["groups"]):
-        colour = colours[index % len(colours)]
-        label = f"{group['name']} (n={group['n']})"
         for run in (r for r in result["runs"] if r["group"] == group["name"]):
-            points = [(t, loss) for step, t, loss in run["val_curve"] if t is not None]
-            if not points:
-                continue
-            late_losses += [loss for (step, t, loss) in run["val_curve"]
-                            if t is not None and run["steps"] and step >= 0.1 * run["steps"]]
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, color=colour, alpha=0.8, linestyle="-" if run["complete"] else ":",
-                    marker=".", label=label)
-            label = None  # one legend entry per group
+            points = [(t, loss) for _, t, loss in run["val_curve"] if t is not None]
+            if points:
+                curves.append((index, run, points))
+    colours = run_colours(len(curves), plt)
+    run_lines = []
+    for colour, (index, run, points) in zip(colours, curves):
+        xs, ys = zip(*points)
+        label = run_label(run) + ("" if run["complete"] else " (incomplete)")
+        line, = ax.plot(xs, ys, color=colour, linestyle=GROUP_STYLES[index % len(GROUP_STYLES)],
+                        marker="o", markersize=3, linewidth=1.5, label=label)
+        run_lines.append(line)
     target = result["groups"][0]["target"]
-    ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target}")
-    if late_losses:  # hide the early loss spike so the end of training is readable
-        ax.set_ylim(min(late_losses + [target]) - 0.05, max(late_losses + [target]) + 0.1)
+    losses = [loss for _, _, points in curves for _, loss in points]
+    key_lines = [ax.plot([], [], color="black", linestyle=GROUP_STYLES[i % len(GROUP_STYLES)],
+                         label=f"{g['name']} (n={g['n']})")[0] for i, g in enumerate(result["groups"])]
+    if losses:
+        low, high = loss_limits(losses, target)
+        ax.set_ylim(low, high)
+        if low <= target <= high:
+            key_lines.append(ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target}"))
+        else:
+            ax.set_title(f"target {target} is outside the plotted loss range", fontsize=9, color="grey")
     ax.set_xlabel("train time (s)")
     ax.set_ylabel("val loss")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    # Both legends right of the axes: inside they would cover curves, and a folder of runs is a long list.
+    groups_legend = ax.legend(handles=key_lines, title="group", loc="lower left", bbox_to_anchor=(1.01, 0.0),
+                              fontsize=8, title_fontsize=8)
+    ax.add_artist(groups_legend)
+    if run_lines:
+        ax.legend(handles=run_lines, title="run", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  fontsize=8, title_fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_path, format="png")
-    plt.close(fig)
+    return fig
+
+
+def plot_curves(result, out_path, plt):
+    """Draw the curves (see draw_curves) into a PNG file."""
+    fig = draw_curves(result, plt)
+    try:
+        # "tight" widens the image to the legends right of the axes; the group legend is an extra artist
+        fig.savefig(out_path, format="png", bbox_inches="tight", bbox_extra_artists=list(fig.axes[0].artists))
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -367,6 +489,9 @@ def main(argv=None):
         print(render_text(result))
         if args.plot:
             print(f"\nplot written to {args.plot}")
+    # stderr, last: seen under the table and also next to --json output
+    for line in warning_lines(result):
+        print(line, file=sys.stderr)
     return 0
 
 

@@ -32,8 +32,10 @@ _SMI_GPU_RE = re.compile(r"^\|\s*(\d+)\s+(.+?)\s+(?:On|Off)\s*\|\s*[0-9A-Fa-f]{4
 _HEADER_RE = re.compile(r"^(world_size|grad_accum_steps|gpu|config|launch_to_first_step|compile_and_warmup|mfu):\s*(.*?)\s*$")
 _MEMORY_RE = re.compile(r"^peak memory allocated:\s*(\d+(?:\.\d+)?)\s*MiB(?:\s+reserved:\s*(\d+(?:\.\d+)?)\s*MiB)?")
 
-# Units a train_time / step_avg value may carry, as factors to milliseconds.
-_TIME_UNITS_MS = {"ms": 1.0, "s": 1000.0, "": 1.0}
+# Units a train_time / step_avg value may carry, as factors to milliseconds. A bare number is not
+# accepted: every log writes a unit, so a number without one is a line cut short (370958ms cut
+# after "3709" would otherwise read as 3.7 s and pass as a complete run).
+_TIME_UNITS_MS = {"ms": 1.0, "s": 1000.0}
 
 
 @dataclasses.dataclass
@@ -71,6 +73,8 @@ class RunLog:
     reserved_memory_mib: float = None
     mfu_percent: float = None
     stopping: str = None
+    # Why a log that reached its final validation line still is not complete (e.g. cut inside it).
+    incomplete_reason: str = None
     val_points: list = dataclasses.field(default_factory=list)
 
     @property
@@ -110,7 +114,7 @@ def parse_number(token):
 
 
 def parse_time_ms(token):
-    """A duration token in milliseconds ('12345ms', '12.3s'); None if unusable or non-finite."""
+    """A duration token in milliseconds ('12345ms', '12.3s'); None if unitless, unusable or non-finite."""
     parsed = parse_number(token)
     if parsed is None or parsed[1] not in _TIME_UNITS_MS or not math.isfinite(parsed[0]):
         return None
@@ -210,7 +214,9 @@ def parse_log_text(text, path="<text>"):
         run.gpu = smi_gpus[min(smi_gpus)]
     if run.world_size is None and smi_gpus:
         run.world_size = len(smi_gpus)
-    if final is not None and final["total"] == run.steps_total and final.get("train_time") is not None:
+    if final is not None and final["total"] == run.steps_total and final.get("train_time") is None:
+        run.incomplete_reason = "final validation line has no train_time in ms: log cut short?"
+    elif final is not None and final["total"] == run.steps_total:
         run.final_val_loss = final["val_loss"]
         run.train_time_ms = final["train_time"]
         run.step_avg_ms = final.get("step_avg")

@@ -4,6 +4,7 @@ Only huggingface_hub.hf_hub_download is replaced, by FakeHub below, which
 writes small shards and can fail on demand; sleeps are recorded, not slept.
 """
 
+import logging
 import os
 import socket
 import subprocess
@@ -68,6 +69,13 @@ class FakeHub:
         with open(path, "wb") as f:
             f.write(data)
         return path
+
+
+@pytest.fixture(autouse=True)
+def online(monkeypatch):
+    """Offline mode off unless a test turns it on: the shell running the tests may have set it."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
 
 
 @pytest.fixture
@@ -218,15 +226,149 @@ def _chained(outer, cause):
     return outer
 
 
+OFFLINE_LINE = ("cached_fineweb10B.py: error: huggingface_hub offline mode is on (HF_HUB_OFFLINE=1), so the 3 "
+                "missing file(s) of kjj0/fineweb10B-gpt2 cannot be downloaded; turn it off for this command "
+                "(HF_HUB_OFFLINE=0 python data/cached_fineweb10B.py ...) or run `unset HF_HUB_OFFLINE`")
+
+
 def test_offline_cli_real_hub_code(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("TRANSFORMERS_OFFLINE", None)
     result = subprocess.run([sys.executable, str(DATA_DIR / "cached_fineweb10B.py"), "2", "--local-dir", str(tmp_path)],
                             capture_output=True, text=True, env=env, timeout=120)
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "HF_ENDPOINT" in lines[0] and "Traceback" not in result.stderr
-    assert not list(tmp_path.glob("*.bin"))
+    assert result.stderr.strip().splitlines() == [OFFLINE_LINE]  # not "check the connection"
+    assert list(tmp_path.iterdir()) == []  # no shards, no .download/ with huggingface_hub's lock files
+
+
+def test_offline_mode_is_named_and_tries_nothing(tmp_path, hub, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    target = tmp_path / "new"
+    assert run_main(target, 2) == 1
+    assert hub.calls == [] and not target.exists()
+    assert capsys.readouterr().err.strip().splitlines() == [OFFLINE_LINE]
+
+
+def test_offline_mode_with_every_file_present_is_fine(tmp_path, hub, monkeypatch, capsys):
+    for name in names(1):
+        (tmp_path / name).write_bytes(shard_bytes(name))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert run_main(tmp_path, 1) == 0 and hub.calls == []
+    assert "2 skipped" in capsys.readouterr().out
+
+
+def test_summary_counts_the_retries_of_failed_files(tmp_path, monkeypatch, capsys):
+    hub = FakeHub(failures={"fineweb_val_000000.bin": [http_error(503)] * 9,
+                            "fineweb_train_000001.bin": [http_error(503)] * 9})
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    assert run_main(tmp_path, 1, "--retries", 2, "--workers", 1) == 1
+    assert len(hub.calls) == 6
+    captured = capsys.readouterr()
+    assert "2 failed; 6 download request(s), 4 retries" in captured.out  # was "0 retries" after 6 requests
+    assert captured.err.strip().splitlines() == [
+        "cached_fineweb10B.py: error: 2 of 2 download(s) failed (FAILED lines above); complete files are kept, "
+        "rerun the same command to fetch only what is missing"]
+
+
+def test_server_error_behind_huggingface_hubs_wrapper_is_not_called_unreachable(tmp_path, monkeypatch, capsys):
+    # huggingface_hub retries a 503 on the metadata request itself, then raises LocalEntryNotFoundError from it
+    hub = FakeHub(failures={"*": [_chained(LocalEntryNotFoundError("An error happened while trying to locate the file"),
+                                           http_error(503))]})
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    sleeps = []
+    assert run_main(tmp_path, 0, "--retries", 1, sleeps=sleeps) == 1
+    assert len(hub.calls) == 2 and sleeps == [2.0]  # retried: a server error may pass
+    captured = capsys.readouterr()
+    assert "could not reach" not in captured.err
+    assert "FAILED fineweb_val_000000.bin: HTTP 503: 503 error (gave up after 1 retry)" in captured.out
+    assert captured.err.strip().splitlines() == [
+        "cached_fineweb10B.py: error: 1 of 1 download(s) failed (FAILED lines above); complete files are kept, "
+        "rerun the same command to fetch only what is missing"]
+
+
+class RetryingHub(FakeHub):
+    """Like huggingface_hub with a failing server: retries inside the call (and logs each retry), then raises."""
+
+    def __call__(self, repo_id, filename, **kw):
+        http_log = logging.getLogger("huggingface_hub.utils._http")
+        for attempt in range(1, 6):
+            http_log.warning(f"Retrying in 1s [Retry {attempt}/5].")
+        return super().__call__(repo_id, filename, **kw)
+
+
+def test_summary_counts_retries_inside_huggingface_hub(tmp_path, monkeypatch, capsys):
+    hub = RetryingHub(failures={"fineweb_val_000000.bin": [http_error(503)] * 9})
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    assert run_main(tmp_path, 0, "--retries", 1) == 1
+    captured = capsys.readouterr()
+    assert "1 failed; 2 download request(s), 1 retry (and 10 more inside huggingface_hub)" in captured.out
+    assert "Retrying" not in captured.err  # counted, not printed
+
+
+def read_timeout():
+    httpx2 = pytest.importorskip("httpx2")  # the HTTP client of huggingface_hub >= 1.0
+    return httpx2.ReadTimeout("The read operation timed out")
+
+
+STALL_LINE = ("cached_fineweb10B.py: error: the hub at https://huggingface.co answered but 1 download(s) of "
+              "kjj0/fineweb10B-gpt2 stalled or broke off{kept}; rerun the same command to continue (complete files "
+              "are kept), raise HF_HUB_DOWNLOAD_TIMEOUT (now 10 s) on a slow link, or set HF_ENDPOINT to a mirror")
+
+
+@pytest.mark.parametrize("error", [
+    read_timeout,  # the body stopped coming: huggingface_hub's http_get gives up with the client's error
+    lambda: _chained(LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub"),
+                     read_timeout()),  # the metadata request was accepted, then never answered
+], ids=["body", "metadata"])
+def test_server_that_answers_then_stalls_is_not_called_unreachable(tmp_path, monkeypatch, capsys, error):
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.delenv("HF_HUB_DOWNLOAD_TIMEOUT", raising=False)
+    hub = FakeHub(failures={"*": [error()]})
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    sleeps = []
+    assert run_main(tmp_path, 9, "--workers", 1, "--retries", 2, sleeps=sleeps) == 1
+    assert sleeps == [2.0, 4.0] and len(hub.calls) == 3  # retried, then the other files are not started
+    captured = capsys.readouterr()
+    assert "could not reach" not in captured.err
+    assert captured.err.strip().splitlines() == [STALL_LINE.format(kept="")]
+    assert "1 failed; 3 download request(s), 2 retries" in captured.out
+    assert "FAILED fineweb_val_000000.bin: ReadTimeout: The read operation timed out (gave up after 2 retries)" \
+        in captured.out  # the cause, not huggingface_hub's "check your connection" wrapper
+
+
+class DebrisHub(FakeHub):
+    """Like huggingface_hub on a failure: leaves its lock, metadata and partial files, then raises."""
+
+    def __init__(self, error, partial_bytes=0):
+        super().__init__(failures={"*": [error]})
+        self.partial_bytes = partial_bytes
+
+    def __call__(self, repo_id, filename, *, local_dir=None, **kw):
+        meta = Path(local_dir) / ".cache" / "huggingface"
+        (meta / "download").mkdir(parents=True, exist_ok=True)
+        (meta / ".gitignore").write_text("*")
+        (meta / "download" / f"{filename}.lock").write_bytes(b"")
+        (meta / "download" / f"{filename}.metadata").write_text("abc\n")
+        (meta / "download" / f"x.{filename}.incomplete").write_bytes(b"\0" * self.partial_bytes)
+        return super().__call__(repo_id, filename, local_dir=local_dir, **kw)
+
+
+def test_failed_attempt_leaves_no_lock_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", DebrisHub(LocalEntryNotFoundError("no connection")))
+    assert run_main(tmp_path, 2, "--workers", 1) == 1
+    assert list(tmp_path.iterdir()) == []  # no .download/ with .lock, .metadata or empty .incomplete files
+
+
+def test_stalled_partial_download_is_kept_to_resume_and_locks_are_not(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.delenv("HF_HUB_DOWNLOAD_TIMEOUT", raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", DebrisHub(read_timeout(), partial_bytes=100))
+    assert run_main(tmp_path, 0, "--retries", 0) == 1
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert left == [".download/.cache/huggingface/download/x.fineweb_val_000000.bin.incomplete"]
+    kept = f"; 1 partial download(s) kept in {tmp_path / hs.STAGING} to resume"
+    assert capsys.readouterr().err.strip().splitlines() == [STALL_LINE.format(kept=kept)]
 
 
 # --------------------------------------------------------------------------

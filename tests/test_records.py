@@ -699,3 +699,132 @@ def test_repository_leaderboard_is_up_to_date(capsys):
 def test_committed_leaderboard_is_up_to_date():
     """The table in records/README.md is what leaderboard.py generates from the record folders in the repo."""
     assert leaderboard.main(["--check"]) == 0
+
+
+# ----------------------------------------------------------------------------- strict parsing, mixed groups, plot
+
+def cut_inside_final_train_time(text, keep_digits=4):
+    """The log text cut after the first keep_digits digits of the final line's train_time."""
+    final = text.rindex("val_loss:")
+    start = text.index("train_time:", final) + len("train_time:")
+    return text[:start + keep_digits]
+
+
+def test_log_cut_inside_final_train_time_is_incomplete(tmp_path, capsys):
+    text = make_log(total_ms=370_958.0)
+    cut = cut_inside_final_train_time(text)
+    assert cut.endswith("step:100/100 val_loss:3.2790 train_time:3709")
+    run = runlog.parse_log_text(cut)
+    assert not run.complete and run.train_time_ms is None and run.final_val_loss is None
+    assert run.incomplete_reason == "final validation line has no train_time in ms: log cut short?"
+    folder = write(tmp_path / "g" / "cut.txt", cut).parent
+    write(folder / "whole.txt", text)
+    group = compare.analyse(compare.load_groups([str(folder)]))["groups"][0]
+    assert group["n"] == 1 and group["n_incomplete"] == 1
+    assert group["mean_train_time_s"] == pytest.approx(370.958)
+    code, out, err = run_compare(capsys, folder)
+    assert code == 0 and "INCOMPLETE (final validation line has no train_time in ms: log cut short?)" in out
+    assert err.splitlines() == [f"warning: {folder / 'cut.txt'}: final validation line has no train_time in ms: "
+                                f"log cut short?; left out of the statistics: use the whole, unedited log"]
+    assert "3.709 s" not in out
+
+
+def test_step_line_time_without_unit_is_not_a_time():
+    assert runlog.parse_step_line("step:10/10 val_loss:3.2700 train_time:3709") == {
+        "step": 10, "total": 10, "val_loss": 3.27, "train_time": None}
+    assert runlog.parse_time_ms("370958ms") == 370958.0 and runlog.parse_time_ms("3709") is None
+
+
+def test_group_of_different_configs_warns_naming_the_fields(tmp_path, capsys):
+    folder = tmp_path / "logs"
+    write(folder / "a.txt", make_log(total_ms=100_000.0, config={"train_steps": 100, "lr": 0.05, "seed": 1,
+                                                                 "run_id": "a", "log_dir": "logs"}))
+    write(folder / "b.txt", make_log(total_ms=500_000.0, world_size=1,
+                                     config={"train_steps": 100, "lr": 0.02, "seed": 2, "run_id": "b",
+                                             "log_dir": "logs/x"}))
+    code, out, err = run_compare(capsys, folder)
+    assert code == 0
+    assert err.strip().splitlines() == [
+        f"warning: {folder}: its runs have different configurations (lr: 0.02, 0.05; world_size: 1, 8); "
+        f"the statistics pool them: put each configuration in its own folder"]
+    group = compare.analyse(compare.load_groups([str(folder)]))["groups"][0]
+    assert group["config_differences"] == {"lr": ["0.02", "0.05"], "world_size": ["1", "8"]}
+    code, out, err = run_compare(capsys, folder, "--json")  # the warning also comes with --json
+    assert code == 0 and json.loads(out)["groups"][0]["warnings"] and err.startswith("warning: ")
+
+
+def test_repeats_differing_only_in_run_fields_do_not_warn(tmp_path, capsys):
+    folder = tmp_path / "logs"
+    for seed in (1, 2, 3):
+        write(folder / f"s{seed}.txt", make_log(config={"lr": 0.05, "seed": seed, "run_id": f"s{seed}",
+                                                        "log_dir": f"logs/{seed}", "save_model": f"m{seed}.pt"}))
+    code, out, err = run_compare(capsys, folder)
+    assert code == 0 and err == ""
+
+
+def test_group_of_different_sources_warns(tmp_path, capsys):
+    folder = write_group(tmp_path / "mixed", [3.27, 3.28], [100.0, 101.0])
+    write(folder / "run_other.txt", make_log(source=SOURCE + "# edited\n"))
+    code, out, err = run_compare(capsys, folder)
+    (line,) = err.strip().splitlines()
+    hashes = sorted({runlog.source_hash(SOURCE), runlog.source_hash(SOURCE + "# edited\n")})
+    assert line == (f"warning: {folder}: its runs come from 2 different sources (hashes {', '.join(hashes)}); "
+                    f"the statistics pool them: put each version of the code in its own folder")
+
+
+def plotted(tmp_path, target=3.28, losses=(3.270, 3.275, 3.272)):
+    """draw_curves on two groups (2 runs and 1 run + 1 crashed run); returns (figure, axes, pyplot)."""
+    plt = compare.require_matplotlib()
+    a = write_group(tmp_path / "a", losses[:2], [100.0, 102.0])
+    b = write_group(tmp_path / "b", losses[2:], [97.0])
+    write(b / "crash.txt", make_log(crash_at=60))
+    result = compare.analyse(compare.load_groups([str(a), str(b)]), target=target)
+    fig = compare.draw_curves(result, plt)
+    return fig, fig.axes[0], plt
+
+
+def curve_lines(ax):
+    """The plotted runs: lines with data, not the target line or the empty legend keys."""
+    return [line for line in ax.get_lines()
+            if len(np.asarray(line.get_xdata())) and not line.get_label().startswith("target")]
+
+
+def target_drawn(ax, target=3.28):
+    return any(line.get_label() == f"target {target}" and list(line.get_ydata()) == [target, target]
+               for line in ax.get_lines())
+
+
+def test_plot_one_colour_and_legend_entry_per_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    fig, ax, plt = plotted(tmp_path)
+    runs = curve_lines(ax)
+    assert len(runs) == 4
+    assert len({line.get_color() for line in runs}) == 4  # one colour per run
+    assert [line.get_linestyle() for line in runs] == ["-", "-", "--", "--"]  # line style = group
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["run0", "run1", "crash (incomplete)", "run0"]
+    group_legend = [a for a in ax.artists if a is not ax.get_legend()][0]
+    assert [t.get_text() for t in group_legend.get_texts()] == [
+        f"{tmp_path / 'a'} (n=2)", f"{tmp_path / 'b'} (n=1)", "target 3.28"]
+    plt.close(fig)
+
+
+def test_plot_y_range_fits_the_data_and_keeps_a_target_inside_it(tmp_path):
+    pytest.importorskip("matplotlib")
+    fig, ax, plt = plotted(tmp_path)
+    ys = np.concatenate([line.get_ydata() for line in curve_lines(ax)])
+    low, high = ax.get_ylim()
+    assert low < ys.min() and high > ys.max()  # every point inside, none on the edge
+    assert (high - low) < 1.2 * (ys.max() - ys.min())  # a small margin, not a fixed range
+    assert target_drawn(ax)
+    plt.close(fig)
+
+
+def test_plot_of_cpu_losses_is_not_clipped_by_the_target(tmp_path):
+    pytest.importorskip("matplotlib")
+    fig, ax, plt = plotted(tmp_path, losses=(7.05, 7.1, 7.2))  # tiny CPU runs end far above 3.28
+    ys = np.concatenate([line.get_ydata() for line in curve_lines(ax)])
+    low, high = ax.get_ylim()
+    assert low < ys.min() and high > ys.max() and low > 3.28
+    assert not target_drawn(ax)
+    assert "outside" in ax.get_title()
+    plt.close(fig)
