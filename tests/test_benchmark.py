@@ -425,7 +425,7 @@ def test_tiny_cpu_run_end_to_end(tmp_path):
                            "--json", str(report), "--timeout", "300"],
                           cwd=REPO, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    row = next(line.split() for line in done.stdout.splitlines() if line.startswith("default "))
+    row = next(line.split() for line in done.stdout.splitlines() if line.startswith("r28 "))
     assert row[1:3] == ["ok", "4"]
     loss = float(row[10])
     assert math.isfinite(loss) and loss < 10.8  # the untrained model starts at ~10.83
