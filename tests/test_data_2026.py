@@ -287,6 +287,26 @@ def test_summary_counts_the_tokens_of_each_steps_own_batch():
     assert f"tokens_per_second: {tg.trained_tokens(1480, cfg) / 100:.0f}" in logger.lines
 
 
+def test_the_loop_gives_every_step_the_batch_of_its_own_schedule(monkeypatch):
+    """run_training's wiring: the warm-up's sampled steps and every timed step get their stage's accumulation and
+    sequence length (train_step and evaluate replaced by recorders: no model compute)."""
+    cfg = staged_cfg("--train-files", str(SAMPLE_TRAIN), "--val-files", str(SAMPLE_VAL), "--warmup-steps", "1", "--val-every", "0")
+    calls = []
+
+    def record(model, batch, opt, step, cfg):
+        calls.append((step, len(batch), {inputs.numel() for inputs, _ in batch}))
+        return torch.zeros(())
+
+    monkeypatch.setattr(tg, "train_step", record)
+    monkeypatch.setattr(tg, "evaluate", lambda *args, **kwargs: 5.0)
+    result = tg.run_training(cfg, Lines(), tg.Comm(0, 1), CPU, 8, 0.0)
+    per_stage = [(8, {256}), (8, {512}), (4, {1024})]  # 1 process: stage batch / seq_len sequences
+    warmup = [(step, *per_stage[step // 3]) for step in range(8)]  # steps 0..7 sampled around the starts 3 and 6
+    timed = [(step, *per_stage[step // 3]) for step in range(9)]
+    assert calls == warmup + timed
+    assert [step for step, _, _ in result["val_losses"]] == [0, 9]
+
+
 def run_trainer(args, nproc):
     if nproc == 1:
         cmd = [sys.executable, str(REPO / "train_gpt.py"), *args]
