@@ -1127,7 +1127,8 @@ def pack_step(doc_starts: np.ndarray, shard_len: int, first_doc: int, num_sequen
 def document_boundaries(inputs: Tensor, max_docs: int | None = None) -> Tensor:
     """cu_seqlens of a packed training sequence (int32: 0, the start of every later document, len(inputs)),
     found from its <|endoftext|> tokens. With max_docs, padded to that fixed size with len(inputs), as the 2026
-    script pads its cum_lengths (a fixed shape for compiled varlen attention); more documents is an error."""
+    script pads its cum_lengths (a fixed shape for compiled varlen attention); more documents is an error.
+    On a GPU tensor this waits for the device (nonzero): call it on the host copy where that matters."""
     starts = torch.nonzero(inputs == EOT_TOKEN)[:, 0]
     bounds = torch.cat([starts.new_zeros(1), starts[starts > 0], starts.new_full((1,), inputs.numel())])
     if max_docs is not None:
@@ -1145,7 +1146,7 @@ class StagedTrainLoader(TrainLoader):
     (as the 2026 script on 8 GPUs); the data cycles when it runs out."""
 
     def __init__(self, files: list, longest_seq_len: int, rank: int, world_size: int, device: torch.device):
-        super().__init__(files, longest_seq_len, rank, world_size, device)
+        super().__init__(files, longest_seq_len, rank, world_size, device)  # every shard must hold one longest sequence
 
     def _advance_shard(self):
         super()._advance_shard()
@@ -1698,7 +1699,7 @@ def log_summary(logger: Logger, result: dict, cfg: Config, device: torch.device,
         if device.type == "cuda":
             model = result["model"]
             flops = sum(schedule.batch_tokens * model.matmul_flops_per_token(schedule.window_long_tokens, schedule.seq_len)
-                        for schedule in map(functools.partial(schedule_at, cfg=cfg), range(steps)))
+                        for schedule in (schedule_at(s, cfg) for s in range(steps)))
             achieved = flops / train_s / comm.world_size / 1e12
             logger.log(f"mfu: {100 * achieved / cfg.gpu_peak_tflops:.1f}% ({achieved:.0f} TFLOP/s per GPU of {cfg.gpu_peak_tflops:.0f} peak)")
     if device.type == "cuda":
