@@ -237,7 +237,9 @@ def check_config(cfg: Config, world_size: int) -> int:
         if getattr(cfg, name) % BLOCK_SIZE:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be a multiple of {BLOCK_SIZE} (attention block size)")
     per_step = world_size * cfg.train_seq_len
-    if cfg.train_batch_tokens % per_step:
+    if is_staged(cfg):
+        check_stage_batches(cfg, world_size)  # the stage tables replace --train-batch-tokens and --train-seq-len
+    elif cfg.train_batch_tokens % per_step:
         raise ConfigError(
             f"world size {world_size} x --train-seq-len {cfg.train_seq_len} = {per_step} tokens does not divide "
             f"--train-batch-tokens {cfg.train_batch_tokens}: each step must be whole sequences on every process "
@@ -269,7 +271,21 @@ def check_config(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"--cooldown-frac {cfg.cooldown_frac} must be in [0, 1]")
     if cfg.val_every < 0 or cfg.warmup_steps < 0 or cfg.muon_momentum_warmup_steps < 0:
         raise ConfigError("--val-every, --warmup-steps and --muon-momentum-warmup-steps must be >= 0")
-    return cfg.train_batch_tokens // per_step
+    # the first stage's (a staged schedule's later stages may differ: each step takes its own from the schedule)
+    batch, seq_len = per_stage(cfg.stage_batch_tokens, 0, cfg, cfg.train_batch_tokens), per_stage(cfg.stage_seq_len, 0, cfg, cfg.train_seq_len)
+    return accumulation_steps(batch, seq_len, world_size)
+
+
+def check_stage_batches(cfg: Config, world_size: int):
+    """Every stage's global batch must be whole sequences on every process, so that any world size trains
+    on the same sequences (the accumulation steps may differ between stages)."""
+    for stage, (batch, seq_len) in enumerate(zip(cfg.stage_batch_tokens, cfg.stage_seq_len)):
+        per_step = world_size * seq_len
+        if seq_len <= 0 or batch % per_step:
+            raise ConfigError(
+                f"stage {stage}: world size {world_size} x --stage-seq-len {seq_len} = {per_step} tokens does not divide "
+                f"its --stage-batch-tokens {batch}: each step must be whole sequences on every process "
+                f"(use a world size that divides {batch // seq_len if seq_len > 0 else batch}, or a shorter --stage-seq-len)")
 
 
 # -----------------------------------------------------------------------------
@@ -1063,8 +1079,106 @@ class TrainLoader:
             buf = buf.pin_memory().to(self.device, non_blocking=True)
         return buf[:-1], buf[1:].long()
 
+    def batch_for(self, schedule: StepSchedule) -> list:
+        """This rank's (inputs, targets) for each accumulation step of the step that schedule describes."""
+        return self.next_batch(accumulation_steps(schedule.batch_tokens, schedule.seq_len, self.world_size))
+
     def close(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def accumulation_steps(batch_tokens: int, seq_len: int, world_size: int) -> int:
+    """Sequences of one step per process: the global batch is world_size x accumulation sequences of seq_len."""
+    return batch_tokens // (world_size * seq_len)
+
+
+def pack_sequence(doc_starts: np.ndarray, shard_len: int, first_doc: int, seq_len: int, max_doc_len: int):
+    """The 2026 script's packing of one training sequence of seq_len + 1 tokens (inputs and the shifted targets):
+    whole documents in stream order from document first_doc, each cut to its first max_doc_len tokens (the rest
+    of a long document is skipped, not carried over), the last one cut to fill the sequence exactly.
+    Returns (spans, next_doc): spans are (start, end) token ranges of the shard; next_doc is the document after
+    the last one used (the remainder of the cut last document is skipped too). None if the shard ends first.
+    Every span starts at a document's <|endoftext|> and holds no other, so the BOS tokens of the packed inputs
+    mark exactly the 2026 script's cu_seqlens (see document_boundaries)."""
+    need = seq_len + 1
+    starts = doc_starts[first_doc : first_doc + need]  # a sequence never holds more than need documents
+    ends = np.append(doc_starts[first_doc + 1 : first_doc + need + 1], shard_len)[: starts.size]
+    lengths = np.minimum(ends - starts, max_doc_len)
+    filled = np.cumsum(lengths)
+    last = int(np.searchsorted(filled, need))  # first document that reaches the sequence's end
+    if last == starts.size:
+        return None
+    lengths[last] = need - (filled[last - 1] if last else 0)
+    spans = np.stack([starts[: last + 1], starts[: last + 1] + lengths[: last + 1]], axis=1)
+    return spans, first_doc + last + 1
+
+
+def pack_step(doc_starts: np.ndarray, shard_len: int, first_doc: int, num_sequences: int, seq_len: int, max_doc_len: int):
+    """All sequences of one optimizer step, in stream order: ([spans per sequence], next_doc), or None if the
+    shard cannot hold the whole step (the 2026 script then takes the step from the next shard)."""
+    sequences, doc = [], first_doc
+    for _ in range(num_sequences):
+        packed = pack_sequence(doc_starts, shard_len, doc, seq_len, max_doc_len)
+        if packed is None:
+            return None
+        spans, doc = packed
+        sequences.append(spans)
+    return sequences, doc
+
+
+def document_boundaries(inputs: Tensor, max_docs: int | None = None) -> Tensor:
+    """cu_seqlens of a packed training sequence (int32: 0, the start of every later document, len(inputs)),
+    found from its <|endoftext|> tokens. With max_docs, padded to that fixed size with len(inputs), as the 2026
+    script pads its cum_lengths (a fixed shape for compiled varlen attention); more documents is an error.
+    On a GPU tensor this waits for the device (nonzero): call it on the host copy where that matters."""
+    starts = torch.nonzero(inputs == EOT_TOKEN)[:, 0]
+    bounds = torch.cat([starts.new_zeros(1), starts[starts > 0], starts.new_full((1,), inputs.numel())])
+    if max_docs is not None:
+        if bounds.numel() > max_docs:
+            raise ValueError(f"{bounds.numel() - 1} documents in a sequence of {inputs.numel()} tokens: more than max_docs {max_docs} - 1")
+        bounds = torch.cat([bounds, bounds.new_full((max_docs - bounds.numel(),), inputs.numel())])
+    return bounds.to(torch.int32)
+
+
+class StagedTrainLoader(TrainLoader):
+    """The staged (2026) schedule's training sequences: per step, batch_tokens / seq_len sequences of seq_len
+    tokens packed from whole documents cut to max_doc_len (pack_sequence), all of one shard; sequence k of a
+    step goes to rank k % world_size, accumulation step k // world_size, so every world size trains on the
+    same sequences. A step that does not fit in the rest of a shard is taken from the start of the next one
+    (as the 2026 script on 8 GPUs); the data cycles when it runs out."""
+
+    def __init__(self, files: list, longest_seq_len: int, rank: int, world_size: int, device: torch.device):
+        super().__init__(files, longest_seq_len, rank, world_size, device)  # every shard must hold one longest sequence
+
+    def _advance_shard(self):
+        super()._advance_shard()
+        self.next_doc = 0  # index into doc_starts of the next document to pack
+
+    def _pack_step(self, schedule: StepSchedule) -> list:
+        num_sequences = schedule.batch_tokens // schedule.seq_len
+        for _ in range(len(self.files) + 1):
+            packed = pack_step(self.doc_starts, len(self.tokens), self.next_doc, num_sequences, schedule.seq_len, schedule.max_doc_len)
+            if packed is not None:
+                sequences, self.next_doc = packed
+                return sequences
+            self._advance_shard()
+        raise DataError(f"no shard of {self.files} holds a step of {num_sequences} sequences of {schedule.seq_len + 1} "
+                        f"tokens from documents starting with {EOT_TOKEN} (cut to {schedule.max_doc_len})")
+
+    def batch_for(self, schedule: StepSchedule) -> list:
+        sequences = self._pack_step(schedule)
+        mine = sequences[self.rank :: self.world_size]
+        return [self._to_device(np.concatenate([self.tokens[start:end] for start, end in spans])) for spans in mine]
+
+    def next_batch(self, accumulation_steps: int) -> list:
+        raise TypeError("a staged loader needs the step's schedule: call batch_for(schedule_at(step, cfg))")
+
+
+def make_train_loader(cfg: Config, files: list, rank: int, world_size: int, device: torch.device) -> TrainLoader:
+    """#28 (one stage): fixed windows; staged schedule: per-stage packed sequences."""
+    if is_staged(cfg):
+        return StagedTrainLoader(files, max(cfg.stage_seq_len), rank, world_size, device)
+    return TrainLoader(files, cfg.train_seq_len, rank, world_size, device)
 
 
 # -----------------------------------------------------------------------------
@@ -1303,9 +1417,33 @@ def check_schedule(cfg: Config, training: bool):
         raise ConfigError("--stage-short-window-blocks, --stage-long-window-blocks and --stage-max-doc-len must be positive")
     if not 0 <= cfg.embed_split_stage < len(starts):
         raise ConfigError(f"--embed-split-stage {cfg.embed_split_stage}: stages are numbered 0..{len(starts) - 1}")
-    if training:
-        raise ConfigError("the staged 2026 schedule (--preset r2026) cannot train: its model is not ported yet; "
-                          "--print-schedule prints the schedule")
+    unported = unported_schedule_flags(cfg)
+    if training and unported:
+        raise ConfigError(f"the staged 2026 schedule (--preset r2026) cannot train: its model is not ported yet "
+                          f"({', '.join(unported)} not followed by this trainer); --print-schedule prints the schedule")
+
+
+def unported_schedule_flags(cfg: Config) -> list:
+    """Staged-schedule settings the current model and trainer do not follow yet: the 2026 recipe sets all of them.
+    A staged schedule without them (stage batches, sequence and document lengths, windows with the short one
+    half the long one, LR per stage) trains #28's model."""
+    unported = []
+    if any(weights != (1.0,) for weights in cfg.stage_mtp_weights_start + cfg.stage_mtp_weights_end):
+        unported.append("--stage-mtp-weights-start/-end other than 1")
+    if any(short != max(1, long // 2) for short, long in zip(cfg.stage_short_window_blocks, cfg.stage_long_window_blocks)):
+        unported.append("--stage-short-window-blocks other than half the long window")
+    unported += [flag(name) for name in ("adam_odd_steps_only", "embed_split_stage", "attn_scale_log_growth") if getattr(cfg, name)]
+    return unported
+
+
+def warmup_steps(cfg: Config) -> list:
+    """Untimed steps that compile every shape. One stage: the first --warmup-steps steps. Staged: as the 2026
+    script, steps 0 and 1 and the two steps either side of every stage start, so each stage's batch shape and
+    each change of stage is compiled (none if --warmup-steps is 0)."""
+    if not is_staged(cfg) or not cfg.warmup_steps:
+        return list(range(cfg.warmup_steps))
+    around_starts = {start + offset for start in cfg.stage_steps[1:] for offset in (-2, -1, 0, 1)}
+    return sorted({0, 1} | {step for step in around_starts if 2 <= step < cfg.train_steps})
 
 
 def is_val_step(step: int, cfg: Config) -> bool:
@@ -1379,7 +1517,7 @@ def setup_distributed(cfg: Config):
 
 def build_model(cfg: Config, device: torch.device, accumulation: int, logger) -> GPT:
     torch.manual_seed(cfg.seed)  # initialized on the CPU: identical weights on every rank and device
-    model = GPT(cfg, max(cfg.train_seq_len, cfg.val_seq_len)).to(device)
+    model = GPT(cfg, max(cfg.train_seq_len, cfg.val_seq_len, *cfg.stage_seq_len)).to(device)
     if device.type == "cuda":
         model.compute_dtype, model.use_flex = torch.bfloat16, True
         if cfg.fp8_head and fp8_supported(device):
@@ -1423,22 +1561,25 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
 
     # Untimed warm-up: compile every shape (train step, validation), then restore the initial state.
     compile_start = time.perf_counter()
-    if cfg.warmup_steps:
+    warmup = warmup_steps(cfg)
+    if is_staged(cfg) and warmup:
+        logger.log(f"warmup_steps: {warmup}")
+    if warmup:
         opt = build_optimizers(model, cfg, comm)
-        loader = TrainLoader(train_files, cfg.train_seq_len, comm.rank, comm.world_size, device)
-        for step in range(cfg.warmup_steps):
-            train_step(model, loader.next_batch(accumulation), opt, step, cfg)
+        loader = make_train_loader(cfg, train_files, comm.rank, comm.world_size, device)
+        for step in warmup:
+            train_step(model, loader.batch_for(schedule_at(step, cfg)), opt, step, cfg)
         evaluate(model, val_tokens, cfg, 0, comm, device, max_sequences=1)
         loader.close()
         opt.close()
         with torch.no_grad():
             model.load_state_dict(initial_state)
     synchronize(device)
-    logger.log(f"compile_and_warmup: {time.perf_counter() - compile_start:.1f}s ({cfg.warmup_steps} steps, then reset)")
+    logger.log(f"compile_and_warmup: {time.perf_counter() - compile_start:.1f}s ({len(warmup)} steps, then reset)")
     del initial_state
 
     opt = build_optimizers(model, cfg, comm)
-    loader = TrainLoader(train_files, cfg.train_seq_len, comm.rank, comm.world_size, device)
+    loader = make_train_loader(cfg, train_files, comm.rank, comm.world_size, device)
     train_ms, val_losses, stopped = 0.0, [], None
     pending_loss, clock = None, time.perf_counter()
     launch_to_first_step = None
@@ -1461,7 +1602,7 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
             break
         if launch_to_first_step is None:
             launch_to_first_step = time.time() - launch_time
-        loss = train_step(model, loader.next_batch(accumulation), opt, step, cfg)
+        loss = train_step(model, loader.batch_for(schedule_at(step, cfg)), opt, step, cfg)
         if pending_loss is not None and not pending_loss.is_finite():
             stopped = f"stopping: non-finite train loss at step {step}"
             break
@@ -1552,15 +1693,15 @@ def log_header(logger: Logger, cfg: Config, comm: Comm, device: torch.device, ac
 def log_summary(logger: Logger, result: dict, cfg: Config, device: torch.device, comm: Comm):
     train_s = result["train_ms"] / 1000
     steps = result["val_losses"][-1][0] if result["val_losses"] else 0
-    tokens = steps * cfg.train_batch_tokens
+    tokens = trained_tokens(steps, cfg)
     if result["launch_to_first_step"] is not None:
         logger.log(f"launch_to_first_step: {result['launch_to_first_step']:.1f}s")
     if train_s > 0:
         logger.log(f"tokens_per_second: {tokens / train_s:.0f}")
         if device.type == "cuda":
             model = result["model"]
-            flops = sum(cfg.train_batch_tokens * model.matmul_flops_per_token(window_blocks(s, cfg) * BLOCK_SIZE, cfg.train_seq_len)
-                        for s in range(steps))
+            flops = sum(schedule.batch_tokens * model.matmul_flops_per_token(schedule.window_long_tokens, schedule.seq_len)
+                        for schedule in (schedule_at(s, cfg) for s in range(steps)))
             achieved = flops / train_s / comm.world_size / 1e12
             logger.log(f"mfu: {100 * achieved / cfg.gpu_peak_tflops:.1f}% ({achieved:.0f} TFLOP/s per GPU of {cfg.gpu_peak_tflops:.0f} peak)")
     if device.type == "cuda":
@@ -1570,6 +1711,11 @@ def log_summary(logger: Logger, result: dict, cfg: Config, device: torch.device,
         import resource
         allocated = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     logger.log(f"peak memory allocated: {allocated} MiB reserved: {reserved} MiB")
+
+
+def trained_tokens(steps: int, cfg: Config) -> int:
+    """Training tokens of the first steps steps: the schedule's batch of each (stages differ)."""
+    return sum(schedule_at(step, cfg).batch_tokens for step in range(steps))
 
 
 def print_report(text: str) -> int:
