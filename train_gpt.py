@@ -829,10 +829,28 @@ def orthogonalize(grads: Tensor, method: str = "polar_express") -> Tensor:
     if transposed:  # iterate on the short side: A is (min, min)
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) * norm_safety + eps)
+    step = polar_step_fused if method in FUSED_ORTHOGONALIZERS else polar_step
     for a, b, c in coeffs:
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        x = step(x, a, b, c)
     return x.mT if transposed else x
+
+
+FUSED_ORTHOGONALIZERS = {"polar_express_2026"}
+
+
+def polar_step(x: Tensor, a: float, b: float, c: float) -> Tensor:
+    gram = x @ x.mT
+    return a * x + (b * gram + c * gram @ gram) @ x
+
+
+def polar_step_fused(x: Tensor, a: float, b: float, c: float) -> Tensor:
+    """The same step rounded to bf16 once per product, as the 2026 script's kernels do (fp32 accumulation of
+    bA + cA^2 and of aX + BX): baddbmm/addmm add in the accumulator."""
+    add_product = torch.baddbmm if x.ndim == 3 else torch.addmm
+    flat = x.reshape(-1, *x.shape[-2:]) if x.ndim > 3 else x
+    gram = flat @ flat.mT
+    poly = add_product(gram, gram, gram, beta=b, alpha=c)
+    return add_product(flat, poly, flat, beta=a).view(x.shape)
 
 
 class Comm:
