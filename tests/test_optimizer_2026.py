@@ -464,3 +464,21 @@ def test_2026_optimizer_two_processes_equal_one(tmp_path):
     names = [name for name, _ in Fake2026(vocab=2048).named_parameters()]
     head, embed = one[names.index("lm_head_w")], one[names.index("embed.weight")]
     assert (embed - head.T).abs().max() > 1e-4  # split at step 1, then trained apart
+
+
+def test_a_reduction_a_hook_starts_on_an_even_step_does_not_count_the_embedding_twice():
+    model = TiedModel()
+    opt = tied_optimizers(model, tg.Comm(), split_step=961)
+    head0 = model.lm_head_w.detach().clone()
+    g0 = backward(model, 0)
+    opt.adam.accepting = True  # as if the hooks were armed on the even step: the head's unit starts, folding
+    opt.adam.grad_ready(model.lm_head_w)
+    opt.adam.grad_ready(model.embed.weight)
+    assert opt.adam.launched[opt.adam.entry_of(model.lm_head_w)]
+    tg.step_optimizers(opt, model, schedule(0, adam_step=False))
+    g1 = backward(model, 1)
+    tg.step_optimizers(opt, model, schedule(1, adam_step=True))
+    summed = sum(g["lm_head_w"] + g["embed.weight"].T for g in (g0, g1))
+    expected, _, _ = adam_oracle(head0, [summed], 0.008, (0.5, 0.95), 1e-10, 150 * 0.005, 0)
+    assert torch.allclose(model.lm_head_w.detach(), expected, rtol=0, atol=1e-6)
+    assert torch.equal(model.embed.weight.detach(), model.lm_head_w.detach().T) and opt.adam.tied is not None
