@@ -1656,11 +1656,7 @@ def train_step(model: GPT, batch: list, opt: Optimizers, step: int, cfg: Config)
         loss_sum += loss.detach()
     if opt.hooks is not None:
         opt.hooks.armed = False
-    opt.adam.reduce_gradients()
-    opt.muon.reduce_gradients()
-    opt.adam.step(schedule.lr_mult)
-    opt.muon.step(schedule.lr_mult, schedule.muon_momentum)
-    model.zero_grad(set_to_none=True)
+    step_optimizers(opt, model, schedule)  # issue 14 optimizer: reduce, step (Adam odd-only, tie), clear grads
     return loss_sum
 
 
