@@ -1038,6 +1038,10 @@ def as_shape_of(tensor: Tensor, shape: tuple) -> Tensor:
     raise ValueError(f"cannot tie a {tuple(tensor.shape)} tensor to a {tuple(shape)} one")
 
 
+def moment_dtype(param: Tensor) -> torch.dtype:
+    return torch.promote_types(param.dtype, torch.float32)
+
+
 class DistributedAdam(GradientReduction):
     """Adam with bias correction. Large tensors whose first dimension divides by the world size are sharded
     along it (reduce-scatter, update own rows, all-gather); small ones are all-reduced and updated everywhere.
@@ -1059,7 +1063,9 @@ class DistributedAdam(GradientReduction):
                 param=p, lr=lr, sharded=sharded, param_view=param_view, first_row=first_row,
                 betas=tuple(entry_betas), decay=decay,
                 grad=torch.empty_like(param_view) if sharded else None,
-                exp_avg=torch.zeros_like(param_view), exp_avg_sq=torch.zeros_like(param_view)))
+                # moments at least fp32 whatever the parameter's dtype (the 2026 value embeddings are bf16)
+                exp_avg=torch.zeros_like(param_view, dtype=moment_dtype(p)),
+                exp_avg_sq=torch.zeros_like(param_view, dtype=moment_dtype(p))))
         self.accepting = True  # False: this step only accumulates gradients, so the hooks start no reduction
         self.tied = None  # (head entry, embed entry) while the embedding is the head's transpose
         self._init_reduction([[e["param"]] for e in self.entries])
@@ -1160,16 +1166,16 @@ class DistributedAdam(GradientReduction):
             by_betas.setdefault(e["betas"], []).append(e)
         for betas, same in by_betas.items():
             self._update_moments(same, betas)
-            plain = [e for e in same if not e["decay"]]
+            plain = [e for e in same if not e["decay"] and e["param_view"].dtype == e["exp_avg"].dtype]
             if plain:
                 self._apply_plain(plain, betas, lr_mult)
             for e in same:
-                if e["decay"]:
-                    self._apply_cautious(e, betas, lr_mult)
+                if e["decay"] or e["param_view"].dtype != e["exp_avg"].dtype:
+                    self._apply_cautious(e, betas, lr_mult)  # in the moments' dtype, rounded once into the parameter
 
     def _update_moments(self, entries: list, betas: tuple):
         beta1, beta2 = betas
-        grads = [e["grad"] for e in entries]
+        grads = [e["grad"].to(e["exp_avg"].dtype) for e in entries]  # the same tensors unless bf16
         exp_avgs, exp_avg_sqs = [e["exp_avg"] for e in entries], [e["exp_avg_sq"] for e in entries]
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -1197,7 +1203,7 @@ class DistributedAdam(GradientReduction):
         param = e["param_view"]
         update = e["exp_avg"] / (e["exp_avg_sq"].sqrt() + self.eps) * (lr * math.sqrt(bias2) / bias1)
         agrees = (update * param) > 0
-        param.sub_(update.addcmul_(param, agrees, value=lr * lr * e["decay"]))
+        param.sub_(update.addcmul_(param.to(update.dtype), agrees, value=lr * lr * e["decay"]))
 
 
 class OverlapHooks:

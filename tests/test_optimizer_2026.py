@@ -482,3 +482,19 @@ def test_a_reduction_a_hook_starts_on_an_even_step_does_not_count_the_embedding_
     expected, _, _ = adam_oracle(head0, [summed], 0.008, (0.5, 0.95), 1e-10, 150 * 0.005, 0)
     assert torch.allclose(model.lm_head_w.detach(), expected, rtol=0, atol=1e-6)
     assert torch.equal(model.embed.weight.detach(), model.lm_head_w.detach().T) and opt.adam.tied is not None
+
+
+def test_a_bf16_adam_parameter_keeps_fp32_moments():
+    # the 2026 value embeddings are a bf16 parameter: Adam's moments stay fp32, the step is rounded once
+    start = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    param = nn.Parameter(start.bfloat16())
+    adam = tg.DistributedAdam([(param, 0.6, (0.75, 0.95), 0.025)], (0.8, 0.95), 1e-10, tg.Comm())
+    grad = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+    param.grad = grad.bfloat16()
+    adam.reduce_gradients()
+    adam.step(1.0)
+    entry = adam.entries[0]
+    assert entry["exp_avg"].dtype == torch.float32 and param.dtype == torch.bfloat16
+    expected, m, _ = adam_oracle(start.bfloat16().float(), [grad.bfloat16().float()], 0.6, (0.75, 0.95), 1e-10, 0.025, 0)
+    assert torch.allclose(entry["exp_avg"], m, atol=1e-7)
+    assert torch.equal(param.detach(), expected.bfloat16())
