@@ -790,11 +790,11 @@ def recipe_report(cfg: Config, model: nn.Module | None = None) -> str:
             line += f" {more[0]:>10} {more[1]:>7.4g} {more[2]:>9}"
         lines.append(line)
     if wide:
-        adam = (f"adam: eps {cfg.adam_eps}, cautious weight decay {cfg.adam_weight_decay} x wd column x effective LR^2"
+        adam = (f"adam: eps {cfg.adam_eps}, cautious weight decay: wd ({cfg.adam_weight_decay} x the row's multiplier) x effective LR^2"
                 + (", odd steps only (even steps' gradients accumulate)" if cfg.adam_odd_steps_only else ""))
         muon = (f"muon: {cfg.orthogonalizer}, Nesterov momentum {cfg.muon_momentum_start} -> {cfg.muon_momentum} over "
                 f"{cfg.muon_momentum_warmup_steps} steps, NorMuon beta2 {cfg.normuon_beta2} per {cfg.normuon_stats}, "
-                f"cautious weight decay wd column x base LR x effective LR")
+                f"cautious weight decay: wd ({cfg.muon_weight_decay} x the row's multiplier) x base LR x effective LR")
     else:
         adam = f"adam: betas ({cfg.adam_beta1}, {cfg.adam_beta2}), eps {cfg.adam_eps}, no weight decay"
         muon = (f"muon: {cfg.orthogonalizer}, Nesterov momentum {cfg.muon_momentum_start} -> {cfg.muon_momentum} over "
