@@ -270,6 +270,8 @@ def check_config(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"--orthogonalizer {cfg.orthogonalizer!r}: choose one of {', '.join(ORTHOGONALIZERS)}")
     if cfg.device not in ("cuda", "cpu"):
         raise ConfigError(f"--device {cfg.device!r}: choose cuda or cpu")
+    if cfg.optimizer_recipe not in RECIPES:
+        raise ConfigError(f"--optimizer-recipe {cfg.optimizer_recipe!r}: choose one of {', '.join(RECIPES)}")
     if cfg.normuon_stats not in ("row", "larger_dim"):
         raise ConfigError(f"--normuon-stats {cfg.normuon_stats!r}: choose row or larger_dim")
     if not 0 <= cfg.normuon_beta2 < 1:
@@ -634,7 +636,7 @@ def recipe_r28(cfg: Config) -> list:
 # per-head gates blocks.*.attn.gate_w / ve_gate_w, embed.weight, lm_head_w, value_embeds*, bigram_embed*, the
 # scalars smear/backout/skip lambdas and attention (SA) lambdas, post/x0/bigram/resid lambdas, smear_gate and
 # skip_gate. A parameter no row matches is refused, so a renamed parameter cannot silently fall back.
-R2026_HEAD, R2026_EMBED = "lm_head_w", "embed.weight"  # tied until the split step: see TiedEmbedding
+R2026_HEAD, R2026_EMBED = "lm_head_w", "embed.weight"  # tied until the split step: DistributedAdam.tie
 
 
 def recipe_r2026(cfg: Config) -> list:
