@@ -889,9 +889,11 @@ def wait(handle):
 class MatrixGroup:
     """Same-shape, same-LR matrices from several parameters, padded to a multiple of the world size; each
     rank owns a contiguous share and keeps momentum only for it. `decay`: cautious weight decay per unit of
-    effective LR (the 2026 script's weight decay x base LR); 0: none."""
+    effective LR (the 2026 script's weight decay x base LR); 0: none. With decay, `param_lrs` may give each
+    parameter its own LR (the 2026 MLP bank: input and output matrices in one group, the output at 2x)."""
 
-    def __init__(self, params: list, shape: tuple, lr: float, comm: Comm, decay: float = 0.0, stats: str = "row"):
+    def __init__(self, params: list, shape: tuple, lr: float, comm: Comm, decay: float = 0.0, stats: str = "row",
+                 param_lrs: list | None = None):
         self.params, self.shape, self.lr, self.decay = params, shape, lr, decay
         self.views = [m for p in params for m in p.data.view(-1, *shape)]
         per_rank = math.ceil(len(self.views) / comm.world_size)
@@ -900,6 +902,9 @@ class MatrixGroup:
         self.per_rank = per_rank
         rows, cols = shape
         p0 = params[0]
+        view_lrs = [lr_ for p, lr_ in zip(params, param_lrs or [lr] * len(params)) for _ in range(p.numel() // (rows * cols))]
+        view_lrs += [0.0] * (self.padded - len(view_lrs))
+        self.own_lrs = torch.tensor(view_lrs[self.own], dtype=torch.float32, device=p0.device).view(-1, 1, 1)
         self.momentum = torch.zeros(per_rank, *shape, dtype=torch.float32, device=p0.device)
         # NorMuon's second moment: one per row ("row"), or one per entry of the larger dimension ("larger_dim")
         self.stats_dim = -1 if stats == "row" or rows >= cols else -2  # the dimension averaged over
@@ -922,7 +927,7 @@ class MatrixGroup:
         return torch.cat([stacked, stacked.new_zeros(pad, *self.shape)]) if pad else stacked
 
 
-def cautious_decay_and_step_(param: Tensor, update: Tensor, lr: float, decay: float) -> Tensor:
+def cautious_decay_and_step_(param: Tensor, update: Tensor, lr, decay) -> Tensor:
     """param -= lr x update, and decays param by the factor `decay` only where the update pushes the same way
     as the weight (sign(update) == sign(weight), zeros included), so the decay never fights the gradient."""
     update = update.float()
@@ -974,8 +979,13 @@ class DistributedMuon(GradientReduction):
         groups = {}
         for p, lr, *more in param_lrs:
             shape, decay = more if more else (tuple(p.shape[-2:]), 0.0)
-            groups.setdefault((tuple(shape), lr, decay), []).append(p)
-        self.groups = [MatrixGroup(ps, shape, lr, comm, decay, normuon_stats) for (shape, lr, decay), ps in groups.items()]
+            # 2026 (decay): one group per shape whatever the LR, as the script's banks, so the 22 MLP matrices
+            # split evenly over 8 ranks; #28: one per shape and LR
+            key = (tuple(shape), None if decay else lr, decay)
+            groups.setdefault(key, []).append((p, lr))
+        self.groups = [MatrixGroup([p for p, _ in entries], shape, entries[0][1], comm, decay, normuon_stats,
+                                   [lr for _, lr in entries])
+                       for (shape, _, decay), entries in groups.items()]
         self.orthogonalizer, self.comm, self.normuon_beta2 = orthogonalizer, comm, normuon_beta2
         self.normuon_stats = normuon_stats
         self._init_reduction([g.params for g in self.groups])
@@ -997,9 +1007,9 @@ class DistributedMuon(GradientReduction):
                 update = self._even_out_rows(group, update.float())
             elif self.normuon_beta2:
                 update = self._reduce_variance(group, update)
-            if group.decay:  # the 2026 step: decay x base LR x effective LR, both scheduled
-                lr = group.lr * lr_mult
-                new_own = cautious_decay_and_step_(group.own_params(), update, lr, group.decay * lr_mult * lr)
+            if group.decay:  # the 2026 step: decay x base LR x effective LR (per matrix), both scheduled
+                lrs = group.own_lrs * lr_mult
+                new_own = cautious_decay_and_step_(group.own_params(), update, lrs, group.decay * lr_mult * lrs)
             else:
                 new_own = group.own_params().add_(update.to(group.gathered.dtype), alpha=-group.lr * lr_mult)
             gathers.append(self.comm.all_gather(group.gathered, new_own.to(group.gathered.dtype)))

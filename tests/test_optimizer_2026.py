@@ -498,3 +498,23 @@ def test_a_bf16_adam_parameter_keeps_fp32_moments():
     expected, m, _ = adam_oracle(start.bfloat16().float(), [grad.bfloat16().float()], 0.6, (0.75, 0.95), 1e-10, 0.025, 0)
     assert torch.allclose(entry["exp_avg"], m, atol=1e-7)
     assert torch.equal(param.detach(), expected.bfloat16())
+
+
+def test_mlp_matrices_share_one_group_each_at_its_own_lr():
+    # The script's MLP bank: input and output matrices orthogonalized together (even sharding), the output
+    # at 2x. A zero gradient is pure decay, so each matrix's shrink shows its own effective LR.
+    cfg = config()
+    model = nn.Module()
+    model.blocks = nn.ModuleList([FakeBlock(), FakeBlock()])
+    settings = [s for s in tg.assign_params(model, cfg) if s.name.endswith(("mlp.fc_w", "mlp.proj_w"))]
+    muon = tg.DistributedMuon([(s.param, s.effective_lr, s.matrix_shape, s.weight_decay * s.base_lr) for s in settings],
+                              "polar_express_2026", tg.Comm(), 0.9, "larger_dim")
+    assert len(muon.groups) == 1 and len(muon.groups[0].views) == 4
+    before = [s.param.detach().clone() for s in settings]
+    for s in settings:
+        s.param.grad = torch.zeros_like(s.param)
+    muon.reduce_gradients()
+    muon.step(1.0, 0.9)
+    for s, b in zip(settings, before):
+        lr = 0.092 if s.name.endswith("proj_w") else 0.046
+        assert torch.allclose(s.param.detach(), b * (1 - 1.2 * 0.023 * lr), rtol=1e-6, atol=0), s.name
