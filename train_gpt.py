@@ -103,6 +103,10 @@ class Config:
     adam_eps: float = field(default=1e-10, metadata={"help": "Adam epsilon"})
     embed_lr_mult: float = field(default=75.0, metadata={"help": "Adam LR multiplier of the token and value embeddings"})
     scalar_lr_mult: float = field(default=5.0, metadata={"help": "Adam LR multiplier of scalars and gates"})
+    optimizer_recipe: str = field(default="r28", metadata={"help": "recipe table: r28 (record #28) or r2026 (the 2026-05-20 record's NorMuon + Adam table)"})
+    muon_weight_decay: float = field(default=0.0, metadata={"help": "cautious weight decay of Muon matrices, times base LR x effective LR (2026: 1.2)"})
+    adam_weight_decay: float = field(default=0.0, metadata={"help": "cautious weight decay of Adam tensors, times effective LR squared (2026: 0.005)"})
+    normuon_stats: str = field(default="row", metadata={"help": "NorMuon second moment per: row (one per output row) or larger_dim (2026: per row of a tall, per column of a wide matrix)"})
     # run
     seed: int = field(default=0, metadata={"help": "seed of the weight initialization"})
     device: str = field(default="cuda", metadata={"help": "cuda or cpu"})
@@ -144,6 +148,9 @@ PRESETS = {
         muon_momentum_warmup_steps=300, muon_momentum_cooldown_steps=50,
         adam_odd_steps_only=True, embed_split_stage=2,  # the split step is 961: odd, so Adam steps on it
         attn_scale=0.1, attn_scale_log_growth=0.2,
+        # optimizer: NorMuon (Polar Express as the 2026 script has it, cautious decay) and Adam per the r2026 table
+        optimizer_recipe="r2026", orthogonalizer="polar_express_2026", muon_lr=0.023, normuon_beta2=0.9,
+        normuon_stats="larger_dim", muon_weight_decay=1.2, adam_lr=0.008, adam_eps=1e-10, adam_weight_decay=0.005,
     ),
 }
 
@@ -265,6 +272,10 @@ def check_config(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"--orthogonalizer {cfg.orthogonalizer!r}: choose one of {', '.join(ORTHOGONALIZERS)}")
     if cfg.device not in ("cuda", "cpu"):
         raise ConfigError(f"--device {cfg.device!r}: choose cuda or cpu")
+    if cfg.optimizer_recipe not in RECIPES:
+        raise ConfigError(f"--optimizer-recipe {cfg.optimizer_recipe!r}: choose one of {', '.join(RECIPES)}")
+    if cfg.normuon_stats not in ("row", "larger_dim"):
+        raise ConfigError(f"--normuon-stats {cfg.normuon_stats!r}: choose row or larger_dim")
     if not 0 <= cfg.normuon_beta2 < 1:
         raise ConfigError(f"--normuon-beta2 {cfg.normuon_beta2} must be in [0, 1)")
     if not 0 <= cfg.cooldown_frac <= 1:
@@ -597,16 +608,27 @@ def fp8_linear_op():
 @dataclass(frozen=True)
 class ParamRule:
     """One row of the recipe: parameters whose name matches `pattern` (fnmatch) are trained by `optimizer` at
-    the LR of Config field `lr` times Config field `lr_mult` (or 1). Muon also scales each matrix's LR by
-    sqrt(max(1, rows / cols)) of its stored (..., rows, cols) shape, as record #28 does."""
+    the LR of Config field `lr` times `lr_mult` (a Config field's name, a number, or None for 1). Muon also
+    scales each matrix's LR by sqrt(max(1, rows / cols)) of the matrices it sees, as record #28 does.
+    The later columns are the 2026 table's; their defaults leave #28's rows as they were:
+      betas     Adam's (beta1, beta2); None: Config adam_beta1, adam_beta2
+      wd_mult   multiplies Config muon_weight_decay / adam_weight_decay (both 0 in #28: no decay)
+      matrices  how Muon cuts the parameter into matrices: "stored" (its trailing two dims) or "head_pairs"
+                (rows in blocks of 2 x head_dim: Q/K stored (..., heads x head_dim, dim), two heads a matrix)
+      shape_lr  "rows/cols": the shape factor of the matrix as seen; "long/short": as if stored tall, so a
+                matrix's factor does not depend on which way round the model stores it"""
     pattern: str
     optimizer: str
     lr: str
-    lr_mult: str | None = None
+    lr_mult: str | float | None = None
+    betas: tuple | None = None
+    wd_mult: float = 1.0
+    matrices: str = "stored"
+    shape_lr: str = "rows/cols"
 
 
-def recipe(cfg: Config) -> list:
-    """Which parameter gets which optimizer and LR: the first matching row wins. Defaults = record #28."""
+def recipe_r28(cfg: Config) -> list:
+    """Record #28: the first matching row wins."""
     gates = (ParamRule("blocks.*.attn.gate_w", "adam", "adam_lr", "scalar_lr_mult") if cfg.gates_on_adam
              else ParamRule("blocks.*.attn.gate_w", "muon", "muon_lr"))
     return [
@@ -624,6 +646,58 @@ def recipe(cfg: Config) -> list:
     ]
 
 
+# The 2026-05-20 record's table (its TrainingManager.param_table), keyed by the names the ported model is expected
+# to use. The public script keeps banks (qk_bank, vo_bank, mlp_bank, scalars); a port may store per-layer tensors
+# instead, so the scalar rows match a name anywhere in the path ("*resid_lambda*" catches both "resid_lambdas" and
+# "blocks.3.resid_lambda"). Expected names: Q/K in blocks.*.attn.qk_w (..., heads x head_dim, dim), V in
+# blocks.*.attn.v_w, O in blocks.*.attn.proj_w, MLP in blocks.*.mlp.fc_w / proj_w (either orientation), the
+# per-head gates blocks.*.attn.gate_w / ve_gate_w, embed.weight, lm_head_w, value_embeds*, bigram_embed*, the
+# scalars smear/backout/skip lambdas and attention (SA) lambdas, post/x0/bigram/resid lambdas, smear_gate and
+# skip_gate. A parameter no row matches is refused, so a renamed parameter cannot silently fall back.
+R2026_HEAD, R2026_EMBED = "lm_head_w", "embed.weight"  # tied until the split step: DistributedAdam.tie
+
+
+def recipe_r2026(cfg: Config) -> list:
+    """The 2026 table: betas, LR and weight-decay multipliers as the script gives them. NorMuon's base LR 0.023
+    (muon_lr), Adam's 0.008 (adam_lr); the MLP output matrices get 2x on top of their shape factor 2."""
+    muon, adam = "muon", "adam"
+    return [
+        ParamRule("blocks.*.attn.qk_w", muon, "muon_lr", matrices="head_pairs"),   # (256, 768) a matrix: factor 1
+        ParamRule("blocks.*.attn.v_w", muon, "muon_lr"),                            # (768, 768)
+        ParamRule("blocks.*.attn.proj_w", muon, "muon_lr"),                         # (768, 768)
+        ParamRule("blocks.*.mlp.fc_w", muon, "muon_lr", shape_lr="long/short"),     # 3072 x 768: factor 2
+        ParamRule("blocks.*.mlp.proj_w", muon, "muon_lr", 2.0, shape_lr="long/short"),  # factor 2, x 2
+        ParamRule("*smear_gate*", adam, "adam_lr", 0.01, (0.9, 0.99), wd_mult=0.0),
+        ParamRule("*skip_gate*", adam, "adam_lr", 0.05, (0.9, 0.99), wd_mult=0.0),
+        ParamRule("blocks.*.attn.gate_w", adam, "adam_lr", None, (0.9, 0.99)),      # attn_gate_bank: wd x 1
+        ParamRule("blocks.*.attn.ve_gate_w", adam, "adam_lr", None, (0.9, 0.99)),   # ve_gate_bank: wd x 1
+        ParamRule(R2026_HEAD, adam, "adam_lr", None, (0.5, 0.95), wd_mult=150.0),
+        ParamRule(R2026_EMBED, adam, "adam_lr", None, (0.5, 0.95), wd_mult=150.0),
+        ParamRule("value_embeds*", adam, "adam_lr", 75.0, (0.75, 0.95), wd_mult=5.0),
+        ParamRule("bigram_embed*", adam, "adam_lr", 75.0, (0.75, 0.95), wd_mult=5.0),
+        ParamRule("*post_lambda*", adam, "adam_lr", 1.0, (0.9, 0.95), wd_mult=0.0),
+        ParamRule("*x0_lambda*", adam, "adam_lr", 1.0, (0.9, 0.95), wd_mult=0.0),
+        ParamRule("*bigram_lambda*", adam, "adam_lr", 1.0, (0.9, 0.95), wd_mult=0.0),
+        ParamRule("*resid_lambda*", adam, "adam_lr", 5.0, (0.9, 0.95), wd_mult=0.0),
+        # the script's `scalars` bank: SA lambdas (per layer, scaling Q/K/V and O), smear, backout, skip lambdas
+        ParamRule("*sa_lambda*", adam, "adam_lr", 5.0, (0.9, 0.99), wd_mult=0.0),
+        ParamRule("*smear_lambda*", adam, "adam_lr", 5.0, (0.9, 0.99), wd_mult=0.0),
+        ParamRule("*backout_lambda*", adam, "adam_lr", 5.0, (0.9, 0.99), wd_mult=0.0),
+        ParamRule("*skip_lambda*", adam, "adam_lr", 5.0, (0.9, 0.99), wd_mult=0.0),
+        ParamRule("scalars", adam, "adam_lr", 5.0, (0.9, 0.99), wd_mult=0.0),
+    ]
+
+
+RECIPES = {"r28": recipe_r28, "r2026": recipe_r2026}
+
+
+def recipe(cfg: Config) -> list:
+    """Which parameter gets which optimizer, LR, betas and decay: the first matching row wins. Defaults = #28."""
+    if cfg.optimizer_recipe not in RECIPES:
+        raise ConfigError(f"--optimizer-recipe {cfg.optimizer_recipe!r}: choose one of {', '.join(RECIPES)}")
+    return RECIPES[cfg.optimizer_recipe](cfg)
+
+
 @dataclass(frozen=True)
 class ParamSetting:
     name: str
@@ -631,6 +705,10 @@ class ParamSetting:
     optimizer: str
     lr: float            # base LR x multiplier
     shape_factor: float  # Muon's sqrt(max(1, rows/cols)); 1 for Adam
+    base_lr: float = 0.0          # the Config base LR (Muon's decay scales with it)
+    betas: tuple = (0.8, 0.95)    # Adam only
+    weight_decay: float = 0.0     # the optimizer's decay x the row's multiplier
+    matrix_shape: tuple = ()      # Muon: the (rows, cols) of the matrices it orthogonalizes
 
     @property
     def effective_lr(self) -> float:
@@ -640,6 +718,31 @@ class ParamSetting:
 def muon_shape_factor(shape: tuple) -> float:
     rows, cols = shape[-2:]
     return max(1.0, rows / cols) ** 0.5
+
+
+def muon_matrix_shape(shape: tuple, rule: ParamRule, cfg: Config) -> tuple:
+    """The (rows, cols) of the matrices Muon sees in a parameter of this shape."""
+    rows, cols = shape[-2:]
+    if rule.matrices == "stored":
+        return (rows, cols)
+    if rule.matrices == "head_pairs":  # two heads' rows of Q (or of K) orthogonalized together, as the 2026 script
+        pair_rows = 2 * cfg.head_dim
+        if rows % pair_rows:
+            raise ValueError(f"recipe row {rule.pattern}: {rows} rows are not whole pairs of {cfg.head_dim}-row heads")
+        return (pair_rows, cols)
+    raise ValueError(f"recipe row {rule.pattern}: unknown matrices {rule.matrices!r}")
+
+
+def matrix_shape_factor(matrix_shape: tuple, rule: ParamRule) -> float:
+    if rule.shape_lr == "long/short":
+        return muon_shape_factor(tuple(sorted(matrix_shape, reverse=True)))
+    return muon_shape_factor(matrix_shape)
+
+
+def rule_lr_mult(rule: ParamRule, cfg: Config) -> float:
+    if rule.lr_mult is None:
+        return 1.0
+    return getattr(cfg, rule.lr_mult) if isinstance(rule.lr_mult, str) else float(rule.lr_mult)
 
 
 def assign_params(model: nn.Module, cfg: Config) -> list:
@@ -652,9 +755,15 @@ def assign_params(model: nn.Module, cfg: Config) -> list:
             raise ValueError(f"no recipe row matches parameter {name}")
         if rule.optimizer == "muon" and p.ndim < 2:
             raise ValueError(f"recipe row {rule.pattern} gives Muon the {p.ndim}-D parameter {name}")
-        lr = getattr(cfg, rule.lr) * (getattr(cfg, rule.lr_mult) if rule.lr_mult else 1.0)
-        factor = muon_shape_factor(tuple(p.shape)) if rule.optimizer == "muon" else 1.0
-        settings.append(ParamSetting(name, p, rule.optimizer, lr, factor))
+        base_lr = getattr(cfg, rule.lr)
+        lr = base_lr * rule_lr_mult(rule, cfg)
+        if rule.optimizer == "muon":
+            matrix_shape = muon_matrix_shape(tuple(p.shape), rule, cfg)
+            factor, decay = matrix_shape_factor(matrix_shape, rule), cfg.muon_weight_decay * rule.wd_mult
+        else:
+            matrix_shape, factor, decay = (), 1.0, cfg.adam_weight_decay * rule.wd_mult
+        betas = rule.betas or (cfg.adam_beta1, cfg.adam_beta2)
+        settings.append(ParamSetting(name, p, rule.optimizer, lr, factor, base_lr, tuple(betas), decay, matrix_shape))
     return settings
 
 
@@ -669,25 +778,47 @@ def layer_ranges(layers: list) -> str:
     return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
 
 
-def recipe_report(cfg: Config) -> str:
+def recipe_report(cfg: Config, model: nn.Module | None = None) -> str:
     """The recipe as applied to this config's model (built on the meta device: no memory, no data), one line
-    per kind of parameter, with the layers that have it."""
-    with torch.device("meta"):
-        model = GPT(cfg, max(cfg.train_seq_len, cfg.val_seq_len))
+    per kind of parameter, with the layers that have it. #28's table keeps its columns; a recipe with per-row
+    betas and decay (r2026) adds them: Adam's betas, the weight decay coefficient and Muon's matrix shape."""
+    if model is None:
+        with torch.device("meta"):
+            model = GPT(cfg, max(cfg.train_seq_len, cfg.val_seq_len))
+    try:
+        settings = assign_params(model, cfg)
+    except ValueError as e:
+        raise ConfigError(f"{e} (the {cfg.optimizer_recipe} recipe expects its own model's parameter names)") from None
+    wide = cfg.optimizer_recipe != "r28"
     kinds = {}
-    for s in assign_params(model, cfg):
+    for s in settings:
         layer = re.match(r"blocks\.(\d+)\.", s.name)
         name = re.sub(r"^blocks\.\d+\.", "blocks.*.", s.name)
         shape = "x".join(map(str, s.param.shape))
         key = (name, shape, s.optimizer, s.lr, s.shape_factor, s.effective_lr)
+        if wide:
+            betas = f"{s.betas[0]},{s.betas[1]}" if s.optimizer == "adam" else "-"
+            matrix = "x".join(map(str, s.matrix_shape)) if s.optimizer == "muon" else "-"
+            key += (betas, s.weight_decay, matrix)
         kinds.setdefault(key, []).append(int(layer.group(1)) if layer else None)
-    lines = [f"{'parameter':24} {'layers':>10} {'shape':>12} {'optimizer':>9} {'lr':>7} {'shape x':>7} {'effective lr':>12}"]
-    for (name, shape, optimizer, lr, factor, effective), layers in kinds.items():
+    header = f"{'parameter':24} {'layers':>10} {'shape':>12} {'optimizer':>9} {'lr':>7} {'shape x':>7} {'effective lr':>12}"
+    lines = [header + (f" {'betas':>10} {'wd':>7} {'matrix':>9}" if wide else "")]
+    for (name, shape, optimizer, lr, factor, effective, *more), layers in kinds.items():
         where = layer_ranges(layers) if layers[0] is not None else "-"
-        lines.append(f"{name:24} {where:>10} {shape:>12} {optimizer:>9} {lr:>7.4g} {factor:>7.4g} {effective:>12.4g}")
-    adam = f"adam: betas ({cfg.adam_beta1}, {cfg.adam_beta2}), eps {cfg.adam_eps}, no weight decay"
-    muon = (f"muon: {cfg.orthogonalizer}, Nesterov momentum {cfg.muon_momentum_start} -> {cfg.muon_momentum} over "
-            f"{cfg.muon_momentum_warmup_steps} steps, no weight decay")
+        line = f"{name:24} {where:>10} {shape:>12} {optimizer:>9} {lr:>7.4g} {factor:>7.4g} {effective:>12.4g}"
+        if more:
+            line += f" {more[0]:>10} {more[1]:>7.4g} {more[2]:>9}"
+        lines.append(line)
+    if wide:
+        adam = (f"adam: eps {cfg.adam_eps}, cautious weight decay: wd ({cfg.adam_weight_decay} x the row's multiplier) x effective LR^2"
+                + (", odd steps only (even steps' gradients accumulate)" if cfg.adam_odd_steps_only else ""))
+        muon = (f"muon: {cfg.orthogonalizer}, Nesterov momentum {cfg.muon_momentum_start} -> {cfg.muon_momentum} over "
+                f"{cfg.muon_momentum_warmup_steps} steps, NorMuon beta2 {cfg.normuon_beta2} per {cfg.normuon_stats}, "
+                f"cautious weight decay: wd ({cfg.muon_weight_decay} x the row's multiplier) x base LR x effective LR")
+    else:
+        adam = f"adam: betas ({cfg.adam_beta1}, {cfg.adam_beta2}), eps {cfg.adam_eps}, no weight decay"
+        muon = (f"muon: {cfg.orthogonalizer}, Nesterov momentum {cfg.muon_momentum_start} -> {cfg.muon_momentum} over "
+                f"{cfg.muon_momentum_warmup_steps} steps, no weight decay")
     return "\n".join(lines + [adam, muon])
 
 NS5_COEFFS = [(3.4445, -4.7750, 2.0315)] * 5  # tuned for slope at 0: maps [1e-3, 1] into ~[0.47, 1.20]
@@ -704,7 +835,10 @@ def polar_express_coeffs(safety: float = 1.02) -> list:
     return [(a / safety, b / safety ** 3, c / safety ** 5) for a, b, c in raw[:-1]] + [raw[-1]]
 
 
-ORTHOGONALIZERS = {"polar_express": (polar_express_coeffs(), 1.02, 1e-6), "ns5": (NS5_COEFFS, 1.0, 1e-7)}
+# The 2026 script's Polar Express: the same five steps undivided (safety 1 per step), the input still scaled by
+# 1/(1.02 |X|_F + 1e-6). Ours above also shrinks each step but the last; tests pin both.
+ORTHOGONALIZERS = {"polar_express": (polar_express_coeffs(), 1.02, 1e-6), "ns5": (NS5_COEFFS, 1.0, 1e-7),
+                   "polar_express_2026": (polar_express_coeffs(safety=1.0), 1.02, 1e-6)}
 
 
 def orthogonalize(grads: Tensor, method: str = "polar_express") -> Tensor:
@@ -715,10 +849,28 @@ def orthogonalize(grads: Tensor, method: str = "polar_express") -> Tensor:
     if transposed:  # iterate on the short side: A is (min, min)
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) * norm_safety + eps)
+    step = polar_step_fused if method in FUSED_ORTHOGONALIZERS else polar_step
     for a, b, c in coeffs:
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        x = step(x, a, b, c)
     return x.mT if transposed else x
+
+
+FUSED_ORTHOGONALIZERS = {"polar_express_2026"}
+
+
+def polar_step(x: Tensor, a: float, b: float, c: float) -> Tensor:
+    gram = x @ x.mT
+    return a * x + (b * gram + c * gram @ gram) @ x
+
+
+def polar_step_fused(x: Tensor, a: float, b: float, c: float) -> Tensor:
+    """The same step rounded to bf16 once per product, as the 2026 script's kernels do (fp32 accumulation of
+    bA + cA^2 and of aX + BX): baddbmm/addmm add in the accumulator."""
+    add_product = torch.baddbmm if x.ndim == 3 else torch.addmm
+    flat = x.reshape(-1, *x.shape[-2:]) if x.ndim > 3 else x
+    gram = flat @ flat.mT
+    poly = add_product(gram, gram, gram, beta=b, alpha=c)
+    return add_product(flat, poly, flat, beta=a).view(x.shape)
 
 
 class Comm:
@@ -754,10 +906,13 @@ def wait(handle):
 
 class MatrixGroup:
     """Same-shape, same-LR matrices from several parameters, padded to a multiple of the world size; each
-    rank owns a contiguous share and keeps momentum only for it."""
+    rank owns a contiguous share and keeps momentum only for it. `decay`: cautious weight decay per unit of
+    effective LR (the 2026 script's weight decay x base LR); 0: none. With decay, `param_lrs` may give each
+    parameter its own LR (the 2026 MLP bank: input and output matrices in one group, the output at 2x)."""
 
-    def __init__(self, params: list, shape: tuple, lr: float, comm: Comm):
-        self.params, self.shape, self.lr = params, shape, lr
+    def __init__(self, params: list, shape: tuple, lr: float, comm: Comm, decay: float = 0.0, stats: str = "row",
+                 param_lrs: list | None = None):
+        self.params, self.shape, self.lr, self.decay = params, shape, lr, decay
         self.views = [m for p in params for m in p.data.view(-1, *shape)]
         per_rank = math.ceil(len(self.views) / comm.world_size)
         self.padded = per_rank * comm.world_size
@@ -765,8 +920,14 @@ class MatrixGroup:
         self.per_rank = per_rank
         rows, cols = shape
         p0 = params[0]
+        view_lrs = [lr_ for p, lr_ in zip(params, param_lrs or [lr] * len(params)) for _ in range(p.numel() // (rows * cols))]
+        view_lrs += [0.0] * (self.padded - len(view_lrs))
+        self.own_lrs = torch.tensor(view_lrs[self.own], dtype=torch.float32, device=p0.device).view(-1, 1, 1)
         self.momentum = torch.zeros(per_rank, *shape, dtype=torch.float32, device=p0.device)
-        self.row_mean_square = torch.zeros(per_rank, rows, 1, dtype=torch.float32, device=p0.device)  # NorMuon
+        # NorMuon's second moment: one per row ("row"), or one per entry of the larger dimension ("larger_dim")
+        self.stats_dim = -1 if stats == "row" or rows >= cols else -2  # the dimension averaged over
+        moment_shape = (per_rank, rows, 1) if self.stats_dim == -1 else (per_rank, 1, cols)
+        self.second_moment = torch.zeros(*moment_shape, dtype=torch.float32, device=p0.device)
         self.grad_shard = torch.empty_like(self.momentum)
         self.gathered = torch.empty(self.padded, *shape, dtype=p0.dtype, device=p0.device)
 
@@ -782,6 +943,14 @@ class MatrixGroup:
         pad = self.per_rank - len(owned)
         stacked = torch.stack(owned) if owned else self.momentum.new_zeros(0, *self.shape)
         return torch.cat([stacked, stacked.new_zeros(pad, *self.shape)]) if pad else stacked
+
+
+def cautious_decay_and_step_(param: Tensor, update: Tensor, lr, decay) -> Tensor:
+    """param -= lr x update, and decays param by the factor `decay` only where the update pushes the same way
+    as the weight (sign(update) == sign(weight), zeros included), so the decay never fights the gradient."""
+    update = update.float()
+    agrees = (update * param) >= 0
+    return param.sub_(param * agrees * decay).sub_(update * lr)
 
 
 class GradientReduction:
@@ -821,14 +990,22 @@ class DistributedMuon(GradientReduction):
     """Muon: Nesterov momentum, then the update is orthogonalized and applied at each matrix's effective LR
     (the recipe's, shape factor included). Gradients are reduce-scattered so each rank averages only the
     matrices it owns, updates them, and all-gathers the new weights: the bytes of one all-reduce, and
-    1/world_size of the optimizer work."""
+    1/world_size of the optimizer work. param_lrs: (param, lr) as in #28, or (param, lr, matrix shape, decay)."""
 
-    def __init__(self, param_lrs: list, orthogonalizer: str, comm: Comm, normuon_beta2: float = 0.0):
-        by_shape_and_lr = {}
-        for p, lr in param_lrs:
-            by_shape_and_lr.setdefault((tuple(p.shape[-2:]), lr), []).append(p)
-        self.groups = [MatrixGroup(ps, shape, lr, comm) for (shape, lr), ps in by_shape_and_lr.items()]
+    def __init__(self, param_lrs: list, orthogonalizer: str, comm: Comm, normuon_beta2: float = 0.0,
+                 normuon_stats: str = "row"):
+        groups = {}
+        for p, lr, *more in param_lrs:
+            shape, decay = more if more else (tuple(p.shape[-2:]), 0.0)
+            # 2026 (decay): one group per shape whatever the LR, as the script's banks, so the 22 MLP matrices
+            # split evenly over 8 ranks; #28: one per shape and LR
+            key = (tuple(shape), None if decay else lr, decay)
+            groups.setdefault(key, []).append((p, lr))
+        self.groups = [MatrixGroup([p for p, _ in entries], shape, entries[0][1], comm, decay, normuon_stats,
+                                   [lr for _, lr in entries])
+                       for (shape, _, decay), entries in groups.items()]
         self.orthogonalizer, self.comm, self.normuon_beta2 = orthogonalizer, comm, normuon_beta2
+        self.normuon_stats = normuon_stats
         self._init_reduction([g.params for g in self.groups])
 
     @torch.no_grad()
@@ -844,10 +1021,16 @@ class DistributedMuon(GradientReduction):
             group.momentum.lerp_(group.grad_shard, 1 - momentum)
             nesterov = group.grad_shard.lerp(group.momentum, momentum)
             update = orthogonalize(nesterov, self.orthogonalizer)
-            if self.normuon_beta2:
+            if self.normuon_beta2 and self.normuon_stats == "row":
                 update = self._even_out_rows(group, update.float())
-            new_own = group.own_params().add_(update.to(group.gathered.dtype), alpha=-group.lr * lr_mult)
-            gathers.append(self.comm.all_gather(group.gathered, new_own))
+            elif self.normuon_beta2:
+                update = self._reduce_variance(group, update)
+            if group.decay:  # the 2026 step: decay x base LR x effective LR (per matrix), both scheduled
+                lrs = group.own_lrs * lr_mult
+                new_own = cautious_decay_and_step_(group.own_params(), update, lrs, group.decay * lr_mult * lrs)
+            else:
+                new_own = group.own_params().add_(update.to(group.gathered.dtype), alpha=-group.lr * lr_mult)
+            gathers.append(self.comm.all_gather(group.gathered, new_own.to(group.gathered.dtype)))
         for group, handle in zip(self.groups, gathers):
             wait(handle)
             torch._foreach_copy_(group.views, list(group.gathered[: len(group.views)].unbind(0)))
@@ -857,37 +1040,132 @@ class DistributedMuon(GradientReduction):
         """NorMuon (arXiv 2510.05491): divide each output row by the root of an EMA of its mean squared
         update, then restore the matrix's Frobenius norm, so no neuron's step size runs away."""
         norm = update.norm(dim=(-2, -1), keepdim=True)
-        group.row_mean_square.lerp_(update.square().mean(-1, keepdim=True), 1 - self.normuon_beta2)
-        update = update / group.row_mean_square.clamp_min(1e-10).sqrt()
+        group.second_moment.lerp_(update.square().mean(-1, keepdim=True), 1 - self.normuon_beta2)
+        update = update / group.second_moment.clamp_min(1e-10).sqrt()
         return update * (norm / update.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+
+    def _reduce_variance(self, group: MatrixGroup, update: Tensor) -> Tensor:
+        """NorMuon as the 2026 script has it: the mean square is taken over the smaller dimension (one
+        statistic per row of a tall matrix, per column of a wide one), its EMA evens those out, and the
+        matrix keeps its Frobenius norm. Computed in fp32 from the norms of the mean squares (one pass);
+        the scale is applied in the update's own dtype (bf16), as the script does."""
+        dim = group.stats_dim
+        mean_square = update.float().square().mean(dim, keepdim=True)
+        count = update.size(dim)
+        norm = (mean_square.sum((-2, -1), keepdim=True) * count).sqrt()
+        group.second_moment.lerp_(mean_square, 1 - self.normuon_beta2)
+        step = group.second_moment.clamp_min(1e-10).rsqrt()
+        new_norm = (mean_square * count * step.square()).sum((-2, -1), keepdim=True).sqrt()
+        return update * (step * norm / new_norm.clamp_min(1e-10)).to(update.dtype)
+
+
+def as_shape_of(tensor: Tensor, shape: tuple) -> Tensor:
+    """A tied pair's tensor seen in its partner's layout: itself if the shapes agree, else its transpose."""
+    if tuple(tensor.shape) == tuple(shape):
+        return tensor
+    if tuple(tensor.shape[::-1]) == tuple(shape) and tensor.ndim == 2:
+        return tensor.T
+    raise ValueError(f"cannot tie a {tuple(tensor.shape)} tensor to a {tuple(shape)} one")
+
+
+def moment_dtype(param: Tensor) -> torch.dtype:
+    return torch.promote_types(param.dtype, torch.float32)
 
 
 class DistributedAdam(GradientReduction):
-    """Adam with bias correction, no weight decay. Large tensors whose first dimension divides by the world size are sharded
-    along it (reduce-scatter, update own rows, all-gather); small ones are all-reduced and updated everywhere."""
+    """Adam with bias correction. Large tensors whose first dimension divides by the world size are sharded
+    along it (reduce-scatter, update own rows, all-gather); small ones are all-reduced and updated everywhere.
+    param_lrs: (param, lr) with the shared betas and no decay (#28), or (param, lr, betas, weight decay) with
+    cautious decay (2026). With the 2026 schedule the embedding can be tied to the head (tie/untie)."""
 
     SHARD_MIN_NUMEL = 1 << 16
 
     def __init__(self, param_lrs: list, betas: tuple, eps: float, comm: Comm):
         self.betas, self.eps, self.comm, self.step_count = betas, eps, comm, 0
         self.entries = []
-        for p, lr in param_lrs:
+        for p, lr, *more in param_lrs:
+            entry_betas, decay = more if more else (betas, 0.0)
             sharded = comm.world_size > 1 and p.size(0) % comm.world_size == 0 and p.numel() >= self.SHARD_MIN_NUMEL
             rows = p.size(0) // comm.world_size if sharded else p.size(0)
-            param_view = p.data[comm.rank * rows : (comm.rank + 1) * rows] if sharded else p.data
+            first_row = comm.rank * rows if sharded else 0
+            param_view = p.data[first_row : first_row + rows]
             self.entries.append(dict(
-                param=p, lr=lr, sharded=sharded, param_view=param_view,
+                param=p, lr=lr, sharded=sharded, param_view=param_view, first_row=first_row,
+                betas=tuple(entry_betas), decay=decay,
                 grad=torch.empty_like(param_view) if sharded else None,
-                exp_avg=torch.zeros_like(param_view), exp_avg_sq=torch.zeros_like(param_view)))
+                # moments at least fp32 whatever the parameter's dtype (the 2026 value embeddings are bf16)
+                exp_avg=torch.zeros_like(param_view, dtype=moment_dtype(p)),
+                exp_avg_sq=torch.zeros_like(param_view, dtype=moment_dtype(p))))
+        self.accepting = True  # False: this step only accumulates gradients, so the hooks start no reduction
+        self.tied = None  # (head entry, embed entry) while the embedding is the head's transpose
         self._init_reduction([[e["param"]] for e in self.entries])
+
+    def entry_of(self, param: Tensor) -> int:
+        return next(i for i, e in enumerate(self.entries) if e["param"] is param)
+
+    def grad_ready(self, param: Tensor):
+        if self.accepting:
+            super().grad_ready(param)
+
+    def _launch(self, unit: int):
+        if self.tied is not None and unit == self.tied[1]:
+            self.launched[unit] = True  # the tied embedding's gradient goes with the head's
+            return
+        super()._launch(unit)
 
     @torch.no_grad()
     def _start_reduction(self, unit: int):
         e = self.entries[unit]
+        if self.tied is not None and unit == self.tied[0]:
+            self._fold_embed_grad()
         if e["sharded"]:
             return self.comm.reduce_scatter_mean(e["grad"], e["param"].grad)
         e["grad"] = e["param"].grad
         return self.comm.all_reduce_mean(e["grad"])
+
+    # -- the tied embedding (2026): one tensor trained as the head until the split step
+
+    def tie(self, head: Tensor, embed: Tensor):
+        """Train embed as the head's transpose: its gradient is added to the head's before the head's reduction
+        (the head's unit waits for both), only the head is updated, and embed copies it after each step."""
+        head_unit, embed_unit = self.entry_of(head), self.entry_of(embed)
+        as_shape_of(head, embed.shape)  # refuses shapes that cannot tie
+        self.tied = (head_unit, embed_unit)
+        self.unit_of[id(embed)] = head_unit
+        self.unit_sizes[head_unit] = 2
+
+    def _fold_embed_grad(self):
+        head, embed = (self.entries[i]["param"] for i in self.tied)
+        if embed.grad is not None:
+            head.grad.add_(as_shape_of(embed.grad, head.shape))
+            embed.grad = None  # now part of the head's: an accumulating (even) step must not count it twice
+
+    def _copy_head_into_embed(self):
+        head, embed = (self.entries[i]["param"] for i in self.tied)
+        embed.data.copy_(as_shape_of(head.data, embed.shape))
+
+    def _full_state(self, entry: dict, key: str) -> Tensor:
+        if not entry["sharded"]:
+            return entry[key]
+        full = entry[key].new_empty(entry["param"].shape)
+        wait(self.comm.all_gather(full, entry[key]))
+        return full
+
+    @torch.no_grad()
+    def untie(self):
+        """The split: embed trains apart from now on, starting from the head's Adam moments (transposed, its
+        own rows on each rank); the shared step count carries the head's bias correction over."""
+        head_unit, embed_unit = self.tied
+        head, embed = self.entries[head_unit], self.entries[embed_unit]
+        for key in ("exp_avg", "exp_avg_sq"):
+            full = as_shape_of(self._full_state(head, key), embed["param"].shape)
+            rows = embed[key].size(0)
+            embed[key].copy_(full[embed["first_row"] : embed["first_row"] + rows])
+        self.unit_of[id(embed["param"])] = embed_unit
+        self.unit_sizes[head_unit] = 1
+        self.tied = None
+
+    # -- the step
 
     @torch.no_grad()
     def step(self, lr_mult: float):
@@ -895,36 +1173,67 @@ class DistributedAdam(GradientReduction):
         would otherwise cost a handful of kernel launches each); sharded ones one by one, each all-gather
         overlapping the next update."""
         self.step_count += 1
+        skipped = self.tied[1] if self.tied is not None else None
         for handle, e in zip(self.pending, self.entries):
             if not e["sharded"]:
                 wait(handle)
-        self._update([e for e in self.entries if not e["sharded"]], lr_mult)
+        self._update([e for i, e in enumerate(self.entries) if not e["sharded"] and i != skipped], lr_mult)
         gathers = []
-        for handle, e in zip(self.pending, self.entries):
-            if e["sharded"]:
+        for i, (handle, e) in enumerate(zip(self.pending, self.entries)):
+            if e["sharded"] and i != skipped:
                 wait(handle)
                 self._update([e], lr_mult)
                 gathers.append(self.comm.all_gather(e["param"].data, e["param_view"].clone()))
         for handle in gathers:
             wait(handle)
+        if self.tied is not None:
+            self._copy_head_into_embed()
         self._reset_reduction()
 
     def _update(self, entries: list, lr_mult: float):
-        if not entries:
-            return
-        beta1, beta2 = self.betas
-        bias1, bias2 = 1 - beta1 ** self.step_count, 1 - beta2 ** self.step_count
-        params, grads = [e["param_view"] for e in entries], [e["grad"] for e in entries]
+        by_betas = {}
+        for e in entries:
+            by_betas.setdefault(e["betas"], []).append(e)
+        for betas, same in by_betas.items():
+            self._update_moments(same, betas)
+            plain = [e for e in same if not e["decay"] and e["param_view"].dtype == e["exp_avg"].dtype]
+            if plain:
+                self._apply_plain(plain, betas, lr_mult)
+            for e in same:
+                if e["decay"] or e["param_view"].dtype != e["exp_avg"].dtype:
+                    self._apply_cautious(e, betas, lr_mult)  # in the moments' dtype, rounded once into the parameter
+
+    def _update_moments(self, entries: list, betas: tuple):
+        beta1, beta2 = betas
+        grads = [e["grad"].to(e["exp_avg"].dtype) for e in entries]  # the same tensors unless bf16
         exp_avgs, exp_avg_sqs = [e["exp_avg"] for e in entries], [e["exp_avg_sq"] for e in entries]
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+
+    def _bias_corrections(self, betas: tuple) -> tuple:
+        beta1, beta2 = betas
+        return 1 - beta1 ** self.step_count, 1 - beta2 ** self.step_count
+
+    def _apply_plain(self, entries: list, betas: tuple, lr_mult: float):
+        bias1, bias2 = self._bias_corrections(betas)
+        params, exp_avgs = [e["param_view"] for e in entries], [e["exp_avg"] for e in entries]
         # Record #28's form: eps joins sqrt(v) before the bias correction, i.e. eps / sqrt(bias2) in
         # torch.optim.Adam's terms; the correction is folded into the step size.
-        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        denoms = torch._foreach_sqrt([e["exp_avg_sq"] for e in entries])
         torch._foreach_add_(denoms, self.eps)
         step_sizes = [-e["lr"] * lr_mult * math.sqrt(bias2) / bias1 for e in entries]
         torch._foreach_addcdiv_(params, exp_avgs, denoms, step_sizes)
+
+    def _apply_cautious(self, e: dict, betas: tuple, lr_mult: float):
+        """The 2026 step: the same Adam update, plus weight decay of (effective LR)^2 x decay where the update
+        and the weight have the same sign (strictly: a zero weight or update is not decayed)."""
+        bias1, bias2 = self._bias_corrections(betas)
+        lr = e["lr"] * lr_mult
+        param = e["param_view"]
+        update = e["exp_avg"] / (e["exp_avg_sq"].sqrt() + self.eps) * (lr * math.sqrt(bias2) / bias1)
+        agrees = (update * param) > 0
+        param.sub_(update.addcmul_(param.to(update.dtype), agrees, value=lr * lr * e["decay"]))
 
 
 class OverlapHooks:
@@ -950,6 +1259,8 @@ class Optimizers:
     adam: DistributedAdam
     muon: DistributedMuon
     hooks: OverlapHooks | None  # None on one rank: nothing to overlap
+    adam_odd_steps_only: bool = False  # 2026: Adam steps on odd steps, even steps' gradients accumulate
+    split_step: int = -1  # 2026: the last step with the embedding tied to the head (-1: never tied)
 
     def close(self):
         if self.hooks is not None:
@@ -958,12 +1269,48 @@ class Optimizers:
 
 def build_optimizers(model: GPT, cfg: Config, comm: Comm) -> Optimizers:
     settings = assign_params(model, cfg)
-    adam_lrs = [(s.param, s.effective_lr) for s in settings if s.optimizer == "adam"]
-    muon_lrs = [(s.param, s.effective_lr) for s in settings if s.optimizer == "muon"]
+    adam_lrs = [(s.param, s.effective_lr, s.betas, s.weight_decay) for s in settings if s.optimizer == "adam"]
+    muon_lrs = [(s.param, s.effective_lr, s.matrix_shape, s.weight_decay * s.base_lr)
+                for s in settings if s.optimizer == "muon"]
     adam = DistributedAdam(adam_lrs, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps, comm)
-    muon = DistributedMuon(muon_lrs, cfg.orthogonalizer, comm, cfg.normuon_beta2)
+    muon = DistributedMuon(muon_lrs, cfg.orthogonalizer, comm, cfg.normuon_beta2, cfg.normuon_stats)
     hooks = OverlapHooks(model, [adam, muon]) if comm.world_size > 1 else None
-    return Optimizers(adam, muon, hooks)
+    split_step = embed_split_step(cfg)
+    if split_step >= 0:  # tied from the start (the 2026 schedule): the names are recipe_r2026's
+        params = dict(model.named_parameters())
+        adam.tie(params[R2026_HEAD], params[R2026_EMBED])
+    adam.accepting = is_adam_step(0, cfg)
+    return Optimizers(adam, muon, hooks, cfg.adam_odd_steps_only, split_step)
+
+
+@torch.no_grad()
+def step_optimizers(opt: Optimizers, model: nn.Module, schedule: StepSchedule):
+    """Reduce gradients and step both optimizers as the schedule says, then clear the gradients they used.
+    #28 (Adam every step, nothing tied): exactly the reduce / step / zero_grad sequence train_step had.
+    2026: Adam steps on odd steps only; on even ones its gradients stay and the next backward adds to them.
+    While tied, the embedding's gradient joins the head's and the embedding copies the head after each Adam
+    step; after the split step's Adam step the head's moments are copied into the embedding's and they part.
+    train_step calls this in place of its reduce/step/zero_grad lines (the one-line change, marked there)."""
+    if schedule.adam_step:
+        opt.adam.reduce_gradients()
+    opt.muon.reduce_gradients()
+    if schedule.adam_step:
+        opt.adam.step(schedule.lr_mult)
+    else:  # the gradients stay for the next step; a reduction a hook started anyway is linear, so harmless
+        for handle in opt.adam.pending:
+            wait(handle)
+        opt.adam._reset_reduction()
+    opt.muon.step(schedule.lr_mult, schedule.muon_momentum)
+    if schedule.step == opt.split_step and opt.adam.tied is not None:
+        opt.adam.untie()
+    if schedule.adam_step:
+        model.zero_grad(set_to_none=True)
+    else:
+        for group in opt.muon.groups:
+            for p in group.params:
+                p.grad = None
+    # the hooks start Adam's reductions during the next backward only if Adam steps after it
+    opt.adam.accepting = not opt.adam_odd_steps_only or (schedule.step + 1) % 2 == 1
 
 
 # -----------------------------------------------------------------------------
@@ -1467,11 +1814,7 @@ def train_step(model: GPT, batch: list, opt: Optimizers, step: int, cfg: Config)
         loss_sum += loss.detach()
     if opt.hooks is not None:
         opt.hooks.armed = False
-    opt.adam.reduce_gradients()
-    opt.muon.reduce_gradients()
-    opt.adam.step(schedule.lr_mult)
-    opt.muon.step(schedule.lr_mult, schedule.muon_momentum)
-    model.zero_grad(set_to_none=True)
+    step_optimizers(opt, model, schedule)  # issue 14 optimizer: reduce, step (Adam odd-only, tie), clear grads
     return loss_sum
 
 
