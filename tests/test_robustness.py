@@ -64,7 +64,7 @@ def last_line(path: Path) -> str:
 
 
 def test_token_id_past_vocab_stops_with_one_line_before_training(tmp_path, capsys):
-    status, err = run_main(tiny_args(tmp_path, "vocab", "--vocab-size", "1000"), capsys)
+    status, err = run_main(tiny_args(tmp_path, "vocab", "--train-steps", "1", "--vocab-size", "1000"), capsys)
     assert status == 2
     assert len(err) == 1 and err[0].startswith(f"train_gpt.py: error: {SAMPLE_VAL}: token id ")
     assert "is >= --vocab-size 1000: raise --vocab-size above the tokenizer's largest id, or re-tokenize the data" in err[0]
@@ -102,7 +102,7 @@ def test_unusable_log_dir_is_refused_in_one_line(tmp_path, capsys, case):
 
 def test_save_model_into_a_missing_folder_is_refused_before_training(tmp_path, capsys):
     target = tmp_path / "missing/dir/m.pt"
-    status, err = run_main(tiny_args(tmp_path, "save", "--save-model", str(target)), capsys)
+    status, err = run_main(tiny_args(tmp_path, "save", "--train-steps", "1", "--save-model", str(target)), capsys)
     assert status == 2 and err == [
         f"train_gpt.py: error: --save-model: folder '{target.parent}' does not exist: create it first "
         f"(mkdir -p {target.parent}) or pick another path"]
@@ -110,7 +110,7 @@ def test_save_model_into_a_missing_folder_is_refused_before_training(tmp_path, c
 
 
 def test_run_id_with_a_path_is_refused(tmp_path, capsys):
-    status, err = run_main(tiny_args(tmp_path, "../x"), capsys)
+    status, err = run_main(tiny_args(tmp_path, "../x", "--train-steps", "1"), capsys)
     assert status == 2 and err == [
         "train_gpt.py: error: --run-id '../x' must be a plain file name (no '/', no '..', not starting with '.'); "
         "choose the folder with --log-dir"]
@@ -127,9 +127,16 @@ def test_run_id_with_a_path_is_refused(tmp_path, capsys):
     ("--embed-lr-mult", "nan", "--embed-lr-mult must be a positive number, got nan"),
     ("--save-every", "-1", "--save-every -1 must be >= 0 (0: no checkpoints)"),
 ])
-def test_hyperparameters_out_of_range_are_refused(tmp_path, capsys, flag, value, message):
-    status, err = run_main(tiny_args(tmp_path, "hp", f"{flag}={value}"), capsys)
-    assert status == 2 and err == [f"train_gpt.py: error: {message}"]
+def test_hyperparameters_out_of_range_are_refused(flag, value, message):
+    cfg = tg.parse_config(["--preset", "tiny", "--device", "cpu", f"{flag}={value}"])
+    with pytest.raises(tg.ConfigError) as refused:
+        tg.check_config(cfg, 1)
+    assert str(refused.value) == message
+
+
+def test_negative_lr_on_the_command_line_is_one_line(tmp_path, capsys):
+    status, err = run_main(tiny_args(tmp_path, "hp", "--train-steps", "1", "--muon-lr=-0.05"), capsys)
+    assert status == 2 and err == ["train_gpt.py: error: --muon-lr must be a positive number, got -0.05"]
 
 
 # -----------------------------------------------------------------------------
@@ -252,7 +259,7 @@ def test_sigterm_stops_like_ctrl_c_with_a_stopping_line(tmp_path):
     proc = subprocess.Popen([sys.executable, str(REPO / "train_gpt.py"), *args], cwd=REPO, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
-    while time.time() < deadline and not (log.exists() and "\ncheckpoint: " in log.read_text()):
+    while proc.poll() is None and time.time() < deadline and not (log.exists() and "\ncheckpoint: " in log.read_text()):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
