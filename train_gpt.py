@@ -886,9 +886,9 @@ def load_val_tokens(files: list, num_tokens: int, vocab_size: int | None = None)
 
 
 class TrainLoader:
-    """Training windows of seq_len + 1 tokens, each starting at <|endoftext|> (align_to_bos; otherwise each
-    window starts where the previous one ended). Windows follow each other in the stream (the next starts at
-    the first document boundary after the previous one's end); window k
+    """Training windows of seq_len + 1 tokens that follow each other in the stream: with align_to_bos each starts
+    at <|endoftext|>, the first document boundary after the previous one's end; without, right where the
+    previous one ended (a corpus of long documents is then used whole, not just each document's start). Window k
     of a step goes to rank k % world_size, accumulation step k // world_size, so every world size sees
     the same windows per step. Shards load on a background thread; the data cycles when it runs out.
     It counts what it reads (tokens passed over) and what windows use, for the log's data-use lines."""
@@ -1158,6 +1158,7 @@ def write_atomically(obj, path: str, what: str):
             f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint or weights file is read like any other
         os.replace(tmp, path)
         tmp = None
         sync_folder(folder)

@@ -247,6 +247,7 @@ def test_disk_full_mid_run_stops_with_one_line(tmp_path, capsys, monkeypatch):
         "elsewhere; no checkpoint was written (--save-every N keeps one)"]
     lines = log.read_text().splitlines()
     assert lines[-2].startswith("step:1/4 train_time:") and lines[-1] == "stopping: disk full"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # main() put back the handler it found
 
 
 # -----------------------------------------------------------------------------
@@ -270,7 +271,6 @@ def test_sigterm_stops_like_ctrl_c_with_a_stopping_line(tmp_path):
     assert step >= 2 and f"step:{step}/500 train_time" in log.read_text()
     assert err.strip().splitlines() == [
         f"train_gpt.py: error: stopped by SIGTERM at step {step}; resume with --resume {tmp_path / 'ck/term.pt'}"]
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # importing (and testing) installs nothing
 
 
 # -----------------------------------------------------------------------------
