@@ -17,15 +17,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import fnmatch
 import functools
 import glob
+import io
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -110,12 +115,16 @@ class Config:
     # run
     seed: int = field(default=0, metadata={"help": "seed of the weight initialization"})
     device: str = field(default="cuda", metadata={"help": "cuda or cpu"})
-    compile: bool = field(default=True, metadata={"help": "torch.compile each block and the head once (regional compilation)"})
+    compile: bool = field(default=True, metadata={"help": "torch.compile each block and the head once (regional compilation); compiling always warms up >= 1 untimed step"})
     warmup_steps: int = field(default=3, metadata={"help": "untimed steps that compile every shape, then everything is reset"})
     run_id: str = field(default="", metadata={"help": "log name under --log-dir (default: a random uuid)"})
     log_dir: str = field(default="logs", metadata={"help": "folder of the run logs"})
     save_model: str = field(default="", metadata={"help": "write the final weights to this path (rank 0)"})
     gpu_peak_tflops: float = field(default=800.0, metadata={"help": "dense bf16 peak per GPU, for the MFU figure (H100 measured: ~800)"})
+    save_every: int = field(default=0, metadata={"help": "every N steps write a checkpoint to --checkpoint-dir/<run_id>.pt, off the clock (0: never)"})
+    checkpoint_dir: str = field(default="checkpoints", metadata={"help": "folder of the --save-every checkpoints (one file per run, replaced atomically)"})
+    resume: str = field(default="", metadata={"help": "continue from this checkpoint: weights, optimizer, data position and clock (same settings)"})
+    align_to_bos: bool = field(default=True, metadata={"help": "start each training window at a document start (FineWeb); --no-align-to-bos: consecutive slices of the stream"})
 
 
 # `--preset tiny`: a small model and batch that trains on a CPU in about a minute on data/sample/.
@@ -282,6 +291,8 @@ def check_config(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"--cooldown-frac {cfg.cooldown_frac} must be in [0, 1]")
     if cfg.val_every < 0 or cfg.warmup_steps < 0 or cfg.muon_momentum_warmup_steps < 0:
         raise ConfigError("--val-every, --warmup-steps and --muon-momentum-warmup-steps must be >= 0")
+    check_hyperparameter_ranges(cfg)
+    check_run_names(cfg)
     # the first stage's (a staged schedule's later stages may differ: each step takes its own from the schedule)
     batch, seq_len = per_stage(cfg.stage_batch_tokens, 0, cfg, cfg.train_batch_tokens), per_stage(cfg.stage_seq_len, 0, cfg, cfg.train_seq_len)
     return accumulation_steps(batch, seq_len, world_size)
@@ -297,6 +308,34 @@ def check_stage_batches(cfg: Config, world_size: int):
                 f"stage {stage}: world size {world_size} x --stage-seq-len {seq_len} = {per_step} tokens does not divide "
                 f"its --stage-batch-tokens {batch}: each step must be whole sequences on every process "
                 f"(use a world size that divides {batch // seq_len if seq_len > 0 else batch}, or a shorter --stage-seq-len)")
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_hyperparameter_ranges(cfg: Config):
+    """Values outside these ranges train nothing useful (or diverge) without any error of their own."""
+    for name in ["muon_lr", "adam_lr", "adam_eps", "embed_lr_mult", "scalar_lr_mult", "attn_scale", "logit_cap", "gpu_peak_tflops"]:
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{flag_name(name)} must be a positive number, got {value}")
+    for name in ["adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start"]:
+        value = getattr(cfg, name)
+        if not 0 <= value < 1:  # a beta of 1 never forgets, above 1 the moving average grows without bound
+            raise ConfigError(f"{flag_name(name)} {value} must be in [0, 1)")
+    if not 0 <= cfg.final_lr_frac <= 1:
+        raise ConfigError(f"--final-lr-frac {cfg.final_lr_frac} must be in [0, 1]")
+    if cfg.save_every < 0:
+        raise ConfigError(f"--save-every {cfg.save_every} must be >= 0 (0: no checkpoints)")
+
+
+def check_run_names(cfg: Config):
+    """--run-id names a file inside --log-dir and --checkpoint-dir: a path in it would write elsewhere."""
+    run_id = cfg.run_id
+    if any(sep in run_id for sep in ("/", "\\", os.sep, "\0")) or ".." in run_id or run_id.startswith("."):
+        raise ConfigError(f"--run-id {run_id!r} must be a plain file name (no '/', no '..', not starting with '.'); "
+                          f"choose the folder with --log-dir")
 
 
 # -----------------------------------------------------------------------------
@@ -1330,8 +1369,17 @@ def resolve_files(pattern: str, flag: str) -> list:
         return files
     folder = os.path.dirname(pattern) or "."
     if not os.path.isdir(folder):
-        raise DataError(f"{flag} {pattern}: folder {folder!r} does not exist (cwd: {os.getcwd()}); {FETCH_HINT}")
-    raise DataError(f"{flag} {pattern}: no file matches in {folder!r}; {FETCH_HINT}")
+        raise DataError(f"{flag} {pattern}: folder {folder!r} does not exist (cwd: {os.getcwd()}); {missing_data_hint(pattern, flag)}")
+    raise DataError(f"{flag} {pattern}: no file matches in {folder!r}; {missing_data_hint(pattern, flag)}")
+
+
+def missing_data_hint(pattern: str, flag: str) -> str:
+    """A relative pattern that matches next to this script means the run started in another folder:
+    say so, instead of suggesting a 2 GB download of data the user already has."""
+    repo = os.path.dirname(os.path.abspath(__file__))
+    if not os.path.isabs(pattern) and glob.glob(os.path.join(repo, pattern)):
+        return f"the files are in {repo}: run from the repository folder (cd {repo}) or pass {flag} {os.path.join(repo, pattern)}"
+    return FETCH_HINT
 
 
 def shard_token_count(path: str) -> int:
@@ -1351,12 +1399,24 @@ def shard_token_count(path: str) -> int:
     return num_tokens
 
 
-def load_shard(path: str) -> np.ndarray:
+def load_shard(path: str, vocab_size: int | None = None) -> np.ndarray:
     num_tokens = shard_token_count(path)
-    return np.fromfile(path, dtype="<u2", count=num_tokens, offset=HEADER_INTS * 4)
+    tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=HEADER_INTS * 4)
+    if vocab_size is not None:
+        check_token_ids(tokens, vocab_size, path)
+    return tokens
 
 
-def load_val_tokens(files: list, num_tokens: int) -> np.ndarray:
+def check_token_ids(tokens: np.ndarray, vocab_size: int, path: str):
+    """An id past the embedding table is an IndexError on a CPU and a device-side assert on a GPU, far from
+    its cause; one vectorised max per shard finds it as the shard loads."""
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        position = int(np.argmax(tokens >= vocab_size))
+        raise DataError(f"{path}: token id {int(tokens[position])} at token {position} is >= --vocab-size {vocab_size}: "
+                        f"raise --vocab-size above the tokenizer's largest id, or re-tokenize the data")
+
+
+def load_val_tokens(files: list, num_tokens: int, vocab_size: int | None = None) -> np.ndarray:
     """The first num_tokens + 1 tokens of the val files (inputs and their next-token targets)."""
     available = sum(shard_token_count(f) for f in files)
     if available < num_tokens + 1:
@@ -1365,6 +1425,8 @@ def load_val_tokens(files: list, num_tokens: int) -> np.ndarray:
     parts, have = [], 0
     for f in files:
         parts.append(load_shard(f)[: num_tokens + 1 - have])
+        if vocab_size is not None:  # only the tokens used: a val shard may be longer than --val-tokens
+            check_token_ids(parts[-1], vocab_size, f)
         have += parts[-1].size
         if have > num_tokens:
             break
@@ -1372,27 +1434,34 @@ def load_val_tokens(files: list, num_tokens: int) -> np.ndarray:
 
 
 class TrainLoader:
-    """Training windows of seq_len + 1 tokens, each starting at <|endoftext|>. Windows follow each other in
-    the stream (the next starts at the first document boundary after the previous one's end); window k
+    """Training windows of seq_len + 1 tokens that follow each other in the stream: with align_to_bos each starts
+    at <|endoftext|>, the first document boundary after the previous one's end; without, right where the
+    previous one ended (a corpus of long documents is then used whole, not just each document's start). Window k
     of a step goes to rank k % world_size, accumulation step k // world_size, so every world size sees
-    the same windows per step. Shards load on a background thread; the data cycles when it runs out."""
+    the same windows per step. Shards load on a background thread; the data cycles when it runs out.
+    It counts what it reads (tokens passed over) and what windows use, for the log's data-use lines."""
 
-    def __init__(self, files: list, seq_len: int, rank: int, world_size: int, device: torch.device):
-        for f in files:
-            num_tokens = shard_token_count(f)
+    def __init__(self, files: list, seq_len: int, rank: int, world_size: int, device: torch.device,
+                 vocab_size: int | None = None, align_to_bos: bool = True):
+        self.shard_tokens = [shard_token_count(f) for f in files]
+        for f, num_tokens in zip(files, self.shard_tokens):
             if num_tokens < seq_len + 1:
                 raise DataError(f"{f}: {num_tokens} tokens, fewer than one training window of {seq_len + 1}")
         self.files, self.seq_len, self.rank, self.world_size, self.device = files, seq_len, rank, world_size, device
+        self.vocab_size, self.align_to_bos = vocab_size, align_to_bos
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.shard_index, self.passes = -1, 0
+        self.windows, self.tokens_before_shard = 0, 0  # windows taken; tokens of the shards already left behind
+        self.tokens = np.zeros(0, dtype=np.uint16)
         self.next_shard = self.pool.submit(self._read, 0)
         self._advance_shard()
 
     def _read(self, index: int):
-        tokens = load_shard(self.files[index])
+        tokens = load_shard(self.files[index], self.vocab_size)
         return tokens, np.flatnonzero(tokens == EOT_TOKEN)
 
     def _advance_shard(self):
+        self.tokens_before_shard += len(self.tokens)  # the rest of the shard is passed over
         self.shard_index += 1
         if self.shard_index == len(self.files):
             self.shard_index, self.passes = 0, self.passes + 1
@@ -1401,6 +1470,8 @@ class TrainLoader:
         self.next_shard = self.pool.submit(self._read, (self.shard_index + 1) % len(self.files))
 
     def _next_window_start(self) -> int:
+        if not self.align_to_bos:
+            return self._next_slice_start()
         for _ in range(len(self.files) + 1):
             i = np.searchsorted(self.doc_starts, self.pos)
             if i < len(self.doc_starts) and self.doc_starts[i] + self.seq_len + 1 <= len(self.tokens):
@@ -1408,7 +1479,17 @@ class TrainLoader:
                 self.pos = start + self.seq_len
                 return start
             self._advance_shard()
-        raise DataError(f"no document boundary (token {EOT_TOKEN}) leaves room for a {self.seq_len + 1}-token window in {self.files}")
+        raise DataError(f"no document boundary (token {EOT_TOKEN}) leaves room for a {self.seq_len + 1}-token window in "
+                        f"{self.files}; pass --no-align-to-bos to cut windows anywhere in the stream")
+
+    def _next_slice_start(self) -> int:
+        """The window right after the previous one (sharing its last token, as a target becomes an input);
+        a shard's tail too short for a window is passed over. Every shard holds at least one window."""
+        if self.pos + self.seq_len + 1 > len(self.tokens):
+            self._advance_shard()
+        start = self.pos
+        self.pos = start + self.seq_len
+        return start
 
     def next_batch(self, accumulation_steps: int) -> list:
         """This rank's (inputs, targets) for each accumulation step of one optimizer step."""
@@ -1416,6 +1497,7 @@ class TrainLoader:
         for _ in range(accumulation_steps):
             for r in range(self.world_size):
                 start = self._next_window_start()
+                self.windows += 1
                 if r == self.rank:
                     batch.append(self._to_device(self.tokens[start : start + self.seq_len + 1]))
         return batch
@@ -1429,6 +1511,43 @@ class TrainLoader:
     def batch_for(self, schedule: StepSchedule) -> list:
         """This rank's (inputs, targets) for each accumulation step of the step that schedule describes."""
         return self.next_batch(accumulation_steps(schedule.batch_tokens, schedule.seq_len, self.world_size))
+
+    def tokens_read(self) -> int:
+        return self.tokens_before_shard + self.pos
+
+    def passes_done(self) -> float:
+        """Passes over the training data as a fraction: tokens read (windows and what was skipped between them)."""
+        return self.tokens_read() / sum(self.shard_tokens)
+
+    def used_fraction(self) -> float:
+        """Of the tokens read, the share that windows trained on; the rest lay between a window's end and the
+        next document start."""
+        return self.windows * self.seq_len / max(self.tokens_read(), 1)
+
+    def usage_line(self) -> str:
+        line = (f"data: {self.passes_done():.3f} passes over the training data ({sum(self.shard_tokens)} tokens); "
+                f"windows used {100 * self.used_fraction():.1f}% of the tokens read")
+        if self.align_to_bos and self.used_fraction() < 0.5:  # long documents: most of each one is skipped
+            line += " (windows start at document starts; --no-align-to-bos packs them back to back)"
+        return line
+
+    def state(self) -> dict:
+        """Where the stream stands, for a checkpoint: the same on every rank."""
+        return dict(files=[os.path.basename(f) for f in self.files], shard_tokens=list(self.shard_tokens),
+                    shard_index=self.shard_index, pos=self.pos, passes=self.passes, windows=self.windows,
+                    tokens_before_shard=self.tokens_before_shard, align_to_bos=self.align_to_bos)
+
+    def load_state(self, state: dict):
+        """Continue the stream where a checkpoint left it: the same shards, in the same order, are required."""
+        if (state["files"], state["shard_tokens"]) != ([os.path.basename(f) for f in self.files], self.shard_tokens):
+            raise DataError(f"the checkpoint was trained on {len(state['files'])} shards ({', '.join(state['files'][:3])}, ...) "
+                            f"that differ from --train-files ({len(self.files)} shards); pass the checkpoint's --train-files")
+        self.next_shard.result()
+        self.shard_index = state["shard_index"] - 1
+        self.next_shard = self.pool.submit(self._read, state["shard_index"])
+        self._advance_shard()
+        self.pos, self.passes, self.windows = state["pos"], state["passes"], state["windows"]
+        self.tokens_before_shard = state["tokens_before_shard"]
 
     def close(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -1494,8 +1613,9 @@ class StagedTrainLoader(TrainLoader):
     same sequences. A step that does not fit in the rest of a shard is taken from the start of the next one
     (as the 2026 script on 8 GPUs); the data cycles when it runs out."""
 
-    def __init__(self, files: list, longest_seq_len: int, rank: int, world_size: int, device: torch.device):
-        super().__init__(files, longest_seq_len, rank, world_size, device)  # every shard must hold one longest sequence
+    def __init__(self, files: list, longest_seq_len: int, rank: int, world_size: int, device: torch.device,
+                 vocab_size: int | None = None):
+        super().__init__(files, longest_seq_len, rank, world_size, device, vocab_size)  # every shard must hold one longest sequence
 
     def _advance_shard(self):
         super()._advance_shard()
@@ -1524,8 +1644,8 @@ class StagedTrainLoader(TrainLoader):
 def make_train_loader(cfg: Config, files: list, rank: int, world_size: int, device: torch.device) -> TrainLoader:
     """#28 (one stage): fixed windows; staged schedule: per-stage packed sequences."""
     if is_staged(cfg):
-        return StagedTrainLoader(files, max(cfg.stage_seq_len), rank, world_size, device)
-    return TrainLoader(files, cfg.train_seq_len, rank, world_size, device)
+        return StagedTrainLoader(files, max(cfg.stage_seq_len), rank, world_size, device, cfg.vocab_size)
+    return TrainLoader(files, cfg.train_seq_len, rank, world_size, device, cfg.vocab_size, cfg.align_to_bos)
 
 
 # -----------------------------------------------------------------------------
@@ -1788,7 +1908,7 @@ def warmup_steps(cfg: Config) -> list:
     script, steps 0 and 1 and the two steps either side of every stage start, so each stage's batch shape and
     each change of stage is compiled (none if --warmup-steps is 0)."""
     if not is_staged(cfg) or not cfg.warmup_steps:
-        return list(range(cfg.warmup_steps))
+        return list(range(untimed_warmup_steps(cfg)))
     around_starts = {start + offset for start in cfg.stage_steps[1:] for offset in (-2, -1, 0, 1)}
     return sorted({0, 1} | {step for step in around_starts if 2 <= step < cfg.train_steps})
 
@@ -1891,12 +2011,200 @@ class DeferredValue:
         return math.isfinite(self.host.item())
 
 
-def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumulation: int, launch_time: float) -> dict:
+def untimed_warmup_steps(cfg: Config) -> int:
+    """torch.compile compiles on the first call: with --warmup-steps 0 that would land on the training clock,
+    so a compiled run always warms up (and then resets) at least one step."""
+    return max(cfg.warmup_steps, 1) if cfg.compile else cfg.warmup_steps
+
+
+class OutputError(Exception):
+    """A checkpoint or the weights could not be written; the message is one line."""
+
+
+class DiskFullError(OutputError):
+    """No space left while writing the log, a checkpoint or the weights; the message is one line."""
+
+
+def disk_full_or_raise(error: OSError, what: str):
+    if error.errno == errno.ENOSPC:
+        raise DiskFullError(f"disk full writing {what}: free space on that disk, or write it elsewhere") from None
+    raise error
+
+
+def write_atomically(obj, path: str, what: str):
+    """torch.save to a temp file in the same folder, fsync, rename: a crash or a full disk mid-write leaves
+    the previous file whole. Serialized in memory first, so a full disk is a plain OSError from write()."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint or weights file is read like any other
+        os.replace(tmp, path)
+        tmp = None
+        sync_folder(folder)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            disk_full_or_raise(e, what)
+        raise OutputError(f"cannot write {what}: {e.strerror or e}") from None
+    finally:
+        if tmp is not None:  # a half-written temp file would only eat more disk
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def sync_folder(folder: str):
+    """The rename itself is durable only once the folder's entry is on disk (not possible on every OS)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def checkpoint_path(cfg: Config) -> str:
+    return os.path.join(cfg.checkpoint_dir, f"{cfg.run_id}.pt")
+
+
+# Settings that do not change the math of a step: a resumed run may change these, and nothing else.
+RESUME_MAY_CHANGE = {"train_files", "val_files", "val_every", "seed", "device", "compile", "warmup_steps", "run_id",
+                     "log_dir", "save_model", "gpu_peak_tflops", "save_every", "checkpoint_dir", "resume"}
+
+
+def gather_shards(shard: Tensor, comm: Comm) -> Tensor:
+    """Each rank's rows of an optimizer state tensor, concatenated in rank order (every rank calls this)."""
+    full = shard.new_empty(comm.world_size * shard.size(0), *shard.shape[1:])
+    wait(comm.all_gather(full, shard.contiguous()))
+    return full
+
+
+def optimizer_state(opt: Optimizers, comm: Comm) -> dict:
+    """Muon momentum and Adam moments as whole tensors, whatever the world size: each rank owns a shard, so
+    they are all-gathered (every rank calls this) and rank 0 writes one file any world size can resume."""
+    muon = []
+    for group in opt.muon.groups:
+        n = len(group.views)  # the rest is padding to a multiple of the world size: always zero
+        muon.append({name: gather_shards(getattr(group, name), comm)[:n].cpu().clone()
+                     for name in ("momentum", "row_mean_square")})
+    adam = []
+    for e in opt.adam.entries:
+        adam.append({name: (gather_shards(e[name], comm) if e["sharded"] else e[name]).cpu().clone()
+                     for name in ("exp_avg", "exp_avg_sq")})
+    return dict(muon=muon, adam=adam, adam_step_count=opt.adam.step_count)
+
+
+def load_optimizer_state(opt: Optimizers, state: dict, comm: Comm):
+    """Each rank takes its own rows of the whole tensors that optimizer_state wrote."""
+    if len(state["muon"]) != len(opt.muon.groups) or len(state["adam"]) != len(opt.adam.entries):
+        raise DataError("the checkpoint's optimizer state does not match this model: was it written by another version of train_gpt.py?")
+    for group, saved in zip(opt.muon.groups, state["muon"]):
+        for name, whole in saved.items():
+            own = getattr(group, name)
+            padded = torch.cat([whole, whole.new_zeros(group.padded - whole.size(0), *whole.shape[1:])])
+            own.copy_(padded[group.own])
+    for e, saved in zip(opt.adam.entries, state["adam"]):
+        for name, whole in saved.items():
+            rows = e[name].size(0)
+            e[name].copy_(whole[comm.rank * rows : (comm.rank + 1) * rows] if e["sharded"] else whole)
+    opt.adam.step_count = state["adam_step_count"]
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def training_state(step: int, train_ms: float, val_losses: list, model: GPT, opt: Optimizers, loader: TrainLoader,
+                   cfg: Config, comm: Comm, device: torch.device) -> dict | None:
+    """Everything the step loop needs to go on exactly as if it never stopped; None on ranks other than 0."""
+    optimizer = optimizer_state(opt, comm)
+    if comm.rank != 0:
+        return None
+    return dict(format=1, step=step, train_ms=train_ms, val_losses=[list(v) for v in val_losses], config=config_json(cfg),
+                world_size=comm.world_size, model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                optimizer=optimizer, loader=loader.state(), rng=rng_state(device))
+
+
+def save_checkpoint(step: int, train_ms: float, val_losses: list, model: GPT, opt: Optimizers, loader: TrainLoader,
+                    cfg: Config, comm: Comm, device: torch.device, logger) -> str:
+    state = training_state(step, train_ms, val_losses, model, opt, loader, cfg, comm, device)
+    path = checkpoint_path(cfg)
+    if state is not None:
+        write_atomically(state, path, f"checkpoint {path}")
+        logger.log(f"checkpoint: {path} at step {step}")
+    return path
+
+
+def read_checkpoint(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file fails in many ways inside the unpickler
+        raise DataError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"pass a file written by --save-every") from None
+
+
+def config_changes(saved_json: str, cfg: Config) -> list:
+    saved, now = json.loads(saved_json), json.loads(config_json(cfg))
+    return [f"{flag_name(k)} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
+
+
+def restore_checkpoint(path: str, model: GPT, opt: Optimizers, loader: TrainLoader, cfg: Config, comm: Comm,
+                       device: torch.device) -> tuple:
+    """Load what training_state wrote (every rank reads the file); returns (step, train_ms, val_losses)."""
+    state = read_checkpoint(path)
+    changes = config_changes(state["config"], cfg)
+    if changes:
+        raise DataError(f"--resume {path}: settings differ from the checkpoint's ({'; '.join(changes)}); "
+                        f"resume with the same settings")
+    with torch.no_grad():
+        model.load_state_dict({k: v.to(device) for k, v in state["model"].items()})
+    load_optimizer_state(opt, state["optimizer"], comm)
+    loader.load_state(state["loader"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if device.type == "cuda" and "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    return state["step"], state["train_ms"], [tuple(v) for v in state["val_losses"]]
+
+
+def checkpoint_off_the_clock(step: int, train_ms: float, clock: float, val_losses: list, model: GPT, opt: Optimizers,
+                             loader: TrainLoader, cfg: Config, comm: Comm, device: torch.device, logger) -> float:
+    """Stop the clock (after the queued work is done), write the checkpoint; returns the train time so far,
+    which the checkpoint holds, so a resumed run's clock goes on from it."""
+    synchronize(device)
+    train_ms += 1000 * (time.perf_counter() - clock)
+    save_checkpoint(step, train_ms, val_losses, model, opt, loader, cfg, comm, device, logger)
+    return train_ms
+
+
+@dataclass
+class RunProgress:
+    """What main() reports if the run stops early: the last finished step and the newest checkpoint."""
+    step: int = 0
+    checkpoint: str = ""
+
+
+def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumulation: int, launch_time: float,
+                 progress: RunProgress | None = None) -> dict:
     """Compile and warm up (untimed), reset, then the timed run with validation off the clock."""
     logger.log(schedule_summary(cfg))
+    progress = progress or RunProgress()
     val_files = resolve_files(cfg.val_files, "--val-files")
     train_files = resolve_files(cfg.train_files, "--train-files")
-    val_tokens = load_val_tokens(val_files, cfg.val_tokens)
+    val_tokens = load_val_tokens(val_files, cfg.val_tokens, cfg.vocab_size)
     logger.log(f"train_files: {len(train_files)} ({sum(shard_token_count(f) for f in train_files)} tokens)  "
                f"val_files: {len(val_files)}  val_tokens: {cfg.val_tokens}")
     model = build_model(cfg, device, accumulation, logger)
@@ -1924,11 +2232,18 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
     opt = build_optimizers(model, cfg, comm)
     loader = make_train_loader(cfg, train_files, comm.rank, comm.world_size, device)
     train_ms, val_losses, stopped = 0.0, [], None
+    first_step = 0
+    if cfg.resume:
+        first_step, train_ms, val_losses = restore_checkpoint(cfg.resume, model, opt, loader, cfg, comm, device)
+        logger.log(f"resumed: {cfg.resume} at step {first_step} (train_time {train_ms:.0f}ms)")
+    passes_logged = loader.passes
     pending_loss, clock = None, time.perf_counter()
     launch_to_first_step = None
-    for step in range(cfg.train_steps + 1):
+    for step in range(first_step, cfg.train_steps + 1):
+        progress.step = step
         last = step == cfg.train_steps
-        if is_val_step(step, cfg):
+        validated = bool(val_losses) and val_losses[-1][0] == step  # a checkpoint at a val step holds its val loss
+        if is_val_step(step, cfg) and not validated:
             synchronize(device)
             if step > 0:
                 train_ms += 1000 * (time.perf_counter() - clock)
@@ -1943,15 +2258,26 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
             clock = time.perf_counter()
         if last:
             break
+        if cfg.save_every and step % cfg.save_every == 0 and step > first_step:
+            train_ms = checkpoint_off_the_clock(step, train_ms, clock, val_losses, model, opt, loader, cfg, comm, device, logger)
+            progress.checkpoint = checkpoint_path(cfg)
+            clock = time.perf_counter()
         if launch_to_first_step is None:
             launch_to_first_step = time.time() - launch_time
-        loss = train_step(model, loader.batch_for(schedule_at(step, cfg)), opt, step, cfg)
+        batch = loader.batch_for(schedule_at(step, cfg))
+        if loader.passes != passes_logged:  # a host-side counter: costs the timed loop nothing
+            passes_logged = loader.passes
+            logger.log(f"data: pass {passes_logged} over the training data done at step {step + 1}")
+        loss = train_step(model, batch, opt, step, cfg)
         if pending_loss is not None and not pending_loss.is_finite():
             stopped = f"stopping: non-finite train loss at step {step}"
             break
         pending_loss = DeferredValue(loss)
         approx_ms = train_ms + 1000 * (time.perf_counter() - clock)
         logger.log(f"step:{step + 1}/{cfg.train_steps} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / (step + 1):.2f}ms")
+    if stopped is None:
+        progress.step = cfg.train_steps
+    logger.log(loader.usage_line())
     loader.close()
     opt.close()
     if stopped:
@@ -1965,21 +2291,44 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
 
 
 class Logger:
-    """Appends and flushes each line, so a crash keeps everything logged so far. Only rank 0 writes."""
+    """Writes each line straight to the file (unbuffered), so a crash keeps everything logged so far and a
+    failed write leaves nothing queued to fail again at close. Only rank 0 writes. On a full disk it cuts
+    the partial line back off, tries to end the log with a `stopping:` line and raises DiskFullError."""
 
     def __init__(self, path: str | None, echo: bool = True):
-        self.path, self.echo = path, echo
+        self.path, self.echo, self.size, self.disk_full = path, echo, 0, False
         if path:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.file = open(path, "x", encoding="utf-8")  # never mix two runs in one log
+            self.file = open(path, "xb", buffering=0)  # never mix two runs in one log
 
     def log(self, line: str, console: bool = True):
-        if self.path is None:
+        if self.path is None or self.disk_full:
             return
-        self.file.write(line + "\n")
-        self.file.flush()
+        try:
+            self._write((line + "\n").encode("utf-8"))
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            self._end_after_disk_full()
+            disk_full_or_raise(e, f"the log {self.path}")
         if console and self.echo:
             print(line, flush=True)
+
+    def _write(self, data: bytes):
+        view = memoryview(data)
+        while view:  # an unbuffered write may take only part of the bytes
+            view = view[self.file.write(view) :]
+        self.size += len(data)  # whole lines only: where a cut line would be cut back to
+
+    def _end_after_disk_full(self):
+        """Best effort: drop the cut line (freeing its bytes), then the stopping line may still fit."""
+        self.disk_full = True
+        try:
+            self.file.truncate(self.size)
+            self.file.seek(self.size)
+            self.file.write(b"stopping: disk full\n")
+        except (OSError, AttributeError, ValueError):
+            pass
 
     def close(self):
         if self.path:
@@ -2070,6 +2419,87 @@ def print_report(text: str) -> int:
     return 0
 
 
+class StopSignal(BaseException):
+    """SIGTERM (how torchrun and batch schedulers stop a job), raised like Ctrl-C's KeyboardInterrupt so both
+    stop through the same path: a `stopping:` line, the open files closed, the process group torn down."""
+
+
+def stop_on_sigterm(received: list):
+    """Installed by main() only, so importing this file changes no process state; returns the old handler.
+    The first SIGTERM raises StopSignal; later ones are ignored while the stop is under way."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        return None
+
+    def raise_stop(signum, frame):
+        if not received:
+            received.append(signal.Signals(signum).name)
+            raise StopSignal(received[0])
+
+    return signal.signal(signal.SIGTERM, raise_stop)
+
+
+def folder_problem(flag: str, folder: str, create: bool) -> str:
+    """Why files cannot be written into folder (empty string: they can), found by trying."""
+    folder = folder or "."
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return f"{flag} {folder} is a file, not a folder: pick a folder"
+    if not os.path.isdir(folder):
+        ancestor = os.path.dirname(os.path.abspath(folder))
+        while not os.path.exists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor):
+            return f"{flag} {folder}: {ancestor} is a file, not a folder: pick another path"
+        if not create:
+            return f"{flag}: folder {folder!r} does not exist: create it first (mkdir -p {folder}) or pick another path"
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            return f"{flag} {folder}: cannot create the folder ({e.strerror}): pick a writable folder"
+    try:
+        with tempfile.TemporaryFile(dir=folder):  # permissions, read-only mounts and quotas all show here
+            pass
+    except OSError as e:
+        return f"{flag} {folder}: cannot write there ({e.strerror}): pick a writable folder"
+    return ""
+
+
+def output_problem(cfg: Config) -> str:
+    """Checked before training, so that no output fails after the work is done: the log, the checkpoints,
+    --save-model's folder, and the file to resume from. Empty string: all fine."""
+    log_path = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt")
+    problem = folder_problem("--log-dir", cfg.log_dir, create=True)
+    if not problem and os.path.exists(log_path):
+        problem = f"{log_path} exists: choose another --run-id"
+    if not problem and cfg.save_every:
+        problem = folder_problem("--checkpoint-dir", cfg.checkpoint_dir, create=True)
+    if not problem and cfg.save_model:
+        if os.path.isdir(cfg.save_model):
+            problem = f"--save-model {cfg.save_model} is a folder: pass a file path such as {os.path.join(cfg.save_model, 'model.pt')}"
+        else:
+            problem = folder_problem("--save-model", os.path.dirname(cfg.save_model), create=False)
+    if not problem and cfg.resume and not os.path.isfile(cfg.resume):
+        problem = f"--resume {cfg.resume}: no such file: pass a checkpoint written by --save-every"
+    return problem
+
+
+def agree_on_outputs(cfg: Config, comm: Comm) -> Config:
+    """Rank 0 picks the run id and checks the outputs; every rank gets both, so no rank trains on alone."""
+    shared = [cfg.run_id or str(uuid.uuid4()), ""]
+    if comm.rank == 0:
+        shared[1] = output_problem(dataclasses.replace(cfg, run_id=shared[0]))
+    if comm.world_size > 1:
+        dist.broadcast_object_list(shared, src=0)
+    if shared[1]:
+        raise ConfigError(shared[1])
+    return dataclasses.replace(cfg, run_id=shared[0])
+
+
+def resume_hint(progress: RunProgress) -> str:
+    if progress.checkpoint:
+        return f"; resume with --resume {progress.checkpoint}"
+    return "; no checkpoint was written (--save-every N keeps one)"
+
+
 def main(argv=None) -> int:
     launch_time = process_start_time() or time.time()
     cfg, report = parse_command(argv)
@@ -2079,39 +2509,59 @@ def main(argv=None) -> int:
             return print_report(recipe_report(cfg) if report == "recipe" else schedule_report(cfg))
         comm, device = setup_distributed(cfg)
         accumulation = check_config(cfg, comm.world_size)
+        cfg = agree_on_outputs(cfg, comm)
     except ConfigError as e:
         if int(os.environ.get("RANK", 0)) == 0:  # one line, not one per process
             print(f"train_gpt.py: error: {e}", file=sys.stderr)
-        return 2
-    cfg = dataclasses.replace(cfg, run_id=cfg.run_id or str(uuid.uuid4()))
-    log_path = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt")
-    if comm.rank == 0 and os.path.exists(log_path):
-        print(f"train_gpt.py: error: {log_path} exists: choose another --run-id", file=sys.stderr)
-        return 2
-    logger = Logger(log_path if comm.rank == 0 else None)
-    status = 0
-    try:
-        log_header(logger, cfg, comm, device, accumulation)
-        result = run_training(cfg, logger, comm, device, accumulation, launch_time)
-        log_summary(logger, result, cfg, device, comm)
-        if cfg.save_model and comm.rank == 0:
-            torch.save(result["model"].state_dict(), cfg.save_model)
-        status = 1 if result["stopped"] else 0
-    except DataError as e:
-        logger.log(f"stopping: data error: {e}", console=False)
-        if comm.rank == 0:
-            print(f"train_gpt.py: error: {e}", file=sys.stderr)
-        status = 2
-    except KeyboardInterrupt:
-        logger.log("stopping: interrupted")
-        status = 130
-    finally:
-        logger.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+        return 2
+    logger = Logger(os.path.join(cfg.log_dir, f"{cfg.run_id}.txt") if comm.rank == 0 else None)
+    progress, signals = RunProgress(checkpoint=cfg.resume), []
+    previous_handler = stop_on_sigterm(signals)
+    status, problem = 0, ""
+    try:
+        log_header(logger, cfg, comm, device, accumulation)
+        result = run_training(cfg, logger, comm, device, accumulation, launch_time, progress)
+        log_summary(logger, result, cfg, device, comm)
+        if cfg.save_model and comm.rank == 0:
+            write_atomically(result["model"].state_dict(), cfg.save_model, f"--save-model {cfg.save_model}")
+        status = 1 if result["stopped"] else 0
+    except (DataError, ConfigError) as e:
+        logger.log(f"stopping: data error: {e}", console=False)
+        problem, status = str(e), 2
+    except OutputError as e:
+        logger.log(f"stopping: at step {progress.step}: {e}", console=False)
+        problem, status = f"stopped at step {progress.step}: {e}{resume_hint(progress)}", 1
+    except (KeyboardInterrupt, StopSignal) as e:
+        status, problem = stopped_by_signal(e, logger, progress)
+    except Exception as e:
+        if not signals:
+            raise
+        # A peer process stopped on the same SIGTERM, so a collective failed here: the same stop.
+        status, problem = stopped_by_signal(StopSignal(signals[0]), logger, progress)
+    finally:
+        logger.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if comm.rank == 0 and problem:
+        print(f"train_gpt.py: error: {problem}", file=sys.stderr)
     if comm.rank == 0 and logger.path:
         print(f"log: {logger.path}")
     return status
+
+
+def stopped_by_signal(e: BaseException, logger: Logger, progress: RunProgress) -> tuple:
+    """Ctrl-C (exit 130) or SIGTERM (exit 143, as if the signal had killed the process): (status, message)."""
+    what = "SIGTERM" if isinstance(e, StopSignal) else "interrupted (Ctrl-C)"
+    line = f"{what} at step {progress.step}"
+    try:
+        logger.log(f"stopping: {line}")
+    except DiskFullError:
+        pass
+    return (143 if isinstance(e, StopSignal) else 130), f"stopped by {line}{resume_hint(progress)}"
 
 
 if __name__ == "__main__":
