@@ -87,6 +87,9 @@ class Config:
     attn_scale: float = field(default=0.12, metadata={"help": "fixed softmax scale of attention (QK-normed)"})
     attn_gate_dim: int = field(default=12, metadata={"help": "residual channels read by the per-head output gate"})
     logit_cap: float = field(default=30.0, metadata={"help": "logits squashed to (0, cap) by cap*sigmoid(z/(cap/4))"})
+    bigram_rows: int = field(default=0, metadata={"help": "rows of the bigram hash embedding (0: none, as #28; 2026: 754,560 = 15 x 50304)"})
+    bigram_dim: int = field(default=192, metadata={"help": "width of the bigram hash embedding: added to the first N residual channels"})
+    bigram_sign_rows: int = field(default=8192, metadata={"help": "rows of the fixed random +-1 sign table of the bigram embedding"})
     fp8_head: bool = field(default=True, metadata={"help": "FP8 lm_head matmul where supported (Hopper); bf16 elsewhere"})
     # optimizer
     muon_lr: float = field(default=0.05, metadata={"help": "Muon learning rate (hidden matrices)"})
@@ -144,6 +147,8 @@ PRESETS = {
         muon_momentum_warmup_steps=300, muon_momentum_cooldown_steps=50,
         adam_odd_steps_only=True, embed_split_stage=2,  # the split step is 961: odd, so Adam steps on it
         attn_scale=0.1, attn_scale_log_growth=0.2,
+        # model (ported so far)
+        bigram_rows=50304 * 15, bigram_dim=192, bigram_sign_rows=8192,
     ),
 }
 
@@ -368,11 +373,57 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.x0_mix = nn.Parameter(torch.tensor([1.0, 0.0]))  # x <- a*x + b*x0 (x0: the normed embedding)
 
-    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None, mask) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None, mask, bigram: Tensor | None = None) -> Tensor:
         x = self.x0_mix[0] * x + self.x0_mix[1] * x0
         if self.attn is not None:
             x = x + self.attn(rms_norm(x), value_embed, mask)
+            if bigram is not None:  # the 2026 script injects it with the attention output: not in attention-free layers
+                x = add_to_leading_channels(x, bigram)
         return x + self.mlp(rms_norm(x))
+
+
+def add_to_leading_channels(x: Tensor, y: Tensor) -> Tensor:
+    """x + y on the first y.size(-1) channels of x (out of place: x may be x0, which later layers read)."""
+    return x + F.pad(y, (0, x.size(-1) - y.size(-1)))
+
+
+# Bigram hash embedding (2026): a large table whose row for token i is a hash of (x[i-1], x[i]), so many bigrams
+# share a row; each row is multiplied by a fixed random +-1 pattern chosen by another hash of the pair (the "sign
+# trick"), so bigrams sharing a row pull it in uncorrelated directions instead of averaging it away.
+BIGRAM_HASH_MULTIPLIERS = (36313, 27191)  # arbitrary large ints: products spread over the int32 range
+BIGRAM_SIGN_SEED_OFFSET = 1_000_003  # the sign table's generator is seeded apart from the weight init's stream
+
+
+def bigram_hash(input_ids: Tensor, rows: int) -> Tensor:
+    """Row of token i: ((36313 x[i]) XOR (27191 x[i-1])) mod (rows - 1), in int32 arithmetic. Position 0 has no
+    previous token and takes the reserved last row, rows - 1. Two quirks of the 2026 script, kept: it hashes in
+    place after writing rows - 1 into position 0, so position 1's "previous token" is rows - 1, whose product
+    overflows int32 and wraps; and a document's first token hashes with the last token of the document before
+    it (masking that was slower there and no better)."""
+    x = input_ids.long()
+    previous = torch.cat([x.new_full((1,), rows - 1), x[1:-1]])
+    a, b = BIGRAM_HASH_MULTIPLIERS
+    hashed = torch.bitwise_xor(wrap_int32(a * x[1:]), wrap_int32(b * previous)) % (rows - 1)  # % is floored: >= 0
+    return torch.cat([hashed.new_full((1,), rows - 1), hashed])
+
+
+def wrap_int32(x: Tensor) -> Tensor:
+    """int64 values as int32 arithmetic leaves them: two's-complement wrap-around, explicit rather than relying on
+    overflow of int32 multiplication."""
+    return (x + 2**31) % 2**32 - 2**31
+
+
+def bigram_sign_index(input_ids: Tensor, sign_rows: int) -> Tensor:
+    """Row of the sign table for token i: (x[i-1] XOR x[i]) mod sign_rows; row 0 at position 0."""
+    x = input_ids.long()
+    return torch.cat([x.new_zeros(1), torch.bitwise_xor(x[:-1], x[1:]) % sign_rows])
+
+
+def random_signs(rows: int, dim: int, seed: int) -> Tensor:
+    """A fixed (rows, dim) table of +-1 (signs of normal draws, as the 2026 script), from its own CPU generator: every
+    rank builds the same table without a broadcast, and #28's init stream is untouched."""
+    generator = torch.Generator().manual_seed(seed + BIGRAM_SIGN_SEED_OFFSET)
+    return torch.randn(rows, dim, generator=generator, device="cpu").sign()
 
 
 def document_ids(input_ids: Tensor) -> Tensor:
@@ -455,6 +506,12 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i not in cfg.no_attn_layers, max_seq_len) for i in range(cfg.num_layers))
         self.skip_weights = nn.Parameter(torch.ones(cfg.num_layers // 2))  # U-net: layer L-1-i adds w_i * output of layer i
         self.lm_head_w = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.model_dim))  # untied, zero-init
+        self.bigram_embed = None
+        if cfg.bigram_rows:  # 2026: zero-init table, per-layer lambdas from 0.05, a fixed sign table (a buffer, saved)
+            self.bigram_embed = nn.Embedding(cfg.bigram_rows, cfg.bigram_dim)
+            nn.init.zeros_(self.bigram_embed.weight)
+            self.bigram_lambdas = nn.Parameter(torch.full((cfg.num_layers,), 0.05))
+            self.register_buffer("bigram_signs", random_signs(cfg.bigram_sign_rows, cfg.bigram_dim, cfg.seed))
         self.compute_dtype = torch.float32
         self.use_flex = False
         self.fp8_grad_scale = None  # set by the trainer on Hopper
@@ -473,6 +530,22 @@ class GPT(nn.Module):
         n_middle = self.cfg.num_layers - 2 * len(tables)
         return tables + [None] * n_middle + tables
 
+    def bigram_features(self, input_ids: Tensor) -> Tensor:
+        """(1, T, bigram_dim): the hashed bigram row of each token times its sign pattern."""
+        rows = bigram_hash(input_ids, self.bigram_embed.num_embeddings)
+        signs = self.bigram_signs[bigram_sign_index(input_ids, self.bigram_signs.size(0))]
+        return (self.bigram_embed(rows) * signs).to(self.compute_dtype)[None]
+
+    def bigram_injections(self, input_ids: Tensor, x0: Tensor) -> tuple:
+        """(x0 with layer 0's bigram term, each layer's bigram term or None). Layer 0's goes into the normed
+        embedding itself, so x0, which later layers mix in, carries it (as the 2026 script's in-place add does);
+        layers 1.. add lambda_i * bigram with their attention output."""
+        if self.bigram_embed is None:
+            return x0, [None] * self.cfg.num_layers
+        bigram = self.bigram_features(input_ids)
+        x0 = add_to_leading_channels(x0, self.bigram_lambdas[0] * bigram)
+        return x0, [None] + [self.bigram_lambdas[i] * bigram for i in range(1, self.cfg.num_layers)]
+
     def attention_masks(self, input_ids: Tensor, window_blocks: int) -> list:
         build = flex_block_mask if self.use_flex else dense_attention_mask
         long_mask, short_mask = build(input_ids, window_blocks), build(input_ids, max(1, window_blocks // 2))
@@ -482,12 +555,13 @@ class GPT(nn.Module):
         """input_ids, targets: (T,) one packed sequence. Returns the summed cross-entropy over its tokens."""
         masks = self.attention_masks(input_ids, window_blocks)
         value_embeds = self.value_embeds_per_layer(input_ids)
-        x = x0 = rms_norm(self.embed(input_ids).to(self.compute_dtype)[None])
+        x0, bigrams = self.bigram_injections(input_ids, rms_norm(self.embed(input_ids).to(self.compute_dtype)[None]))
+        x = x0
         n_skip, skips = len(self.skip_weights), []
         for i, block_call in enumerate(self.block_calls):
             if i >= self.cfg.num_layers - n_skip:
                 x = x + self.skip_weights[self.cfg.num_layers - 1 - i] * skips.pop()
-            x = block_call(x, x0, value_embeds[i], masks[i])
+            x = block_call(x, x0, value_embeds[i], masks[i], bigrams[i])
             if i < n_skip:
                 skips.append(x)
         x = rms_norm(x[0])
