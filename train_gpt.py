@@ -86,7 +86,9 @@ class Config:
     max_window_tokens: int = field(default=1792, metadata={"help": "final long attention window; it grows linearly from 128 over the run"})
     attn_scale: float = field(default=0.12, metadata={"help": "fixed softmax scale of attention (QK-normed)"})
     attn_gate_dim: int = field(default=12, metadata={"help": "residual channels read by the per-head output gate"})
-    logit_cap: float = field(default=30.0, metadata={"help": "logits squashed to (0, cap) by cap*sigmoid(z/(cap/4))"})
+    logit_cap: float = field(default=30.0, metadata={"help": "logits squashed to (0, cap) by cap*sigmoid((z + shift)/div)"})
+    logit_shift: float = field(default=0.0, metadata={"help": "head logits cap*sigmoid((z + shift)/div): the shift (2026: 5)"})
+    logit_div: float = field(default=0.0, metadata={"help": "head logits cap*sigmoid((z + shift)/div): the divisor (0: cap/4, slope 1 at 0 as in #28; 2026: 7.5)"})
     bigram_rows: int = field(default=0, metadata={"help": "rows of the bigram hash embedding (0: none, as #28; 2026: 754,560 = 15 x 50304)"})
     bigram_dim: int = field(default=192, metadata={"help": "width of the bigram hash embedding: added to the first N residual channels"})
     bigram_sign_rows: int = field(default=8192, metadata={"help": "rows of the fixed random +-1 sign table of the bigram embedding"})
@@ -149,6 +151,7 @@ PRESETS = {
         attn_scale=0.1, attn_scale_log_growth=0.2,
         # model (ported so far)
         bigram_rows=50304 * 15, bigram_dim=192, bigram_sign_rows=8192,
+        logit_cap=23.0, logit_shift=5.0, logit_div=7.5,  # the multi-token loss follows --stage-mtp-weights-*
     ),
 }
 
@@ -467,15 +470,39 @@ def flex_block_mask(input_ids: Tensor, window_blocks: int) -> BlockMask:
     return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=BLOCK_SIZE, mask_mod=causal_same_document)
 
 
-def head_loss(x: Tensor, head_w: Tensor, targets: Tensor, logit_cap: float, fp8_grad_scale: float | None) -> Tensor:
-    """Summed cross-entropy of softcapped logits. fp8_grad_scale set: the FP8 matmul (Hopper)."""
+def head_loss(x: Tensor, head_w: Tensor, targets: Tensor, logit_cap: float, fp8_grad_scale: float | None,
+              mtp_weights: Tensor | None = None, logit_shift: float = 0.0, logit_div: float = 0.0) -> Tensor:
+    """Summed cross-entropy of softcapped logits. fp8_grad_scale set: the FP8 matmul (Hopper). mtp_weights set:
+    the multi-token loss (multi_token_cross_entropy)."""
     if fp8_grad_scale is not None:
         logits = torch.ops.speedrun_gpt.fp8_linear(x, head_w, fp8_x_scale(x.size(-1)), FP8_W_SCALE, fp8_grad_scale)[0]
     else:
         logits = F.linear(x, head_w.type_as(x))
-    # cap*sigmoid(z/(cap/4)) = cap/2*(1+tanh(z/(cap/2))): slope 1 at 0, bounded in (0, cap)
-    logits = logit_cap * torch.sigmoid(logits.float() / (logit_cap / 4))
-    return F.cross_entropy(logits, targets, reduction="sum")
+    logits = softcap_logits(logits.float(), logit_cap, logit_shift, logit_div)
+    if mtp_weights is None:
+        return F.cross_entropy(logits, targets, reduction="sum")
+    return multi_token_cross_entropy(logits, targets, mtp_weights)
+
+
+def softcap_logits(z: Tensor, cap: float, shift: float, div: float) -> Tensor:
+    """cap*sigmoid((z + shift)/div), bounded in (0, cap). #28: shift 0, div cap/4, i.e. cap/2*(1+tanh(z/(cap/2))),
+    slope 1 at 0. 2026: 23*sigmoid((z + 5)/7.5), which starts every logit at 23*sigmoid(2/3) instead of cap/2."""
+    if shift:
+        z = z + shift
+    return cap * torch.sigmoid(z / (div or cap / 4))
+
+
+def multi_token_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+    """Multi-token prediction (2026): the logits of position r predict targets r, r+1, ..., r+n-1 (the tokens 1..n
+    ahead) with weights w_0..w_{n-1}, summed over positions; a term whose target lies past the sequence's end is
+    dropped, and terms cross document boundaries, as in the 2026 script's fused kernel. logits: (T, V) float.
+    One log-sum-exp per row serves every term: no (T, V) log-softmax per offset."""
+    log_normalizer = torch.logsumexp(logits, dim=-1)
+    length, total = logits.size(0), logits.new_zeros(())
+    for k in range(weights.numel()):  # the number of weights is a shape, fixed within a stage
+        predicted = logits[: length - k].gather(1, targets[k:, None]).squeeze(1)
+        total = total + weights[k] * (log_normalizer[: length - k] - predicted).sum()
+    return total
 
 
 def equal_chunk(length: int, most: int) -> int:
@@ -551,8 +578,20 @@ class GPT(nn.Module):
         long_mask, short_mask = build(input_ids, window_blocks), build(input_ids, max(1, window_blocks // 2))
         return [long_mask if i in self.cfg.long_window_layers else short_mask for i in range(self.cfg.num_layers)]
 
-    def forward(self, input_ids: Tensor, targets: Tensor, window_blocks: int) -> Tensor:
-        """input_ids, targets: (T,) one packed sequence. Returns the summed cross-entropy over its tokens."""
+    def head_options(self, schedule: StepSchedule | None) -> dict:
+        """head_loss's keyword options beyond #28's (none for #28: its head is called exactly as before): the 2026
+        logit squash and, in training, the schedule's multi-token weights (a device tensor: new values each step
+        reuse the compiled head; only a new number of weights, once per stage, recompiles)."""
+        options = {}
+        if self.cfg.logit_shift or self.cfg.logit_div:
+            options.update(logit_shift=self.cfg.logit_shift, logit_div=self.cfg.logit_div)
+        if self.training and schedule is not None and tuple(schedule.mtp_weights) != (1.0,):
+            options["mtp_weights"] = torch.tensor(schedule.mtp_weights, dtype=torch.float32, device=self.lm_head_w.device)
+        return options
+
+    def forward(self, input_ids: Tensor, targets: Tensor, window_blocks: int, schedule: StepSchedule | None = None) -> Tensor:
+        """input_ids, targets: (T,) one packed sequence. Returns the summed cross-entropy over its tokens (in
+        training with the schedule's multi-token weights). schedule None: next-token loss only (#28)."""
         masks = self.attention_masks(input_ids, window_blocks)
         value_embeds = self.value_embeds_per_layer(input_ids)
         x0, bigrams = self.bigram_injections(input_ids, rms_norm(self.embed(input_ids).to(self.compute_dtype)[None]))
@@ -565,12 +604,13 @@ class GPT(nn.Module):
             if i < n_skip:
                 skips.append(x)
         x = rms_norm(x[0])
+        head_options = self.head_options(schedule)
         if self.training:
-            return self.head_loss(x, self.lm_head_w, targets, self.cfg.logit_cap, self.fp8_grad_scale)
+            return self.head_loss(x, self.lm_head_w, targets, self.cfg.logit_cap, self.fp8_grad_scale, **head_options)
         # Validation: the bf16 head (FP8 would bias the reported loss), in equal chunks of at most VAL_HEAD_CHUNK
         # tokens (one compiled shape) so a 262,144-token sequence never holds its (tokens x vocab) logits at once.
         chunk = equal_chunk(x.size(0), VAL_HEAD_CHUNK)
-        return sum(self.head_loss(x_part, self.lm_head_w, t_part, self.cfg.logit_cap, None)
+        return sum(self.head_loss(x_part, self.lm_head_w, t_part, self.cfg.logit_cap, None, **head_options)
                    for x_part, t_part in zip(x.split(chunk), targets.split(chunk)))
 
     def matmul_flops_per_token(self, window_tokens: int, seq_len: int) -> float:

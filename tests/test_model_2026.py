@@ -132,3 +132,71 @@ def test_bigram_gradient_reaches_exactly_the_hashed_rows():
     touched = set(torch.nonzero(model.bigram_embed.weight.grad.abs().sum(-1)).flatten().tolist())
     assert touched == set(tg.bigram_hash(ids[:-1], 4099).tolist())
 
+
+# -----------------------------------------------------------------------------
+# Multi-token prediction loss and the 2026 head squash
+
+
+def naive_multi_token_loss(logits, targets, weights):
+    """Row by row: position r's logits against target r + k (the token k+1 ahead) with weight w_k, while in range."""
+    logits, total = logits.double(), torch.zeros((), dtype=torch.float64)
+    for r in range(logits.size(0)):
+        log_probs = torch.log_softmax(logits[r], dim=-1)
+        for k, weight in enumerate(weights):
+            if r + k < targets.numel():
+                total -= weight * log_probs[targets[r + k]]
+    return total
+
+
+@pytest.mark.parametrize("weights", [(1.0,), (1.0, 0.5), (1.0, 0.5, 0.25), (0.7, 0.0, 0.3)])
+def test_multi_token_loss_is_the_weighted_sum_of_shifted_cross_entropies(weights):
+    torch.manual_seed(0)
+    logits = torch.randn(37, 50) * 3
+    targets = torch.randint(0, 50, (37,))
+    got = tg.multi_token_cross_entropy(logits, targets, torch.tensor(weights))
+    assert got.item() == pytest.approx(naive_multi_token_loss(logits, targets, weights).item(), rel=1e-5)
+
+
+def test_head_squash_2026_and_28():
+    torch.manual_seed(0)
+    x, w = torch.randn(16, 32), torch.randn(40, 32) * 0.3
+    targets = torch.randint(0, 40, (16,))
+    u = (x.double() @ w.double().T)
+    squashed_2026 = 23 * torch.sigmoid((u + 5) / 7.5)
+    got = tg.head_loss(x, w, targets, 23.0, None, logit_shift=5.0, logit_div=7.5)
+    assert got.item() == pytest.approx(F.cross_entropy(squashed_2026, targets, reduction="sum").item(), rel=1e-5)
+    squashed_28 = 30 * torch.sigmoid(u / 7.5)  # the defaults: #28's 30*sigmoid(z/7.5)
+    assert tg.head_loss(x, w, targets, 30.0, None).item() == pytest.approx(
+        F.cross_entropy(squashed_28, targets, reduction="sum").item(), rel=1e-5)
+    weights = (1.0, 0.5, 0.25)
+    got = tg.head_loss(x, w, targets, 23.0, None, torch.tensor(weights), 5.0, 7.5)
+    assert got.item() == pytest.approx(naive_multi_token_loss(squashed_2026, targets, weights).item(), rel=1e-5)
+
+
+def test_model_uses_the_schedules_mtp_weights_in_training_only():
+    cfg = tiny_cfg("--logit-cap", "23", "--logit-shift", "5", "--logit-div", "7.5")
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, 256)
+    with torch.no_grad():
+        model.lm_head_w.normal_(0, 0.05)
+    ids = token_ids(257, bos_at=[0, 50])
+    inputs, targets = ids[:-1].contiguous(), ids[1:].long()
+    schedule = tg.dataclasses.replace(tg.schedule_at(0, cfg), mtp_weights=(1.0, 0.5, 0.25))
+    calls = []
+
+    def spy(*args, **options):
+        calls.append(options)
+        return tg.head_loss(*args, **options)
+
+    model.head_loss = spy
+    mtp_loss = model(inputs, targets, 2, schedule)
+    assert calls[0]["mtp_weights"].tolist() == [1.0, 0.5, 0.25]
+    assert (calls[0]["logit_shift"], calls[0]["logit_div"]) == (5.0, 7.5)
+    next_token_loss = model(inputs, targets, 2)  # no schedule: next token only
+    assert "mtp_weights" not in calls[1] and mtp_loss > next_token_loss
+    next_token_too = model(inputs, targets, 2, tg.dataclasses.replace(schedule, mtp_weights=(1.0,)))
+    assert next_token_too.item() == next_token_loss.item()
+    model.eval()
+    with torch.no_grad():
+        assert model(inputs, targets, 2, schedule).item() == pytest.approx(next_token_loss.item(), rel=1e-6)
+    assert "mtp_weights" not in calls[-1]  # validation scores the next token only, as the 2026 script
