@@ -92,6 +92,12 @@ class Config:
     bigram_rows: int = field(default=0, metadata={"help": "rows of the bigram hash embedding (0: none, as #28; 2026: 754,560 = 15 x 50304)"})
     bigram_dim: int = field(default=192, metadata={"help": "width of the bigram hash embedding: added to the first N residual channels"})
     bigram_sign_rows: int = field(default=8192, metadata={"help": "rows of the fixed random +-1 sign table of the bigram embedding"})
+    residual_lambdas: bool = field(default=False, metadata={"help": "2026 residual: each sublayer x <- resid*x + post*f(norm(x)), x0 injected after attention, V and O scaled by per-layer SA lambdas; replaces #28's x0 mix, value mix and U-net skips"})
+    value_embed_layers: tuple = field(default=(), metadata={"help": "2026: layers with their own value-embedding table, mixed into V by per-head gates 2*sigmoid(W [x, ve][:12]) ('': #28's tables on the first and last --num-value-embeds layers)"})
+    smear_gate: bool = field(default=False, metadata={"help": "2026: each token's embedding adds the previous token's, times lambda*sigmoid(W x[:12]) (both start at 0)"})
+    skip_connection: tuple = field(default=(), metadata={"help": "2026 FROM,TO (3,6): layer FROM's output added before layer TO (which has no attention), gated by sigmoid(lambda)*2*sigmoid(W x0[:12])"})
+    backout_layer: int = field(default=-1, metadata={"help": "2026 (7): this layer's output is the attention input of every later layer, and lambda times it is subtracted before the head (-1: none)"})
+    head_init_std: float = field(default=0.0, metadata={"help": "head initialized N(0, std), the embedding a copy of it (2026: 0.005, tied at first; 0: zero head, as #28)"})
     fp8_head: bool = field(default=True, metadata={"help": "FP8 lm_head matmul where supported (Hopper); bf16 elsewhere"})
     # optimizer
     muon_lr: float = field(default=0.05, metadata={"help": "Muon learning rate (hidden matrices)"})
@@ -152,6 +158,8 @@ PRESETS = {
         # model (ported so far)
         bigram_rows=50304 * 15, bigram_dim=192, bigram_sign_rows=8192,
         logit_cap=23.0, logit_shift=5.0, logit_div=7.5,  # the multi-token loss follows --stage-mtp-weights-*
+        num_layers=11, no_attn_layers=(6,), long_window_layers=(3, 10), value_embed_layers=(1, 2, 8, 9, 10),
+        residual_lambdas=True, smear_gate=True, skip_connection=(3, 6), backout_layer=7, head_init_std=0.005,
     ),
 }
 
@@ -332,28 +340,47 @@ def compiled_flex_attention():
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: Config, max_seq_len: int):
+    def __init__(self, cfg: Config, max_seq_len: int, value_gated: bool = False):
         super().__init__()
         self.num_heads, self.head_dim, self.scale = cfg.num_heads, cfg.head_dim, cfg.attn_scale
         hidden = cfg.num_heads * cfg.head_dim
         # Q, K, V stacked in one tensor, each a (hidden, dim) matrix that Muon orthogonalizes on its own.
         self.qkv_w = nn.Parameter(uniform_init_(torch.empty(3, hidden, cfg.model_dim), cfg.model_dim))
         self.proj_w = nn.Parameter(torch.zeros(cfg.model_dim, hidden))  # zero-init: each block starts as identity
-        self.value_mix = nn.Parameter(torch.tensor([0.5, 0.5]))  # v <- a*v + b*value_embedding
+        if cfg.residual_lambdas:  # 2026: scales of the QKV and output weights (Q, K are normed: in effect V's scale)
+            self.sa_lambdas = nn.Parameter(torch.tensor([0.5, 1.0]))
+        else:
+            self.value_mix = nn.Parameter(torch.tensor([0.5, 0.5]))  # v <- a*v + b*value_embedding
         self.gate_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.attn_gate_dim))  # sigmoid gate per head, starts at 0.5
+        # 2026: the value embedding enters each head through a gate 2*sigmoid(W [x[:6], ve[:6]]), 1 at init
+        self.value_gate_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.attn_gate_dim)) if value_gated else None
         self.rotary = Rotary(cfg.head_dim, max_seq_len)
 
     def forward(self, x: Tensor, value_embed: Tensor | None, mask) -> Tensor:
         B, T = x.shape[:2]
-        q, k, v = F.linear(x, self.qkv_w.flatten(0, 1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)
+        qkv_w, proj_w = self.qkv_w, self.proj_w
+        if hasattr(self, "sa_lambdas"):
+            qkv_w, proj_w = self.sa_lambdas[0] * qkv_w, self.sa_lambdas[1] * proj_w
+        q, k, v = F.linear(x, qkv_w.flatten(0, 1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
-        v = self.value_mix[0] * v
-        if value_embed is not None:
+        if hasattr(self, "value_mix"):
+            v = self.value_mix[0] * v
+        if value_embed is not None and self.value_gate_w is not None:
+            v = v + value_gate(x, value_embed, self.value_gate_w).unsqueeze(-1) * value_embed.view_as(v)
+        elif value_embed is not None:
             v = v + self.value_mix[1] * value_embed.view_as(v)
         y = attend(q, k, v, mask, self.scale)
         gate = torch.sigmoid(F.linear(x[..., : self.gate_w.size(1)], self.gate_w.type_as(x)))  # (B, T, H)
         y = (y * gate.unsqueeze(-1)).reshape(B, T, -1)
-        return F.linear(y, self.proj_w.type_as(y))
+        return F.linear(y, proj_w.type_as(y))
+
+
+def value_gate(x: Tensor, value_embed: Tensor, gate_w: Tensor) -> Tensor:
+    """(B, T, H) in (0, 2): per head, from the first half of the gate's channels of the attention input and the
+    same number of the value embedding's (2026: 6 + 6)."""
+    half = gate_w.size(1) // 2
+    features = torch.cat([x[..., :half], value_embed[..., :half].type_as(x)], dim=-1)
+    return 2 * torch.sigmoid(F.linear(features, gate_w.type_as(x)))
 
 
 class MLP(nn.Module):
@@ -370,9 +397,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, has_attention: bool, max_seq_len: int):
+    def __init__(self, cfg: Config, has_attention: bool, max_seq_len: int, value_gated: bool = False):
         super().__init__()
-        self.attn = CausalSelfAttention(cfg, max_seq_len) if has_attention else None
+        self.attn = CausalSelfAttention(cfg, max_seq_len, value_gated) if has_attention else None
         self.mlp = MLP(cfg)
         self.x0_mix = nn.Parameter(torch.tensor([1.0, 0.0]))  # x <- a*x + b*x0 (x0: the normed embedding)
 
@@ -383,6 +410,33 @@ class Block(nn.Module):
             if bigram is not None:  # the 2026 script injects it with the attention output: not in attention-free layers
                 x = add_to_leading_channels(x, bigram)
         return x + self.mlp(rms_norm(x))
+
+
+class ScaledBlock(nn.Module):
+    """The 2026 block: each sublayer rescales the stream and its own output by per-layer lambdas,
+    x <- resid*x + post*f(norm(input)), and the attention sublayer also injects x0 (and the bigram term). The
+    lambdas live in the model, one tensor over layers each (the optimizer's groups), and come in as arguments;
+    the attention input may be another stream than x (backout_layer)."""
+
+    def __init__(self, cfg: Config, has_attention: bool, max_seq_len: int, value_gated: bool = False):
+        super().__init__()
+        self.attn = CausalSelfAttention(cfg, max_seq_len, value_gated) if has_attention else None
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, x0: Tensor, attn_input: Tensor, value_embed: Tensor | None, mask, bigram: Tensor | None,
+                resid: Tensor, post: Tensor, x0_lambda: Tensor) -> Tensor:
+        if self.attn is not None:
+            x = resid[0] * x + post[0] * self.attn(rms_norm(attn_input), value_embed, mask) + x0_lambda * x0
+            if bigram is not None:
+                x = add_to_leading_channels(x, bigram)
+        return resid[1] * x + post[1] * self.mlp(rms_norm(x))
+
+
+def smear_previous_token(x: Tensor, gate_w: Tensor, smear_lambda: Tensor) -> Tensor:
+    """(T, D) embeddings: token t adds lambda*sigmoid(W x_t[:12]) times token t-1's (across document boundaries, as
+    the 2026 script); token 0 is unchanged."""
+    gate = smear_lambda * torch.sigmoid(F.linear(x[1:, : gate_w.size(-1)], gate_w.type_as(x)))  # (T-1, 1)
+    return torch.cat([x[:1], x[1:] + gate * x[:-1]])
 
 
 def add_to_leading_channels(x: Tensor, y: Tensor) -> Tensor:
@@ -529,10 +583,39 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.model_dim) for _ in range(cfg.num_value_embeds))
-        self.blocks = nn.ModuleList(Block(cfg, i not in cfg.no_attn_layers, max_seq_len) for i in range(cfg.num_layers))
-        self.skip_weights = nn.Parameter(torch.ones(cfg.num_layers // 2))  # U-net: layer L-1-i adds w_i * output of layer i
+        n_tables = len(cfg.value_embed_layers) or cfg.num_value_embeds
+        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.model_dim) for _ in range(n_tables))
+        if cfg.value_embed_layers:  # 2026: N(0, 0.01) (its one (5 x vocab)-row table, as 5: the same elementwise Adam)
+            for table in self.value_embeds:
+                nn.init.normal_(table.weight, std=0.01)
+        block = ScaledBlock if cfg.residual_lambdas else Block
+        self.blocks = nn.ModuleList(block(cfg, i not in cfg.no_attn_layers, max_seq_len, i in cfg.value_embed_layers)
+                                    for i in range(cfg.num_layers))
+        if cfg.residual_lambdas:  # 2026: per layer, [attention, MLP] sublayer scales of the stream and of the output
+            self.resid_lambdas = nn.Parameter(torch.full((cfg.num_layers, 2), 1.1 ** 0.5))  # the stream grows 1.1x a layer
+            self.post_lambdas = nn.Parameter(torch.ones(cfg.num_layers, 2))
+            self.x0_lambdas = nn.Parameter(torch.zeros(cfg.num_layers))
+        else:
+            self.skip_weights = nn.Parameter(torch.ones(cfg.num_layers // 2))  # U-net: layer L-1-i adds w_i * output of layer i
+        if cfg.smear_gate:
+            self.smear_gate = nn.Linear(cfg.attn_gate_dim, 1, bias=False)
+            nn.init.zeros_(self.smear_gate.weight)
+            self.smear_lambda = nn.Parameter(torch.zeros(()))
+        if cfg.skip_connection:
+            if len(cfg.skip_connection) != 2 or cfg.skip_connection[1] not in cfg.no_attn_layers or not cfg.residual_lambdas:
+                raise ValueError(f"--skip-connection {cfg.skip_connection}: FROM,TO into a layer without attention, with --residual-lambdas")
+            self.skip_gate = nn.Linear(cfg.attn_gate_dim, 1, bias=False)
+            nn.init.zeros_(self.skip_gate.weight)
+            self.skip_lambda = nn.Parameter(torch.tensor(-1.5))  # sigmoid(-1.5) ~ 0.18
+        if cfg.backout_layer >= 0:
+            if not cfg.residual_lambdas:
+                raise ValueError("--backout-layer needs --residual-lambdas")
+            self.backout_lambda = nn.Parameter(torch.tensor(0.5))
         self.lm_head_w = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.model_dim))  # untied, zero-init
+        if cfg.head_init_std:  # 2026: a small random head, and the embedding starts as the same matrix (tied)
+            with torch.no_grad():
+                self.lm_head_w.normal_(0, cfg.head_init_std)
+                self.embed.weight.copy_(self.lm_head_w)
         self.bigram_embed = None
         if cfg.bigram_rows:  # 2026: zero-init table, per-layer lambdas from 0.05, a fixed sign table (a buffer, saved)
             self.bigram_embed = nn.Embedding(cfg.bigram_rows, cfg.bigram_dim)
@@ -554,8 +637,62 @@ class GPT(nn.Module):
 
     def value_embeds_per_layer(self, input_ids: Tensor) -> list:
         tables = [ve(input_ids).to(self.compute_dtype)[None] for ve in self.value_embeds]
+        if self.cfg.value_embed_layers:  # 2026: one table per listed layer
+            per_layer = [None] * self.cfg.num_layers
+            for layer, table in zip(self.cfg.value_embed_layers, tables):
+                per_layer[layer] = table
+            return per_layer
         n_middle = self.cfg.num_layers - 2 * len(tables)
         return tables + [None] * n_middle + tables
+
+    def embeddings(self, input_ids: Tensor, schedule: StepSchedule | None) -> Tensor:
+        """(T, D) token embeddings before the norm. While the schedule ties them (2026, up to the split step) the
+        head's matrix is the embedding table, so both uses train it and embed.weight gets no gradient; the
+        trainer copies the head into it at the split. The smear gate then mixes in the previous token."""
+        if schedule is not None and schedule.embed_tied:
+            x = F.embedding(input_ids, self.lm_head_w)
+        else:
+            x = self.embed(input_ids)
+        x = x.to(self.compute_dtype)
+        if self.cfg.smear_gate:
+            x = smear_previous_token(x, self.smear_gate.weight, self.smear_lambda)
+        return x
+
+    def unet_layers(self, x0: Tensor, value_embeds: list, masks: list, bigrams: list) -> Tensor:
+        """#28: every block mixes x0 in; the output of layer i is added, weighted, before layer L-1-i (U-net)."""
+        x = x0
+        n_skip, skips = len(self.skip_weights), []
+        for i, block_call in enumerate(self.block_calls):
+            if i >= self.cfg.num_layers - n_skip:
+                x = x + self.skip_weights[self.cfg.num_layers - 1 - i] * skips.pop()
+            x = block_call(x, x0, value_embeds[i], masks[i], bigrams[i])
+            if i < n_skip:
+                skips.append(x)
+        return x
+
+    def scaled_layers(self, x0: Tensor, value_embeds: list, masks: list, bigrams: list) -> Tensor:
+        """2026: sublayers scaled by lambdas (ScaledBlock); one gated skip from layer FROM into the attention-free
+        layer TO; after backout_layer, every attention reads that layer's output instead of the current stream,
+        and lambda times it is taken out of the stream before the head."""
+        skip_from, skip_to = self.cfg.skip_connection or (-1, -1)
+        skip_gate = None
+        if self.cfg.skip_connection:  # sigmoid(lambda) * 2 sigmoid(W x0[:12]): (1, T, 1)
+            skip_gate = torch.sigmoid(self.skip_lambda) * 2 * torch.sigmoid(
+                F.linear(x0[..., : self.skip_gate.weight.size(-1)], self.skip_gate.weight.type_as(x0)))
+        x, skip, backout = x0, None, None
+        for i, block_call in enumerate(self.block_calls):
+            if i == skip_to:
+                x = x + skip_gate * skip
+            attn_input = x if backout is None else backout
+            x = block_call(x, x0, attn_input, value_embeds[i], masks[i], bigrams[i],
+                           self.resid_lambdas[i], self.post_lambdas[i], self.x0_lambdas[i])
+            if i == skip_from:
+                skip = x
+            if i == self.cfg.backout_layer:
+                backout = x
+        if backout is not None:
+            x = x - self.backout_lambda * backout
+        return x
 
     def bigram_features(self, input_ids: Tensor) -> Tensor:
         """(1, T, bigram_dim): the hashed bigram row of each token times its sign pattern."""
@@ -594,16 +731,9 @@ class GPT(nn.Module):
         training with the schedule's multi-token weights). schedule None: next-token loss only (#28)."""
         masks = self.attention_masks(input_ids, window_blocks)
         value_embeds = self.value_embeds_per_layer(input_ids)
-        x0, bigrams = self.bigram_injections(input_ids, rms_norm(self.embed(input_ids).to(self.compute_dtype)[None]))
-        x = x0
-        n_skip, skips = len(self.skip_weights), []
-        for i, block_call in enumerate(self.block_calls):
-            if i >= self.cfg.num_layers - n_skip:
-                x = x + self.skip_weights[self.cfg.num_layers - 1 - i] * skips.pop()
-            x = block_call(x, x0, value_embeds[i], masks[i], bigrams[i])
-            if i < n_skip:
-                skips.append(x)
-        x = rms_norm(x[0])
+        x0, bigrams = self.bigram_injections(input_ids, rms_norm(self.embeddings(input_ids, schedule)[None]))
+        layers = self.scaled_layers if self.cfg.residual_lambdas else self.unet_layers
+        x = rms_norm(layers(x0, value_embeds, masks, bigrams)[0])
         head_options = self.head_options(schedule)
         if self.training:
             return self.head_loss(x, self.lm_head_w, targets, self.cfg.logit_cap, self.fp8_grad_scale, **head_options)

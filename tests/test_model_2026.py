@@ -200,3 +200,132 @@ def test_model_uses_the_schedules_mtp_weights_in_training_only():
     with torch.no_grad():
         assert model(inputs, targets, 2, schedule).item() == pytest.approx(next_token_loss.item(), rel=1e-6)
     assert "mtp_weights" not in calls[-1]  # validation scores the next token only, as the 2026 script
+
+
+# -----------------------------------------------------------------------------
+# Residual structure (2026): lambdas, x0 injection, smear gate, gated value embeddings, skip, backout, tied embedding
+
+
+def structure_cfg(*extra):
+    """7 layers, no attention in 3; the skip 1 -> 3, backout of layer 4 (layer 6 is the first whose attention input
+    it changes), value embeddings on 1, 5, 6."""
+    return tiny_cfg("--num-layers", "7", "--no-attn-layers", "3", "--long-window-layers", "2,6",
+                    "--residual-lambdas", "--value-embed-layers", "1,5,6", "--smear-gate", "--skip-connection", "1,3",
+                    "--backout-layer", "4", "--head-init-std", "0.02", "--bigram-rows", "97", "--bigram-dim", "16",
+                    "--bigram-sign-rows", "64", "--logit-cap", "23", "--logit-shift", "5", "--logit-div", "7.5", *extra)
+
+
+def randomized_model(cfg, seed=0):
+    """Every parameter random, so no term hides behind a zero or a one init."""
+    torch.manual_seed(seed)
+    model = tg.GPT(cfg, 256)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("lambdas", "lambda", "proj_w", "gate_w", "gate.weight", "bigram_embed.weight")):
+                p.copy_(torch.randn_like(p) * (0.5 if "lambda" in name else 0.1) + (0.8 if "lambdas" in name else 0.0))
+        model.lm_head_w.normal_(0, 0.3)  # logits that matter: the loss sees every change of the stream
+    return model
+
+
+def naive_attention(attn, x, value_embed, mask):
+    """From the definitions, one (T, D) sequence: SA-lambda-scaled QKV, normed and rotated Q, K; V plus the gated
+    value embedding; softmax attention under the mask; sigmoid output gate per head; scaled output matrix."""
+    T, H, Dh = x.size(0), attn.num_heads, attn.head_dim
+    w = attn.sa_lambdas[0] * attn.qkv_w
+    q, k, v = ((x @ w[j].T).view(T, H, Dh) for j in range(3))
+    q, k = (attn.rotary(tg.rms_norm(t)[None])[0] for t in (q, k))
+    if value_embed is not None:
+        gate = 2 * torch.sigmoid(torch.cat([x[:, :6], value_embed[:, :6]], -1) @ attn.value_gate_w.T)  # (T, H)
+        v = v + gate[..., None] * value_embed.view(T, H, Dh)
+    scores = torch.einsum("thd,shd->hts", q, k) * attn.scale
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    y = torch.einsum("hts,shd->thd", probs, v) * torch.sigmoid(x[:, :12] @ attn.gate_w.T)[..., None]
+    return y.reshape(T, -1) @ (attn.sa_lambdas[1] * attn.proj_w).T
+
+
+def naive_2026_loss(model, ids, targets, window_blocks, mtp_weights, tied):
+    cfg = model.cfg
+    table = model.lm_head_w if tied else model.embed.weight
+    e = table[ids.long()]
+    rows = [e[0]] + [e[t] + model.smear_lambda * torch.sigmoid(e[t, :12] @ model.smear_gate.weight[0]) * e[t - 1]
+                     for t in range(1, len(ids))]
+    bigram = torch.stack([model.bigram_embed.weight[r] * model.bigram_signs[s] for r, s in
+                          zip(tg.bigram_hash(ids, 97), tg.bigram_sign_index(ids, 64))])
+    with_bigram = lambda x, lam: torch.cat([x[:, :16] + lam * bigram, x[:, 16:]], -1)  # noqa: E731
+    x0 = with_bigram(tg.rms_norm(torch.stack(rows)), model.bigram_lambdas[0])
+    skip_gate = torch.sigmoid(model.skip_lambda) * 2 * torch.sigmoid(x0[:, :12] @ model.skip_gate.weight.T)
+    long_mask, short_mask = (tg.dense_attention_mask(ids, w) for w in (window_blocks, window_blocks // 2))
+    value_tables = dict(zip(cfg.value_embed_layers, model.value_embeds))
+    x, skip, backout = x0, None, None
+    for i, block in enumerate(model.blocks):
+        resid, post = model.resid_lambdas[i], model.post_lambdas[i]
+        if i == 3:
+            x = x + skip_gate * skip
+        if block.attn is not None:
+            ve = value_tables[i].weight[ids.long()] if i in value_tables else None
+            mask = long_mask if i in cfg.long_window_layers else short_mask
+            a = naive_attention(block.attn, tg.rms_norm(x if backout is None else backout), ve, mask)
+            x = resid[0] * x + post[0] * a + model.x0_lambdas[i] * x0
+            if i > 0:
+                x = with_bigram(x, model.bigram_lambdas[i])
+        h = tg.rms_norm(x)
+        x = resid[1] * x + post[1] * (torch.relu(h @ block.mlp.fc_w).square() @ block.mlp.proj_w.T)
+        if i == 1:
+            skip = x
+        if i == 4:
+            backout = x
+    x = tg.rms_norm(x - model.backout_lambda * backout)
+    logits = 23 * torch.sigmoid((x @ model.lm_head_w.T + 5) / 7.5)
+    return x, naive_multi_token_loss(logits, targets, mtp_weights)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_2026_residual_structure_matches_a_naive_forward(tied):
+    cfg = structure_cfg()
+    model = randomized_model(cfg)
+    ids = token_ids(257, high=512, bos_at=[0, 70, 200])
+    inputs, targets = ids[:-1].contiguous(), ids[1:].long()
+    schedule = tg.dataclasses.replace(tg.schedule_at(0, cfg), mtp_weights=(1.0, 0.5), embed_tied=tied)
+    final_states = []
+
+    def spy(x, *args, **options):
+        final_states.append(x)
+        return tg.head_loss(x, *args, **options)
+
+    model.head_loss = spy
+    got = model(inputs, targets, 4, schedule)
+    expected_x, expected_loss = naive_2026_loss(model, inputs, targets, 4, (1.0, 0.5), tied)
+    torch.testing.assert_close(final_states[0], expected_x, rtol=1e-4, atol=1e-5)  # the stream before the head
+    assert got.item() == pytest.approx(expected_loss.item(), rel=1e-5)
+
+
+def test_2026_inits_and_parameters():
+    model = tg.GPT(structure_cfg(), 256)
+    assert model.resid_lambdas.flatten().tolist() == pytest.approx([1.1 ** 0.5] * 14)
+    assert model.post_lambdas.tolist() == [[1.0, 1.0]] * 7 and model.x0_lambdas.tolist() == [0.0] * 7
+    assert (model.smear_lambda.item(), model.skip_lambda.item(), model.backout_lambda.item()) == (0.0, -1.5, 0.5)
+    assert not model.smear_gate.weight.any() and not model.skip_gate.weight.any()
+    assert torch.equal(model.embed.weight, model.lm_head_w) and 0.015 < model.lm_head_w.std().item() < 0.025
+    assert 0.008 < model.value_embeds[0].weight.std().item() < 0.012
+    names = dict(model.named_parameters())
+    assert "skip_weights" not in names and not any("x0_mix" in n or "value_mix" in n for n in names)
+    assert [i for i, b in enumerate(model.blocks) if b.attn is not None and b.attn.value_gate_w is not None] == [1, 5, 6]
+    assert all(b.attn.sa_lambdas.tolist() == [0.5, 1.0] for b in model.blocks if b.attn is not None)
+
+
+def test_tied_embedding_trains_the_head_matrix_only():
+    cfg = structure_cfg()
+    model = randomized_model(cfg)
+    ids = token_ids(257, high=512, bos_at=[0])
+    schedule = tg.dataclasses.replace(tg.schedule_at(0, cfg), embed_tied=True)
+    model(ids[:-1].contiguous(), ids[1:].long(), 2, schedule).backward()
+    assert model.embed.weight.grad is None and model.lm_head_w.grad is not None
+
+
+def test_smear_mixes_exactly_the_previous_token():
+    torch.manual_seed(0)
+    x, w, lam = torch.randn(9, 20), torch.randn(1, 12), torch.tensor(0.7)
+    got = tg.smear_previous_token(x, w, lam)
+    for t in range(9):
+        expected = x[t] if t == 0 else x[t] + lam * torch.sigmoid(x[t, :12] @ w[0]) * x[t - 1]
+        torch.testing.assert_close(got[t], expected)
