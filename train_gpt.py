@@ -97,6 +97,8 @@ class Config:
     smear_gate: bool = field(default=False, metadata={"help": "2026: each token's embedding adds the previous token's, times lambda*sigmoid(W x[:12]) (both start at 0)"})
     skip_connection: tuple = field(default=(), metadata={"help": "2026 FROM,TO (3,6): layer FROM's output added before layer TO (which has no attention), gated by sigmoid(lambda)*2*sigmoid(W x0[:12])"})
     backout_layer: int = field(default=-1, metadata={"help": "2026 (7): this layer's output is the attention input of every later layer, and lambda times it is subtracted before the head (-1: none)"})
+    token_windows: bool = field(default=False, metadata={"help": "2026: attention windows in tokens with FlashAttention-3 semantics (query i sees keys i-W..i of its document), short and long from the schedule; off: #28's 128-token blocks"})
+    key_offset: bool = field(default=False, metadata={"help": "2026: on the long-window layers each key's position-free (zero-frequency RoPE) dims are taken from the previous token"})
     head_init_std: float = field(default=0.0, metadata={"help": "head initialized N(0, std), the embedding a copy of it (2026: 0.005, tied at first; 0: zero head, as #28)"})
     fp8_head: bool = field(default=True, metadata={"help": "FP8 lm_head matmul where supported (Hopper); bf16 elsewhere"})
     # optimizer
@@ -160,6 +162,7 @@ PRESETS = {
         logit_cap=23.0, logit_shift=5.0, logit_div=7.5,  # the multi-token loss follows --stage-mtp-weights-*
         num_layers=11, no_attn_layers=(6,), long_window_layers=(3, 10), value_embed_layers=(1, 2, 8, 9, 10),
         residual_lambdas=True, smear_gate=True, skip_connection=(3, 6), backout_layer=7, head_init_std=0.005,
+        token_windows=True, key_offset=True,
     ),
 }
 
@@ -355,6 +358,7 @@ class CausalSelfAttention(nn.Module):
         # 2026: the value embedding enters each head through a gate 2*sigmoid(W [x[:6], ve[:6]]), 1 at init
         self.value_gate_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.attn_gate_dim)) if value_gated else None
         self.rotary = Rotary(cfg.head_dim, max_seq_len)
+        self.key_offset = False  # set by the model on its long-window layers (--key-offset)
 
     def forward(self, x: Tensor, value_embed: Tensor | None, mask) -> Tensor:
         B, T = x.shape[:2]
@@ -363,6 +367,8 @@ class CausalSelfAttention(nn.Module):
             qkv_w, proj_w = self.sa_lambdas[0] * qkv_w, self.sa_lambdas[1] * proj_w
         q, k, v = F.linear(x, qkv_w.flatten(0, 1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
+        if self.key_offset:
+            k = offset_position_free_dims(k)
         if hasattr(self, "value_mix"):
             v = self.value_mix[0] * v
         if value_embed is not None and self.value_gate_w is not None:
@@ -373,6 +379,18 @@ class CausalSelfAttention(nn.Module):
         gate = torch.sigmoid(F.linear(x[..., : self.gate_w.size(1)], self.gate_w.type_as(x)))  # (B, T, H)
         y = (y * gate.unsqueeze(-1)).reshape(B, T, -1)
         return F.linear(y, proj_w.type_as(y))
+
+
+def offset_position_free_dims(k: Tensor) -> Tensor:
+    """(B, T, H, D) keys: the dims RoPE leaves unrotated (its zero frequencies: the second quarter of each half)
+    take the previous token's values, so a query matching them finds the token AFTER a match: one-layer induction
+    (2026). Token 0 keeps its own; a document's first token takes the previous document's last (as the 2026
+    script). The script's interleaved RoPE keeps these dims in the upper half of the head; ours splits halves."""
+    D = k.size(-1)
+    free = torch.zeros(D, dtype=torch.bool, device=k.device)
+    free[D // 4 : D // 2] = free[3 * D // 4 :] = True
+    shifted = torch.cat([k[:, :1], k[:, :-1]], dim=1)
+    return torch.where(free, shifted, k)
 
 
 def value_gate(x: Tensor, value_embed: Tensor, gate_w: Tensor) -> Tensor:
@@ -524,6 +542,43 @@ def flex_block_mask(input_ids: Tensor, window_blocks: int) -> BlockMask:
     return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=BLOCK_SIZE, mask_mod=causal_same_document)
 
 
+def token_window_mask(input_ids: Tensor, window_tokens: int) -> Tensor:
+    """(T, T) bool, FlashAttention-3's causal window (W, 0) per document: query i sees key j of its document when
+    i - W <= j <= i, W + 1 keys with itself (2026)."""
+    docs = document_ids(input_ids)
+    pos = torch.arange(input_ids.numel(), device=input_ids.device)
+    behind = pos[:, None] - pos[None, :]
+    return (behind >= 0) & (behind <= window_tokens) & (docs[:, None] == docs[None, :])
+
+
+def flex_token_window_mask(input_ids: Tensor, window_tokens: int) -> BlockMask:
+    """token_window_mask as a FlexAttention BlockMask. A block pair is listed when some pair of its positions is
+    causal and in the window and the documents could meet; it is full (no mask_mod) when every pair is, inside
+    one document."""
+    docs = document_ids(input_ids)
+    num_blocks = input_ids.numel() // BLOCK_SIZE
+    first_doc, last_doc = docs[0::BLOCK_SIZE], docs[BLOCK_SIZE - 1 :: BLOCK_SIZE]
+    start = torch.arange(num_blocks, device=input_ids.device) * BLOCK_SIZE
+    q_start, kv_start = start[:, None], start[None, :]
+    q_end, kv_end = q_start + BLOCK_SIZE - 1, kv_start + BLOCK_SIZE - 1
+    visible = (kv_start <= q_end) & (kv_end >= q_start - window_tokens) & (last_doc[None, :] >= first_doc[:, None])
+    single_doc = first_doc == last_doc
+    full = ((kv_end <= q_start) & (kv_start >= q_end - window_tokens) & single_doc[:, None] & single_doc[None, :]
+            & (first_doc[:, None] == first_doc[None, :]))
+    partial = visible & ~full
+    window = torch.full((), window_tokens, dtype=torch.int64, device=input_ids.device)  # no recompile per window
+
+    def causal_window_same_document(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window) & (docs[q_idx] == docs[kv_idx])
+
+    def ordered(blocks: Tensor):
+        counts = blocks.sum(-1, dtype=torch.int32)
+        indices = torch.argsort(blocks.to(torch.uint8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[None, None].contiguous(), indices[None, None].contiguous()
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=BLOCK_SIZE, mask_mod=causal_window_same_document)
+
+
 def head_loss(x: Tensor, head_w: Tensor, targets: Tensor, logit_cap: float, fp8_grad_scale: float | None,
               mtp_weights: Tensor | None = None, logit_shift: float = 0.0, logit_div: float = 0.0) -> Tensor:
     """Summed cross-entropy of softcapped logits. fp8_grad_scale set: the FP8 matmul (Hopper). mtp_weights set:
@@ -611,6 +666,9 @@ class GPT(nn.Module):
             if not cfg.residual_lambdas:
                 raise ValueError("--backout-layer needs --residual-lambdas")
             self.backout_lambda = nn.Parameter(torch.tensor(0.5))
+        for i in cfg.long_window_layers if cfg.key_offset else ():
+            if self.blocks[i].attn is not None:
+                self.blocks[i].attn.key_offset = True
         self.lm_head_w = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.model_dim))  # untied, zero-init
         if cfg.head_init_std:  # 2026: a small random head, and the embedding starts as the same matrix (tied)
             with torch.no_grad():
@@ -710,9 +768,17 @@ class GPT(nn.Module):
         x0 = add_to_leading_channels(x0, self.bigram_lambdas[0] * bigram)
         return x0, [None] + [self.bigram_lambdas[i] * bigram for i in range(1, self.cfg.num_layers)]
 
-    def attention_masks(self, input_ids: Tensor, window_blocks: int) -> list:
-        build = flex_block_mask if self.use_flex else dense_attention_mask
-        long_mask, short_mask = build(input_ids, window_blocks), build(input_ids, max(1, window_blocks // 2))
+    def attention_masks(self, input_ids: Tensor, window_blocks: int, schedule: StepSchedule | None = None) -> list:
+        if self.cfg.token_windows:  # 2026: the schedule's windows in tokens (without one: window_blocks and half)
+            build = flex_token_window_mask if self.use_flex else token_window_mask
+            if schedule is not None:
+                long_window, short_window = schedule.window_long_tokens, schedule.window_short_tokens
+            else:
+                long_window, short_window = window_blocks * BLOCK_SIZE, max(1, window_blocks // 2) * BLOCK_SIZE
+            long_mask, short_mask = build(input_ids, long_window), build(input_ids, short_window)
+        else:
+            build = flex_block_mask if self.use_flex else dense_attention_mask
+            long_mask, short_mask = build(input_ids, window_blocks), build(input_ids, max(1, window_blocks // 2))
         return [long_mask if i in self.cfg.long_window_layers else short_mask for i in range(self.cfg.num_layers)]
 
     def head_options(self, schedule: StepSchedule | None) -> dict:
@@ -729,7 +795,7 @@ class GPT(nn.Module):
     def forward(self, input_ids: Tensor, targets: Tensor, window_blocks: int, schedule: StepSchedule | None = None) -> Tensor:
         """input_ids, targets: (T,) one packed sequence. Returns the summed cross-entropy over its tokens (in
         training with the schedule's multi-token weights). schedule None: next-token loss only (#28)."""
-        masks = self.attention_masks(input_ids, window_blocks)
+        masks = self.attention_masks(input_ids, window_blocks, schedule)
         value_embeds = self.value_embeds_per_layer(input_ids)
         x0, bigrams = self.bigram_injections(input_ids, rms_norm(self.embeddings(input_ids, schedule)[None]))
         layers = self.scaled_layers if self.cfg.residual_lambdas else self.unet_layers

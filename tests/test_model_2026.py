@@ -329,3 +329,67 @@ def test_smear_mixes_exactly_the_previous_token():
     for t in range(9):
         expected = x[t] if t == 0 else x[t] + lam * torch.sigmoid(x[t, :12] @ w[0]) * x[t - 1]
         torch.testing.assert_close(got[t], expected)
+
+
+# -----------------------------------------------------------------------------
+# Attention windows in tokens (FlashAttention-3 semantics) and the partial key offset
+
+
+def naive_token_window(ids, window):
+    docs, mask = (ids == tg.EOT_TOKEN).cumsum(0).tolist(), torch.zeros(len(ids), len(ids), dtype=torch.bool)
+    for i in range(len(ids)):
+        for j in range(max(0, i - window), i + 1):  # W + 1 keys: i - W .. i
+            mask[i, j] = docs[i] == docs[j]
+    return mask
+
+
+@pytest.mark.parametrize("window", [0, 1, 127, 128, 300, 640])
+def test_token_window_mask_matches_the_definition(window):
+    ids = token_ids(400, bos_at=[0, 5, 130, 131, 260])
+    assert torch.equal(tg.token_window_mask(ids, window), naive_token_window(ids, window))
+
+
+@pytest.mark.parametrize("window", [1, 100, 128, 200, 384, 700])
+def test_flex_token_window_mask_matches_the_dense_mask(window):
+    ids = token_ids(768, bos_at=[0, 5, 130, 131, 400, 640])
+    q, k, v = (torch.randn(1, 2, 768, 32, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    block_mask = tg.flex_token_window_mask(ids, window)
+    flex = tg.flex_attention(q, k, v, block_mask=block_mask, scale=0.1)
+    dense_mask = tg.token_window_mask(ids, window)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask, scale=0.1)
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+    # full blocks skip mask_mod: each must be visible everywhere; listed blocks must cover every visible pair
+    blocks = dense_mask.view(6, 128, 6, 128)
+    listed = block_mask.to_dense()[0, 0].bool()
+    full = torch.zeros(6, 6, dtype=torch.bool)
+    for q_block in range(6):
+        count = block_mask.full_kv_num_blocks[0, 0, q_block]
+        full[q_block, block_mask.full_kv_indices[0, 0, q_block, :count].long()] = True
+    assert torch.equal(listed | blocks.any(dim=(1, 3)), listed) and torch.equal(full & blocks.all(dim=(1, 3)), full)
+
+
+def test_model_uses_the_schedules_token_windows():
+    cfg = tiny_cfg("--token-windows")
+    model = tg.GPT(cfg, 256)
+    ids = token_ids(256, bos_at=[0, 100])
+    schedule = tg.dataclasses.replace(tg.schedule_at(0, cfg), window_short_tokens=50, window_long_tokens=130)
+    masks = model.attention_masks(ids, 2, schedule)
+    assert torch.equal(masks[0], naive_token_window(ids, 130)) and torch.equal(masks[1], naive_token_window(ids, 50))
+    assert torch.equal(model.attention_masks(ids, 2)[1], naive_token_window(ids, 128))  # no schedule: half of 2 blocks
+
+
+def test_key_offset_shifts_the_position_free_dims_of_keys_only():
+    k = torch.randn(1, 10, 2, 16)
+    got = tg.offset_position_free_dims(k)
+    rotary = tg.Rotary(16, 10)
+    free = (rotary.sin == 0).all(0).repeat(2)  # dims RoPE never rotates (its tables cover each half)
+    assert free.tolist() == [False] * 4 + [True] * 4 + [False] * 4 + [True] * 4
+    torch.testing.assert_close(got[:, 1:, :, free], k[:, :-1, :, free])  # one token later, not a cascade
+    torch.testing.assert_close(got[:, 0], k[:, 0])
+    torch.testing.assert_close(got[..., ~free], k[..., ~free])
+
+
+def test_key_offset_only_on_long_window_layers():
+    model = tg.GPT(tiny_cfg("--key-offset"), 256)
+    assert [b.attn.key_offset for b in model.blocks if b.attn is not None] == [True, False, True]  # layers 0, 1, 3
+    assert not any(b.attn.key_offset for b in tg.GPT(tiny_cfg(), 256).blocks if b.attn is not None)
