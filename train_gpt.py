@@ -99,6 +99,7 @@ class Config:
     backout_layer: int = field(default=-1, metadata={"help": "2026 (7): this layer's output is the attention input of every later layer, and lambda times it is subtracted before the head (-1: none)"})
     token_windows: bool = field(default=False, metadata={"help": "2026: attention windows in tokens with FlashAttention-3 semantics (query i sees keys i-W..i of its document), short and long from the schedule; off: #28's 128-token blocks"})
     key_offset: bool = field(default=False, metadata={"help": "2026: on the long-window layers each key's position-free (zero-frequency RoPE) dims are taken from the previous token"})
+    yarn: bool = field(default=False, metadata={"help": "2026 YaRN: at each long-window change between stages the RoPE frequencies are rescaled (ramp alpha 1, beta 32) and attention takes the schedule's scale"})
     head_init_std: float = field(default=0.0, metadata={"help": "head initialized N(0, std), the embedding a copy of it (2026: 0.005, tied at first; 0: zero head, as #28)"})
     fp8_head: bool = field(default=True, metadata={"help": "FP8 lm_head matmul where supported (Hopper); bf16 elsewhere"})
     # optimizer
@@ -162,7 +163,7 @@ PRESETS = {
         logit_cap=23.0, logit_shift=5.0, logit_div=7.5,  # the multi-token loss follows --stage-mtp-weights-*
         num_layers=11, no_attn_layers=(6,), long_window_layers=(3, 10), value_embed_layers=(1, 2, 8, 9, 10),
         residual_lambdas=True, smear_gate=True, skip_connection=(3, 6), backout_layer=7, head_init_std=0.005,
-        token_windows=True, key_offset=True,
+        token_windows=True, key_offset=True, yarn=True,
     ),
 }
 
@@ -299,17 +300,40 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-class Rotary(nn.Module):
+def rotary_frequencies(head_dim: int) -> Tensor:
     """Half-truncated RoPE: a quarter of the frequencies are zero, so half of each head is position-free."""
+    quarter = head_dim // 4
+    freqs = (1 / 1024) ** torch.linspace(0, 1, quarter, dtype=torch.float32)
+    return torch.cat([freqs, freqs.new_zeros(quarter)])
 
+
+def yarn_frequencies(freqs: Tensor, windows: list, alpha: float = 1.0, beta: float = 32.0) -> Tensor:
+    """YaRN as the 2026 script applies it at each change of the long window, old -> new: a frequency that turns
+    fewer than alpha times over the old window is slowed by old/new (interpolated: positions in the new window
+    look like positions in the old one), one that turns more than beta times is kept (local detail), and a ramp
+    blends the two in between. Successive changes compound, each measured with the frequencies it finds."""
+    for old, new in zip(windows, windows[1:]):
+        if new != old:
+            rotations = old * freqs / (2 * math.pi)
+            ramp = torch.clamp((rotations - alpha) / (beta - alpha), 0, 1)
+            scaling = old / new
+            freqs = freqs * (scaling + ramp * (1 - scaling))
+    return freqs
+
+
+class Rotary(nn.Module):
     def __init__(self, head_dim: int, max_seq_len: int):
         super().__init__()
-        quarter = head_dim // 4
-        freqs = (1 / 1024) ** torch.linspace(0, 1, quarter, dtype=torch.float32)
-        freqs = torch.cat([freqs, freqs.new_zeros(quarter)])
-        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
+        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), rotary_frequencies(head_dim))
         self.register_buffer("cos", theta.cos(), persistent=False)
         self.register_buffer("sin", theta.sin(), persistent=False)
+
+    def set_frequencies(self, freqs: Tensor):
+        """Rebuild the tables in place (YaRN): compiled code reads the same buffers, nothing recompiles."""
+        positions = torch.arange(self.cos.size(0), dtype=torch.float32, device=self.cos.device)
+        theta = torch.outer(positions, freqs.to(self.cos.device))
+        self.cos.copy_(theta.cos())
+        self.sin.copy_(theta.sin())
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, T, H, D)
         seq_len = x.size(-3)
@@ -680,6 +704,7 @@ class GPT(nn.Module):
             nn.init.zeros_(self.bigram_embed.weight)
             self.bigram_lambdas = nn.Parameter(torch.full((cfg.num_layers,), 0.05))
             self.register_buffer("bigram_signs", random_signs(cfg.bigram_sign_rows, cfg.bigram_dim, cfg.seed))
+        self.yarn_windows = None  # the long windows YaRN has been applied for (--yarn)
         self.compute_dtype = torch.float32
         self.use_flex = False
         self.fp8_grad_scale = None  # set by the trainer on Hopper
@@ -702,6 +727,21 @@ class GPT(nn.Module):
             return per_layer
         n_middle = self.cfg.num_layers - 2 * len(tables)
         return tables + [None] * n_middle + tables
+
+    @torch.no_grad()
+    def apply_yarn(self, schedule: StepSchedule):
+        """Bring RoPE and the attention scale to the schedule's stage: YaRN over the long windows of the stages so
+        far (the final validation's wider window changes neither, as in the 2026 script). A pure function of the
+        stage, applied only when it changes, so a reset after the warm-up steps needs nothing special."""
+        windows = tuple(blocks * BLOCK_SIZE for blocks in self.cfg.stage_long_window_blocks[: schedule.stage + 1])
+        if windows == self.yarn_windows:
+            return
+        freqs = yarn_frequencies(rotary_frequencies(self.cfg.head_dim), list(windows))
+        for block in self.blocks:
+            if block.attn is not None:
+                block.attn.rotary.set_frequencies(freqs)
+                block.attn.scale = schedule.attn_scale  # a float per stage: one recompile per stage
+        self.yarn_windows = windows
 
     def embeddings(self, input_ids: Tensor, schedule: StepSchedule | None) -> Tensor:
         """(T, D) token embeddings before the norm. While the schedule ties them (2026, up to the split step) the
@@ -795,6 +835,8 @@ class GPT(nn.Module):
     def forward(self, input_ids: Tensor, targets: Tensor, window_blocks: int, schedule: StepSchedule | None = None) -> Tensor:
         """input_ids, targets: (T,) one packed sequence. Returns the summed cross-entropy over its tokens (in
         training with the schedule's multi-token weights). schedule None: next-token loss only (#28)."""
+        if self.cfg.yarn and schedule is not None:
+            self.apply_yarn(schedule)
         masks = self.attention_masks(input_ids, window_blocks, schedule)
         value_embeds = self.value_embeds_per_layer(input_ids)
         x0, bigrams = self.bigram_injections(input_ids, rms_norm(self.embeddings(input_ids, schedule)[None]))

@@ -393,3 +393,47 @@ def test_key_offset_only_on_long_window_layers():
     model = tg.GPT(tiny_cfg("--key-offset"), 256)
     assert [b.attn.key_offset for b in model.blocks if b.attn is not None] == [True, False, True]  # layers 0, 1, 3
     assert not any(b.attn.key_offset for b in tg.GPT(tiny_cfg(), 256).blocks if b.attn is not None)
+
+
+# -----------------------------------------------------------------------------
+# YaRN
+
+
+def naive_yarn(freqs, windows):
+    """The 2026 Yarn.apply, element by element: rotations over the old window, ramp between 1 and 32 turns."""
+    freqs = [float(f) for f in freqs]
+    for old, new in zip(windows, windows[1:]):
+        if new == old:
+            continue
+        for i, f in enumerate(freqs):
+            ramp = min(max((old * f / (2 * 3.141592653589793) - 1) / 31, 0.0), 1.0)
+            freqs[i] = f * (old / new + ramp * (1 - old / new))
+    return freqs
+
+
+def test_yarn_frequencies_match_the_definition():
+    base = tg.rotary_frequencies(128)
+    windows = [384, 896, 1408, 1664]
+    got = tg.yarn_frequencies(base, windows)
+    assert got.tolist() == pytest.approx(naive_yarn(base, windows), rel=1e-5)
+    assert got[0] == base[0] and got[31] < base[31] * 0.25 and (got[32:] == 0).all()  # fast kept, slow interpolated
+    assert torch.equal(tg.yarn_frequencies(base, [384, 384]), base)
+
+
+def test_model_applies_yarn_per_stage_with_the_schedules_scale():
+    cfg = tg.parse_config(["--preset", "r2026", "--model-dim", "64", "--num-heads", "2", "--head-dim", "32",
+                           "--bigram-rows", "97", "--bigram-dim", "16", "--bigram-sign-rows", "64",
+                           "--train-seq-len", "256", "--val-seq-len", "256"])
+    model = tg.GPT(cfg, 256)
+    ids = token_ids(256, bos_at=[0, 100])
+    for step, windows in [(1000, [384, 896, 1408]), (0, [384]), (1479, [384, 896, 1408, 1664]), (1480, [384, 896, 1408, 1664])]:
+        schedule = tg.schedule_at(step, cfg)
+        with torch.no_grad():
+            model(ids, ids.long(), 2, schedule)
+        freqs = torch.tensor(naive_yarn(tg.rotary_frequencies(32), windows))
+        expected = torch.outer(torch.arange(256.0), freqs)
+        for block in model.blocks:
+            if block.attn is not None:
+                torch.testing.assert_close(block.attn.rotary.cos, expected.cos(), atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(block.attn.rotary.sin, expected.sin(), atol=1e-5, rtol=1e-5)
+                assert block.attn.scale == schedule.attn_scale
