@@ -99,6 +99,7 @@ class Config:
     backout_layer: int = field(default=-1, metadata={"help": "2026 (7): this layer's output is the attention input of every later layer, and lambda times it is subtracted before the head (-1: none)"})
     token_windows: bool = field(default=False, metadata={"help": "2026: attention windows in tokens with FlashAttention-3 semantics (query i sees keys i-W..i of its document), short and long from the schedule; off: #28's 128-token blocks"})
     key_offset: bool = field(default=False, metadata={"help": "2026: on the long-window layers each key's position-free (zero-frequency RoPE) dims are taken from the previous token"})
+    paired_head_layers: tuple = field(default=(), metadata={"help": "2026 (0,2,5,9): layers whose heads attend in pairs over a sequence twice as long (needs --token-windows)"})
     yarn: bool = field(default=False, metadata={"help": "2026 YaRN: at each long-window change between stages the RoPE frequencies are rescaled (ramp alpha 1, beta 32) and attention takes the schedule's scale"})
     head_init_std: float = field(default=0.0, metadata={"help": "head initialized N(0, std), the embedding a copy of it (2026: 0.005, tied at first; 0: zero head, as #28)"})
     fp8_head: bool = field(default=True, metadata={"help": "FP8 lm_head matmul where supported (Hopper); bf16 elsewhere"})
@@ -163,7 +164,7 @@ PRESETS = {
         logit_cap=23.0, logit_shift=5.0, logit_div=7.5,  # the multi-token loss follows --stage-mtp-weights-*
         num_layers=11, no_attn_layers=(6,), long_window_layers=(3, 10), value_embed_layers=(1, 2, 8, 9, 10),
         residual_lambdas=True, smear_gate=True, skip_connection=(3, 6), backout_layer=7, head_init_std=0.005,
-        token_windows=True, key_offset=True, yarn=True,
+        token_windows=True, key_offset=True, yarn=True, paired_head_layers=(0, 2, 5, 9),
     ),
 }
 
@@ -328,6 +329,12 @@ class Rotary(nn.Module):
         self.register_buffer("cos", theta.cos(), persistent=False)
         self.register_buffer("sin", theta.sin(), persistent=False)
 
+    def rotate_at(self, x: Tensor, positions: Tensor) -> Tensor:
+        """x: (B, T, H, D) rotated at explicit (T, H) positions (paired heads)."""
+        cos, sin = self.cos[positions][None], self.sin[positions][None]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+
     def set_frequencies(self, freqs: Tensor):
         """Rebuild the tables in place (YaRN): compiled code reads the same buffers, nothing recompiles."""
         positions = torch.arange(self.cos.size(0), dtype=torch.float32, device=self.cos.device)
@@ -367,7 +374,7 @@ def compiled_flex_attention():
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: Config, max_seq_len: int, value_gated: bool = False):
+    def __init__(self, cfg: Config, max_seq_len: int, value_gated: bool = False, paired: bool = False):
         super().__init__()
         self.num_heads, self.head_dim, self.scale = cfg.num_heads, cfg.head_dim, cfg.attn_scale
         hidden = cfg.num_heads * cfg.head_dim
@@ -381,7 +388,8 @@ class CausalSelfAttention(nn.Module):
         self.gate_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.attn_gate_dim))  # sigmoid gate per head, starts at 0.5
         # 2026: the value embedding enters each head through a gate 2*sigmoid(W [x[:6], ve[:6]]), 1 at init
         self.value_gate_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.attn_gate_dim)) if value_gated else None
-        self.rotary = Rotary(cfg.head_dim, max_seq_len)
+        self.paired = paired  # 2026 paired heads: RoPE over twice the positions
+        self.rotary = Rotary(cfg.head_dim, 2 * max_seq_len if paired else max_seq_len)
         self.key_offset = False  # set by the model on its long-window layers (--key-offset)
 
     def forward(self, x: Tensor, value_embed: Tensor | None, mask) -> Tensor:
@@ -390,6 +398,8 @@ class CausalSelfAttention(nn.Module):
         if hasattr(self, "sa_lambdas"):
             qkv_w, proj_w = self.sa_lambdas[0] * qkv_w, self.sa_lambdas[1] * proj_w
         q, k, v = F.linear(x, qkv_w.flatten(0, 1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)
+        if self.paired:
+            return self.paired_forward(x, q, k, v, value_embed, mask, proj_w)
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
         if self.key_offset:
             k = offset_position_free_dims(k)
@@ -403,6 +413,35 @@ class CausalSelfAttention(nn.Module):
         gate = torch.sigmoid(F.linear(x[..., : self.gate_w.size(1)], self.gate_w.type_as(x)))  # (B, T, H)
         y = (y * gate.unsqueeze(-1)).reshape(B, T, -1)
         return F.linear(y, proj_w.type_as(y))
+
+
+    def paired_forward(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, value_embed: Tensor | None, mask, proj_w: Tensor) -> Tensor:
+        """Paired heads (2026): the (B, T, H, D) heads are laid out as a (B, 2T, H/2, D) sequence, so head h of token
+        t sits at position 2t + h // (H/2) in slot h % (H/2), and the two heads sharing a slot attend to each other
+        and to both heads of earlier tokens (mask on the doubled sequence: documents doubled, the window in
+        positions). As in the 2026 script, RoPE rotates head h at position 2t + h % 2 (its view pairs heads 2p,
+        2p+1), which differs from the layout position for some heads; the value gate reads x[:12] only."""
+        B, T, H, D = q.shape
+        positions = 2 * torch.arange(T, device=x.device)[:, None] + torch.arange(H, device=x.device)[None, :] % 2
+        q, k = self.rotary.rotate_at(rms_norm(q), positions), self.rotary.rotate_at(rms_norm(k), positions)
+        if hasattr(self, "value_mix"):
+            v = self.value_mix[0] * v
+        if value_embed is not None and self.value_gate_w is not None:
+            gate = 2 * torch.sigmoid(F.linear(x[..., : self.value_gate_w.size(1)], self.value_gate_w.type_as(x)))
+            v = v + gate.unsqueeze(-1) * value_embed.view_as(v)
+        elif value_embed is not None:
+            v = v + self.value_mix[1] * value_embed.view_as(v)
+        q, k, v = (t.reshape(B, 2 * T, H // 2, D) for t in (q, k, v))
+        y = attend(q, k, v, mask, self.scale).reshape(B, T, H, D)
+        gate = torch.sigmoid(F.linear(x[..., : self.gate_w.size(1)], self.gate_w.type_as(x)))
+        y = (y * gate.unsqueeze(-1)).reshape(B, T, -1)
+        return F.linear(y, proj_w.type_as(y))
+
+
+def doubled_sequence(input_ids: Tensor) -> Tensor:
+    """(2T,) ids whose documents are those of input_ids, each position twice (paired heads' masks): a document
+    start stays one <|endoftext|>, at the even position."""
+    return torch.stack([input_ids, torch.zeros_like(input_ids)], dim=-1).flatten()
 
 
 def offset_position_free_dims(k: Tensor) -> Tensor:
@@ -439,9 +478,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, has_attention: bool, max_seq_len: int, value_gated: bool = False):
+    def __init__(self, cfg: Config, has_attention: bool, max_seq_len: int, value_gated: bool = False, paired: bool = False):
         super().__init__()
-        self.attn = CausalSelfAttention(cfg, max_seq_len, value_gated) if has_attention else None
+        self.attn = CausalSelfAttention(cfg, max_seq_len, value_gated, paired) if has_attention else None
         self.mlp = MLP(cfg)
         self.x0_mix = nn.Parameter(torch.tensor([1.0, 0.0]))  # x <- a*x + b*x0 (x0: the normed embedding)
 
@@ -460,9 +499,9 @@ class ScaledBlock(nn.Module):
     lambdas live in the model, one tensor over layers each (the optimizer's groups), and come in as arguments;
     the attention input may be another stream than x (backout_layer)."""
 
-    def __init__(self, cfg: Config, has_attention: bool, max_seq_len: int, value_gated: bool = False):
+    def __init__(self, cfg: Config, has_attention: bool, max_seq_len: int, value_gated: bool = False, paired: bool = False):
         super().__init__()
-        self.attn = CausalSelfAttention(cfg, max_seq_len, value_gated) if has_attention else None
+        self.attn = CausalSelfAttention(cfg, max_seq_len, value_gated, paired) if has_attention else None
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, x0: Tensor, attn_input: Tensor, value_embed: Tensor | None, mask, bigram: Tensor | None,
@@ -668,8 +707,10 @@ class GPT(nn.Module):
             for table in self.value_embeds:
                 nn.init.normal_(table.weight, std=0.01)
         block = ScaledBlock if cfg.residual_lambdas else Block
-        self.blocks = nn.ModuleList(block(cfg, i not in cfg.no_attn_layers, max_seq_len, i in cfg.value_embed_layers)
-                                    for i in range(cfg.num_layers))
+        if cfg.paired_head_layers and (not cfg.token_windows or cfg.num_heads % 2):
+            raise ValueError("--paired-head-layers needs --token-windows and an even --num-heads")
+        self.blocks = nn.ModuleList(block(cfg, i not in cfg.no_attn_layers, max_seq_len, i in cfg.value_embed_layers,
+                                          i in cfg.paired_head_layers) for i in range(cfg.num_layers))
         if cfg.residual_lambdas:  # 2026: per layer, [attention, MLP] sublayer scales of the stream and of the output
             self.resid_lambdas = nn.Parameter(torch.full((cfg.num_layers, 2), 1.1 ** 0.5))  # the stream grows 1.1x a layer
             self.post_lambdas = nn.Parameter(torch.ones(cfg.num_layers, 2))
@@ -816,6 +857,11 @@ class GPT(nn.Module):
             else:
                 long_window, short_window = window_blocks * BLOCK_SIZE, max(1, window_blocks // 2) * BLOCK_SIZE
             long_mask, short_mask = build(input_ids, long_window), build(input_ids, short_window)
+            if self.cfg.paired_head_layers:  # their masks: on the doubled sequence, the window in positions
+                doubled = doubled_sequence(input_ids)
+                paired = {True: build(doubled, long_window), False: build(doubled, short_window)}
+                return [paired[i in self.cfg.long_window_layers] if i in self.cfg.paired_head_layers
+                        else long_mask if i in self.cfg.long_window_layers else short_mask for i in range(self.cfg.num_layers)]
         else:
             build = flex_block_mask if self.use_flex else dense_attention_mask
             long_mask, short_mask = build(input_ids, window_blocks), build(input_ids, max(1, window_blocks // 2))

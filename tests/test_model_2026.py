@@ -437,3 +437,59 @@ def test_model_applies_yarn_per_stage_with_the_schedules_scale():
                 torch.testing.assert_close(block.attn.rotary.cos, expected.cos(), atol=1e-5, rtol=1e-5)
                 torch.testing.assert_close(block.attn.rotary.sin, expected.sin(), atol=1e-5, rtol=1e-5)
                 assert block.attn.scale == schedule.attn_scale
+
+
+# -----------------------------------------------------------------------------
+# Paired-head attention
+
+
+def naive_paired_attention(attn, x, value_embed, ids, window):
+    """Head h of token t sits at position P = 2t + h // (H/2) in slot h % (H/2) and is rotated at 2t + h % 2 (the
+    2026 script's quirk); a query sees the keys of its slot at positions P - window .. P of its document."""
+    T, H, Dh = x.size(0), attn.num_heads, attn.head_dim
+    w = attn.sa_lambdas[0] * attn.qkv_w
+    q, k, v = ((x @ w[j].T).view(T, H, Dh) for j in range(3))
+    rot = lambda t, h, vec: attn.rotary.rotate_at(vec[None, None, None], torch.tensor([[2 * t + h % 2]]))[0, 0, 0]  # noqa: E731
+    q = torch.stack([torch.stack([rot(t, h, tg.rms_norm(q[t, h])) for h in range(H)]) for t in range(T)])
+    k = torch.stack([torch.stack([rot(t, h, tg.rms_norm(k[t, h])) for h in range(H)]) for t in range(T)])
+    if value_embed is not None:
+        gate = 2 * torch.sigmoid(x[:, :12] @ attn.value_gate_w.T)  # (T, H): x only
+        v = v + gate[..., None] * value_embed.view(T, H, Dh)
+    docs = (ids == tg.EOT_TOKEN).cumsum(0)
+    place = lambda t, h: (2 * t + h // (H // 2), h % (H // 2))  # noqa: E731
+    y = torch.zeros(T, H, Dh)
+    for t in range(T):
+        for h in range(H):
+            pos, slot = place(t, h)
+            keys = [(t2, h2) for t2 in range(T) for h2 in range(H)
+                    if place(t2, h2)[1] == slot and pos - window <= place(t2, h2)[0] <= pos and docs[t2] == docs[t]]
+            scores = torch.stack([q[t, h] @ k[t2, h2] for t2, h2 in keys]) * attn.scale
+            y[t, h] = (scores.softmax(0)[:, None] * torch.stack([v[t2, h2] for t2, h2 in keys])).sum(0)
+    y = y * torch.sigmoid(x[:, :12] @ attn.gate_w.T)[..., None]
+    return y.reshape(T, -1) @ (attn.sa_lambdas[1] * attn.proj_w).T
+
+
+def test_paired_head_attention_matches_the_definition():
+    cfg = tiny_cfg("--num-heads", "4", "--head-dim", "16", "--residual-lambdas", "--token-windows",
+                   "--paired-head-layers", "0,1", "--value-embed-layers", "1")
+    model = randomized_model(cfg)
+    ids = token_ids(48, bos_at=[0, 20])
+    x = tg.rms_norm(torch.randn(48, 64))
+    ve = torch.randn(48, 64)
+    for layer, value_embed in [(0, None), (1, ve)]:
+        attn = model.blocks[layer].attn
+        window = 7
+        mask = tg.token_window_mask(tg.doubled_sequence(ids), window)
+        got = attn(x[None], None if value_embed is None else value_embed[None], mask)[0]
+        torch.testing.assert_close(got, naive_paired_attention(attn, x, value_embed, ids, window), atol=1e-5, rtol=1e-4)
+
+
+def test_model_builds_paired_masks_on_the_doubled_sequence():
+    cfg = tiny_cfg("--num-heads", "4", "--head-dim", "16", "--token-windows", "--paired-head-layers", "1")
+    model = tg.GPT(cfg, 256)
+    ids = token_ids(128, bos_at=[0, 33])
+    schedule = tg.dataclasses.replace(tg.schedule_at(0, cfg), window_short_tokens=9, window_long_tokens=40)
+    masks = model.attention_masks(ids, 2, schedule)
+    assert masks[1].shape == (256, 256) and masks[0].shape == (128, 128)
+    doubled = naive_token_window(tg.doubled_sequence(ids), 9)
+    assert torch.equal(masks[1], doubled) and doubled[67, 66] and not doubled[66, 65]  # document 2 starts at 2*33
