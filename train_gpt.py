@@ -159,7 +159,7 @@ PRESETS = {
         muon_momentum_warmup_steps=300, muon_momentum_cooldown_steps=50,
         adam_odd_steps_only=True, embed_split_stage=2,  # the split step is 961: odd, so Adam steps on it
         attn_scale=0.1, attn_scale_log_growth=0.2,
-        # model (ported so far)
+        # model (ported: every component of the 2026 script's GPT; see the parameter list above class GPT)
         bigram_rows=50304 * 15, bigram_dim=192, bigram_sign_rows=8192,
         logit_cap=23.0, logit_shift=5.0, logit_div=7.5,  # the multi-token loss follows --stage-mtp-weights-*
         num_layers=11, no_attn_layers=(6,), long_window_layers=(3, 10), value_embed_layers=(1, 2, 8, 9, 10),
@@ -696,6 +696,17 @@ def allow_block_variants(limit: int):
     setattr(config, name, max(getattr(config, name), limit))
 
 
+# Parameters of the 2026 components, for the recipe table (groups as the 2026 script's param_table; all Adam):
+#   bigram_embed.weight                      bigram table: betas (0.75, 0.95), lr x 75, wd x 5 (as value embeddings)
+#   bigram_lambdas, post_lambdas, x0_lambdas betas (0.9, 0.95), lr x 1, no wd
+#   resid_lambdas                            betas (0.9, 0.95), lr x 5, no wd
+#   blocks.*.attn.sa_lambdas, smear_lambda, backout_lambda, skip_lambda
+#                                            the script's "scalars": betas (0.9, 0.99), lr x 5, no wd
+#   smear_gate.weight                        betas (0.9, 0.99), lr x 0.01, no wd
+#   skip_gate.weight                         betas (0.9, 0.99), lr x 0.05, no wd
+#   blocks.*.attn.value_gate_w               the script's ve_gate_bank: betas (0.9, 0.99), lr x 1 (as gate_w in 2026)
+#   value_embeds.* (5 tables)                betas (0.75, 0.95), lr x 75, wd x 5
+# Not parameters: bigram_signs (a saved buffer), the rotary tables (YaRN rebuilds them in place).
 class GPT(nn.Module):
     def __init__(self, cfg: Config, max_seq_len: int):
         super().__init__()
