@@ -91,7 +91,23 @@ class Config:
     max_window_tokens: int = field(default=1792, metadata={"help": "final long attention window; it grows linearly from 128 over the run"})
     attn_scale: float = field(default=0.12, metadata={"help": "fixed softmax scale of attention (QK-normed)"})
     attn_gate_dim: int = field(default=12, metadata={"help": "residual channels read by the per-head output gate"})
-    logit_cap: float = field(default=30.0, metadata={"help": "logits squashed to (0, cap) by cap*sigmoid(z/(cap/4))"})
+    logit_cap: float = field(default=30.0, metadata={"help": "logits squashed to (0, cap) by cap*sigmoid((z + shift)/div)"})
+    logit_shift: float = field(default=0.0, metadata={"help": "head logits cap*sigmoid((z + shift)/div): the shift (2026: 5)"})
+    logit_div: float = field(default=0.0, metadata={"help": "head logits cap*sigmoid((z + shift)/div): the divisor (0: cap/4, slope 1 at 0 as in #28; 2026: 7.5)"})
+    bigram_rows: int = field(default=0, metadata={"help": "rows of the bigram hash embedding (0: none, as #28; 2026: 754,560 = 15 x 50304)"})
+    bigram_dim: int = field(default=192, metadata={"help": "width of the bigram hash embedding: added to the first N residual channels"})
+    bigram_sign_rows: int = field(default=8192, metadata={"help": "rows of the fixed random +-1 sign table of the bigram embedding"})
+    residual_lambdas: bool = field(default=False, metadata={"help": "2026 residual: each sublayer x <- resid*x + post*f(norm(x)), x0 injected after attention, V and O scaled by per-layer SA lambdas; replaces #28's x0 mix, value mix and U-net skips"})
+    value_embed_layers: tuple = field(default=(), metadata={"help": "2026: layers with their own value-embedding table, mixed into V by per-head gates 2*sigmoid(W [x, ve][:12]) ('': #28's tables on the first and last --num-value-embeds layers)"})
+    smear_gate: bool = field(default=False, metadata={"help": "2026: each token's embedding adds the previous token's, times lambda*sigmoid(W x[:12]) (both start at 0)"})
+    skip_connection: tuple = field(default=(), metadata={"help": "2026 FROM,TO (3,6): layer FROM's output added before layer TO (which has no attention), gated by sigmoid(lambda)*2*sigmoid(W x0[:12])"})
+    backout_layer: int = field(default=-1, metadata={"help": "2026 (7): this layer's output is the attention input of every later layer, and lambda times it is subtracted before the head (-1: none)"})
+    token_windows: bool = field(default=False, metadata={"help": "2026: attention windows in tokens with FlashAttention-3 semantics (query i sees keys i-W..i of its document), short and long from the schedule; off: #28's 128-token blocks"})
+    key_offset: bool = field(default=False, metadata={"help": "2026: on the long-window layers each key's position-free (zero-frequency RoPE) dims are taken from the previous token"})
+    paired_head_layers: tuple = field(default=(), metadata={"help": "2026 (0,2,5,9): layers whose heads attend in pairs over a sequence twice as long (needs --token-windows)"})
+    split_qk_v: bool = field(default=False, metadata={"help": "2026: store Q,K as qk_w (2, hidden, dim) and V as v_w apart (the 2026 optimizer groups Q/K by head pairs, V whole); the same product"})
+    yarn: bool = field(default=False, metadata={"help": "2026 YaRN: at each long-window change between stages the RoPE frequencies are rescaled (ramp alpha 1, beta 32) and attention takes the schedule's scale"})
+    head_init_std: float = field(default=0.0, metadata={"help": "head initialized N(0, std), the embedding a copy of it (2026: 0.005, tied at first; 0: zero head, as #28)"})
     fp8_head: bool = field(default=True, metadata={"help": "FP8 lm_head matmul where supported (Hopper); bf16 elsewhere"})
     # optimizer
     muon_lr: float = field(default=0.05, metadata={"help": "Muon learning rate (hidden matrices)"})
@@ -160,6 +176,12 @@ PRESETS = {
         # optimizer: NorMuon (Polar Express as the 2026 script has it, cautious decay) and Adam per the r2026 table
         optimizer_recipe="r2026", orthogonalizer="polar_express_2026", muon_lr=0.023, normuon_beta2=0.9,
         normuon_stats="larger_dim", muon_weight_decay=1.2, adam_lr=0.008, adam_eps=1e-10, adam_weight_decay=0.005,
+        # model (ported: every component of the 2026 script's GPT; see the parameter list above class GPT)
+        bigram_rows=50304 * 15, bigram_dim=192, bigram_sign_rows=8192,
+        logit_cap=23.0, logit_shift=5.0, logit_div=7.5,  # the multi-token loss follows --stage-mtp-weights-*
+        num_layers=11, no_attn_layers=(6,), long_window_layers=(3, 10), value_embed_layers=(1, 2, 8, 9, 10),
+        residual_lambdas=True, smear_gate=True, skip_connection=(3, 6), backout_layer=7, head_init_std=0.005,
+        token_windows=True, key_offset=True, yarn=True, paired_head_layers=(0, 2, 5, 9), split_qk_v=True,
     ),
 }
 
@@ -346,17 +368,46 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-class Rotary(nn.Module):
+def rotary_frequencies(head_dim: int) -> Tensor:
     """Half-truncated RoPE: a quarter of the frequencies are zero, so half of each head is position-free."""
+    quarter = head_dim // 4
+    freqs = (1 / 1024) ** torch.linspace(0, 1, quarter, dtype=torch.float32)
+    return torch.cat([freqs, freqs.new_zeros(quarter)])
 
+
+def yarn_frequencies(freqs: Tensor, windows: list, alpha: float = 1.0, beta: float = 32.0) -> Tensor:
+    """YaRN as the 2026 script applies it at each change of the long window, old -> new: a frequency that turns
+    fewer than alpha times over the old window is slowed by old/new (interpolated: positions in the new window
+    look like positions in the old one), one that turns more than beta times is kept (local detail), and a ramp
+    blends the two in between. Successive changes compound, each measured with the frequencies it finds."""
+    for old, new in zip(windows, windows[1:]):
+        if new != old:
+            rotations = old * freqs / (2 * math.pi)
+            ramp = torch.clamp((rotations - alpha) / (beta - alpha), 0, 1)
+            scaling = old / new
+            freqs = freqs * (scaling + ramp * (1 - scaling))
+    return freqs
+
+
+class Rotary(nn.Module):
     def __init__(self, head_dim: int, max_seq_len: int):
         super().__init__()
-        quarter = head_dim // 4
-        freqs = (1 / 1024) ** torch.linspace(0, 1, quarter, dtype=torch.float32)
-        freqs = torch.cat([freqs, freqs.new_zeros(quarter)])
-        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
+        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), rotary_frequencies(head_dim))
         self.register_buffer("cos", theta.cos(), persistent=False)
         self.register_buffer("sin", theta.sin(), persistent=False)
+
+    def rotate_at(self, x: Tensor, positions: Tensor) -> Tensor:
+        """x: (B, T, H, D) rotated at explicit (T, H) positions (paired heads)."""
+        cos, sin = self.cos[positions][None], self.sin[positions][None]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+
+    def set_frequencies(self, freqs: Tensor):
+        """Rebuild the tables in place (YaRN): compiled code reads the same buffers, nothing recompiles."""
+        positions = torch.arange(self.cos.size(0), dtype=torch.float32, device=self.cos.device)
+        theta = torch.outer(positions, freqs.to(self.cos.device))
+        self.cos.copy_(theta.cos())
+        self.sin.copy_(theta.sin())
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, T, H, D)
         seq_len = x.size(-3)
@@ -390,28 +441,100 @@ def compiled_flex_attention():
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: Config, max_seq_len: int):
+    def __init__(self, cfg: Config, max_seq_len: int, value_gated: bool = False, paired: bool = False):
         super().__init__()
         self.num_heads, self.head_dim, self.scale = cfg.num_heads, cfg.head_dim, cfg.attn_scale
         hidden = cfg.num_heads * cfg.head_dim
-        # Q, K, V stacked in one tensor, each a (hidden, dim) matrix that Muon orthogonalizes on its own.
-        self.qkv_w = nn.Parameter(uniform_init_(torch.empty(3, hidden, cfg.model_dim), cfg.model_dim))
+        # Q, K, V stacked in one tensor, each a (hidden, dim) matrix that Muon orthogonalizes on its own; 2026 keeps
+        # Q, K apart from V because its optimizer cuts Q and K into head pairs (recipe_r2026).
+        if cfg.split_qk_v:
+            self.qk_w = nn.Parameter(uniform_init_(torch.empty(2, hidden, cfg.model_dim), cfg.model_dim))
+            self.v_w = nn.Parameter(uniform_init_(torch.empty(hidden, cfg.model_dim), cfg.model_dim))
+        else:
+            self.qkv_w = nn.Parameter(uniform_init_(torch.empty(3, hidden, cfg.model_dim), cfg.model_dim))
         self.proj_w = nn.Parameter(torch.zeros(cfg.model_dim, hidden))  # zero-init: each block starts as identity
-        self.value_mix = nn.Parameter(torch.tensor([0.5, 0.5]))  # v <- a*v + b*value_embedding
+        if cfg.residual_lambdas:  # 2026: scales of the QKV and output weights (Q, K are normed: in effect V's scale)
+            self.sa_lambdas = nn.Parameter(torch.tensor([0.5, 1.0]))
+        else:
+            self.value_mix = nn.Parameter(torch.tensor([0.5, 0.5]))  # v <- a*v + b*value_embedding
         self.gate_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.attn_gate_dim))  # sigmoid gate per head, starts at 0.5
-        self.rotary = Rotary(cfg.head_dim, max_seq_len)
+        # 2026: the value embedding enters each head through a gate 2*sigmoid(W [x[:6], ve[:6]]), 1 at init
+        self.value_gate_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.attn_gate_dim)) if value_gated else None
+        self.paired = paired  # 2026 paired heads: RoPE over twice the positions
+        self.rotary = Rotary(cfg.head_dim, 2 * max_seq_len if paired else max_seq_len)
+        self.key_offset = False  # set by the model on its long-window layers (--key-offset)
 
     def forward(self, x: Tensor, value_embed: Tensor | None, mask) -> Tensor:
         B, T = x.shape[:2]
-        q, k, v = F.linear(x, self.qkv_w.flatten(0, 1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)
+        qkv_w = torch.cat([self.qk_w, self.v_w[None]]) if hasattr(self, "qk_w") else self.qkv_w
+        proj_w = self.proj_w
+        if hasattr(self, "sa_lambdas"):
+            qkv_w, proj_w = self.sa_lambdas[0] * qkv_w, self.sa_lambdas[1] * proj_w
+        q, k, v = F.linear(x, qkv_w.flatten(0, 1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)
+        if self.paired:
+            return self.paired_forward(x, q, k, v, value_embed, mask, proj_w)
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
-        v = self.value_mix[0] * v
-        if value_embed is not None:
+        if self.key_offset:
+            k = offset_position_free_dims(k)
+        if hasattr(self, "value_mix"):
+            v = self.value_mix[0] * v
+        if value_embed is not None and self.value_gate_w is not None:
+            v = v + value_gate(x, value_embed, self.value_gate_w).unsqueeze(-1) * value_embed.view_as(v)
+        elif value_embed is not None:
             v = v + self.value_mix[1] * value_embed.view_as(v)
         y = attend(q, k, v, mask, self.scale)
         gate = torch.sigmoid(F.linear(x[..., : self.gate_w.size(1)], self.gate_w.type_as(x)))  # (B, T, H)
         y = (y * gate.unsqueeze(-1)).reshape(B, T, -1)
-        return F.linear(y, self.proj_w.type_as(y))
+        return F.linear(y, proj_w.type_as(y))
+
+
+    def paired_forward(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, value_embed: Tensor | None, mask, proj_w: Tensor) -> Tensor:
+        """Paired heads (2026): the (B, T, H, D) heads are laid out as a (B, 2T, H/2, D) sequence, so head h of token
+        t sits at position 2t + h // (H/2) in slot h % (H/2), and the two heads sharing a slot attend to each other
+        and to both heads of earlier tokens (mask on the doubled sequence: documents doubled, the window in
+        positions). As in the 2026 script, RoPE rotates head h at position 2t + h % 2 (its view pairs heads 2p,
+        2p+1), which differs from the layout position for some heads; the value gate reads x[:12] only."""
+        B, T, H, D = q.shape
+        positions = 2 * torch.arange(T, device=x.device)[:, None] + torch.arange(H, device=x.device)[None, :] % 2
+        q, k = self.rotary.rotate_at(rms_norm(q), positions), self.rotary.rotate_at(rms_norm(k), positions)
+        if hasattr(self, "value_mix"):
+            v = self.value_mix[0] * v
+        if value_embed is not None and self.value_gate_w is not None:
+            gate = 2 * torch.sigmoid(F.linear(x[..., : self.value_gate_w.size(1)], self.value_gate_w.type_as(x)))
+            v = v + gate.unsqueeze(-1) * value_embed.view_as(v)
+        elif value_embed is not None:
+            v = v + self.value_mix[1] * value_embed.view_as(v)
+        q, k, v = (t.reshape(B, 2 * T, H // 2, D) for t in (q, k, v))
+        y = attend(q, k, v, mask, self.scale).reshape(B, T, H, D)
+        gate = torch.sigmoid(F.linear(x[..., : self.gate_w.size(1)], self.gate_w.type_as(x)))
+        y = (y * gate.unsqueeze(-1)).reshape(B, T, -1)
+        return F.linear(y, proj_w.type_as(y))
+
+
+def doubled_sequence(input_ids: Tensor) -> Tensor:
+    """(2T,) ids whose documents are those of input_ids, each position twice (paired heads' masks): a document
+    start stays one <|endoftext|>, at the even position."""
+    return torch.stack([input_ids, torch.zeros_like(input_ids)], dim=-1).flatten()
+
+
+def offset_position_free_dims(k: Tensor) -> Tensor:
+    """(B, T, H, D) keys: the dims RoPE leaves unrotated (its zero frequencies: the second quarter of each half)
+    take the previous token's values, so a query matching them finds the token AFTER a match: one-layer induction
+    (2026). Token 0 keeps its own; a document's first token takes the previous document's last (as the 2026
+    script). The script's interleaved RoPE keeps these dims in the upper half of the head; ours splits halves."""
+    D = k.size(-1)
+    free = torch.zeros(D, dtype=torch.bool, device=k.device)
+    free[D // 4 : D // 2] = free[3 * D // 4 :] = True
+    shifted = torch.cat([k[:, :1], k[:, :-1]], dim=1)
+    return torch.where(free, shifted, k)
+
+
+def value_gate(x: Tensor, value_embed: Tensor, gate_w: Tensor) -> Tensor:
+    """(B, T, H) in (0, 2): per head, from the first half of the gate's channels of the attention input and the
+    same number of the value embedding's (2026: 6 + 6)."""
+    half = gate_w.size(1) // 2
+    features = torch.cat([x[..., :half], value_embed[..., :half].type_as(x)], dim=-1)
+    return 2 * torch.sigmoid(F.linear(features, gate_w.type_as(x)))
 
 
 class MLP(nn.Module):
@@ -428,17 +551,90 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, has_attention: bool, max_seq_len: int):
+    def __init__(self, cfg: Config, has_attention: bool, max_seq_len: int, value_gated: bool = False, paired: bool = False):
         super().__init__()
-        self.attn = CausalSelfAttention(cfg, max_seq_len) if has_attention else None
+        self.attn = CausalSelfAttention(cfg, max_seq_len, value_gated, paired) if has_attention else None
         self.mlp = MLP(cfg)
         self.x0_mix = nn.Parameter(torch.tensor([1.0, 0.0]))  # x <- a*x + b*x0 (x0: the normed embedding)
 
-    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None, mask) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None, mask, bigram: Tensor | None = None) -> Tensor:
         x = self.x0_mix[0] * x + self.x0_mix[1] * x0
         if self.attn is not None:
             x = x + self.attn(rms_norm(x), value_embed, mask)
+            if bigram is not None:  # the 2026 script injects it with the attention output: not in attention-free layers
+                x = add_to_leading_channels(x, bigram)
         return x + self.mlp(rms_norm(x))
+
+
+class ScaledBlock(nn.Module):
+    """The 2026 block: each sublayer rescales the stream and its own output by per-layer lambdas,
+    x <- resid*x + post*f(norm(input)), and the attention sublayer also injects x0 (and the bigram term). The
+    lambdas live in the model, one tensor over layers each (the optimizer's groups), and come in as arguments;
+    the attention input may be another stream than x (backout_layer)."""
+
+    def __init__(self, cfg: Config, has_attention: bool, max_seq_len: int, value_gated: bool = False, paired: bool = False):
+        super().__init__()
+        self.attn = CausalSelfAttention(cfg, max_seq_len, value_gated, paired) if has_attention else None
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, x0: Tensor, attn_input: Tensor, value_embed: Tensor | None, mask, bigram: Tensor | None,
+                resid: Tensor, post: Tensor, x0_lambda: Tensor) -> Tensor:
+        if self.attn is not None:
+            x = resid[0] * x + post[0] * self.attn(rms_norm(attn_input), value_embed, mask) + x0_lambda * x0
+            if bigram is not None:
+                x = add_to_leading_channels(x, bigram)
+        return resid[1] * x + post[1] * self.mlp(rms_norm(x))
+
+
+def smear_previous_token(x: Tensor, gate_w: Tensor, smear_lambda: Tensor) -> Tensor:
+    """(T, D) embeddings: token t adds lambda*sigmoid(W x_t[:12]) times token t-1's (across document boundaries, as
+    the 2026 script); token 0 is unchanged."""
+    gate = smear_lambda * torch.sigmoid(F.linear(x[1:, : gate_w.size(-1)], gate_w.type_as(x)))  # (T-1, 1)
+    return torch.cat([x[:1], x[1:] + gate * x[:-1]])
+
+
+def add_to_leading_channels(x: Tensor, y: Tensor) -> Tensor:
+    """x + y on the first y.size(-1) channels of x (out of place: x may be x0, which later layers read)."""
+    return x + F.pad(y, (0, x.size(-1) - y.size(-1)))
+
+
+# Bigram hash embedding (2026): a large table whose row for token i is a hash of (x[i-1], x[i]), so many bigrams
+# share a row; each row is multiplied by a fixed random +-1 pattern chosen by another hash of the pair (the "sign
+# trick"), so bigrams sharing a row pull it in uncorrelated directions instead of averaging it away.
+BIGRAM_HASH_MULTIPLIERS = (36313, 27191)  # arbitrary large ints: products spread over the int32 range
+BIGRAM_SIGN_SEED_OFFSET = 1_000_003  # the sign table's generator is seeded apart from the weight init's stream
+
+
+def bigram_hash(input_ids: Tensor, rows: int) -> Tensor:
+    """Row of token i: ((36313 x[i]) XOR (27191 x[i-1])) mod (rows - 1), in int32 arithmetic. Position 0 has no
+    previous token and takes the reserved last row, rows - 1. Two quirks of the 2026 script, kept: it hashes in
+    place after writing rows - 1 into position 0, so position 1's "previous token" is rows - 1, whose product
+    overflows int32 and wraps; and a document's first token hashes with the last token of the document before
+    it (masking that was slower there and no better)."""
+    x = input_ids.long()
+    previous = torch.cat([x.new_full((1,), rows - 1), x[1:-1]])
+    a, b = BIGRAM_HASH_MULTIPLIERS
+    hashed = torch.bitwise_xor(wrap_int32(a * x[1:]), wrap_int32(b * previous)) % (rows - 1)  # % is floored: >= 0
+    return torch.cat([hashed.new_full((1,), rows - 1), hashed])
+
+
+def wrap_int32(x: Tensor) -> Tensor:
+    """int64 values as int32 arithmetic leaves them: two's-complement wrap-around, explicit rather than relying on
+    overflow of int32 multiplication."""
+    return (x + 2**31) % 2**32 - 2**31
+
+
+def bigram_sign_index(input_ids: Tensor, sign_rows: int) -> Tensor:
+    """Row of the sign table for token i: (x[i-1] XOR x[i]) mod sign_rows; row 0 at position 0."""
+    x = input_ids.long()
+    return torch.cat([x.new_zeros(1), torch.bitwise_xor(x[:-1], x[1:]) % sign_rows])
+
+
+def random_signs(rows: int, dim: int, seed: int) -> Tensor:
+    """A fixed (rows, dim) table of +-1 (signs of normal draws, as the 2026 script), from its own CPU generator: every
+    rank builds the same table without a broadcast, and #28's init stream is untouched."""
+    generator = torch.Generator().manual_seed(seed + BIGRAM_SIGN_SEED_OFFSET)
+    return torch.randn(rows, dim, generator=generator, device="cpu").sign()
 
 
 def document_ids(input_ids: Tensor) -> Tensor:
@@ -482,15 +678,76 @@ def flex_block_mask(input_ids: Tensor, window_blocks: int) -> BlockMask:
     return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=BLOCK_SIZE, mask_mod=causal_same_document)
 
 
-def head_loss(x: Tensor, head_w: Tensor, targets: Tensor, logit_cap: float, fp8_grad_scale: float | None) -> Tensor:
-    """Summed cross-entropy of softcapped logits. fp8_grad_scale set: the FP8 matmul (Hopper)."""
+def token_window_mask(input_ids: Tensor, window_tokens: int) -> Tensor:
+    """(T, T) bool, FlashAttention-3's causal window (W, 0) per document: query i sees key j of its document when
+    i - W <= j <= i, W + 1 keys with itself (2026)."""
+    docs = document_ids(input_ids)
+    pos = torch.arange(input_ids.numel(), device=input_ids.device)
+    behind = pos[:, None] - pos[None, :]
+    return (behind >= 0) & (behind <= window_tokens) & (docs[:, None] == docs[None, :])
+
+
+def flex_token_window_mask(input_ids: Tensor, window_tokens: int) -> BlockMask:
+    """token_window_mask as a FlexAttention BlockMask. A block pair is listed when some pair of its positions is
+    causal and in the window and the documents could meet; it is full (no mask_mod) when every pair is, inside
+    one document."""
+    docs = document_ids(input_ids)
+    num_blocks = input_ids.numel() // BLOCK_SIZE
+    first_doc, last_doc = docs[0::BLOCK_SIZE], docs[BLOCK_SIZE - 1 :: BLOCK_SIZE]
+    start = torch.arange(num_blocks, device=input_ids.device) * BLOCK_SIZE
+    q_start, kv_start = start[:, None], start[None, :]
+    q_end, kv_end = q_start + BLOCK_SIZE - 1, kv_start + BLOCK_SIZE - 1
+    visible = (kv_start <= q_end) & (kv_end >= q_start - window_tokens) & (last_doc[None, :] >= first_doc[:, None])
+    single_doc = first_doc == last_doc
+    full = ((kv_end <= q_start) & (kv_start >= q_end - window_tokens) & single_doc[:, None] & single_doc[None, :]
+            & (first_doc[:, None] == first_doc[None, :]))
+    partial = visible & ~full
+    window = torch.full((), window_tokens, dtype=torch.int64, device=input_ids.device)  # no recompile per window
+
+    def causal_window_same_document(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window) & (docs[q_idx] == docs[kv_idx])
+
+    def ordered(blocks: Tensor):
+        counts = blocks.sum(-1, dtype=torch.int32)
+        indices = torch.argsort(blocks.to(torch.uint8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[None, None].contiguous(), indices[None, None].contiguous()
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=BLOCK_SIZE, mask_mod=causal_window_same_document)
+
+
+def head_loss(x: Tensor, head_w: Tensor, targets: Tensor, logit_cap: float, fp8_grad_scale: float | None,
+              mtp_weights: Tensor | None = None, logit_shift: float = 0.0, logit_div: float = 0.0) -> Tensor:
+    """Summed cross-entropy of softcapped logits. fp8_grad_scale set: the FP8 matmul (Hopper). mtp_weights set:
+    the multi-token loss (multi_token_cross_entropy)."""
     if fp8_grad_scale is not None:
         logits = torch.ops.speedrun_gpt.fp8_linear(x, head_w, fp8_x_scale(x.size(-1)), FP8_W_SCALE, fp8_grad_scale)[0]
     else:
         logits = F.linear(x, head_w.type_as(x))
-    # cap*sigmoid(z/(cap/4)) = cap/2*(1+tanh(z/(cap/2))): slope 1 at 0, bounded in (0, cap)
-    logits = logit_cap * torch.sigmoid(logits.float() / (logit_cap / 4))
-    return F.cross_entropy(logits, targets, reduction="sum")
+    logits = softcap_logits(logits.float(), logit_cap, logit_shift, logit_div)
+    if mtp_weights is None:
+        return F.cross_entropy(logits, targets, reduction="sum")
+    return multi_token_cross_entropy(logits, targets, mtp_weights)
+
+
+def softcap_logits(z: Tensor, cap: float, shift: float, div: float) -> Tensor:
+    """cap*sigmoid((z + shift)/div), bounded in (0, cap). #28: shift 0, div cap/4, i.e. cap/2*(1+tanh(z/(cap/2))),
+    slope 1 at 0. 2026: 23*sigmoid((z + 5)/7.5), which starts every logit at 23*sigmoid(2/3) instead of cap/2."""
+    if shift:
+        z = z + shift
+    return cap * torch.sigmoid(z / (div or cap / 4))
+
+
+def multi_token_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+    """Multi-token prediction (2026): the logits of position r predict targets r, r+1, ..., r+n-1 (the tokens 1..n
+    ahead) with weights w_0..w_{n-1}, summed over positions; a term whose target lies past the sequence's end is
+    dropped, and terms cross document boundaries, as in the 2026 script's fused kernel. logits: (T, V) float.
+    One log-sum-exp per row serves every term: no (T, V) log-softmax per offset."""
+    log_normalizer = torch.logsumexp(logits, dim=-1)
+    length, total = logits.size(0), logits.new_zeros(())
+    for k in range(weights.numel()):  # the number of weights is a shape, fixed within a stage
+        predicted = logits[: length - k].gather(1, targets[k:, None]).squeeze(1)
+        total = total + weights[k] * (log_normalizer[: length - k] - predicted).sum()
+    return total
 
 
 def equal_chunk(length: int, most: int) -> int:
@@ -514,15 +771,67 @@ def allow_block_variants(limit: int):
         dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, limit)
 
 
+# Parameters of the 2026 components, for the recipe table (groups as the 2026 script's param_table; all Adam):
+#   bigram_embed.weight                      bigram table: betas (0.75, 0.95), lr x 75, wd x 5 (as value embeddings)
+#   bigram_lambdas, post_lambdas, x0_lambdas betas (0.9, 0.95), lr x 1, no wd
+#   resid_lambdas                            betas (0.9, 0.95), lr x 5, no wd
+#   blocks.*.attn.sa_lambdas, smear_lambda, backout_lambda, skip_lambda
+#                                            the script's "scalars": betas (0.9, 0.99), lr x 5, no wd
+#   smear_gate.weight                        betas (0.9, 0.99), lr x 0.01, no wd
+#   skip_gate.weight                         betas (0.9, 0.99), lr x 0.05, no wd
+#   blocks.*.attn.value_gate_w               the script's ve_gate_bank: betas (0.9, 0.99), lr x 1 (as gate_w in 2026)
+#   value_embeds.* (5 tables)                betas (0.75, 0.95), lr x 75, wd x 5
+# Not parameters: bigram_signs (a saved buffer), the rotary tables (YaRN rebuilds them in place).
 class GPT(nn.Module):
     def __init__(self, cfg: Config, max_seq_len: int):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.model_dim) for _ in range(cfg.num_value_embeds))
-        self.blocks = nn.ModuleList(Block(cfg, i not in cfg.no_attn_layers, max_seq_len) for i in range(cfg.num_layers))
-        self.skip_weights = nn.Parameter(torch.ones(cfg.num_layers // 2))  # U-net: layer L-1-i adds w_i * output of layer i
+        n_tables = len(cfg.value_embed_layers) or cfg.num_value_embeds
+        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.model_dim) for _ in range(n_tables))
+        if cfg.value_embed_layers:  # 2026: N(0, 0.01) (its one (5 x vocab)-row table, as 5: the same elementwise Adam)
+            for table in self.value_embeds:
+                nn.init.normal_(table.weight, std=0.01)
+        block = ScaledBlock if cfg.residual_lambdas else Block
+        if cfg.paired_head_layers and (not cfg.token_windows or cfg.num_heads % 2):
+            raise ValueError("--paired-head-layers needs --token-windows and an even --num-heads")
+        self.blocks = nn.ModuleList(block(cfg, i not in cfg.no_attn_layers, max_seq_len, i in cfg.value_embed_layers,
+                                          i in cfg.paired_head_layers) for i in range(cfg.num_layers))
+        if cfg.residual_lambdas:  # 2026: per layer, [attention, MLP] sublayer scales of the stream and of the output
+            self.resid_lambdas = nn.Parameter(torch.full((cfg.num_layers, 2), 1.1 ** 0.5))  # the stream grows 1.1x a layer
+            self.post_lambdas = nn.Parameter(torch.ones(cfg.num_layers, 2))
+            self.x0_lambdas = nn.Parameter(torch.zeros(cfg.num_layers))
+        else:
+            self.skip_weights = nn.Parameter(torch.ones(cfg.num_layers // 2))  # U-net: layer L-1-i adds w_i * output of layer i
+        if cfg.smear_gate:
+            self.smear_gate = nn.Linear(cfg.attn_gate_dim, 1, bias=False)
+            nn.init.zeros_(self.smear_gate.weight)
+            self.smear_lambda = nn.Parameter(torch.zeros(()))
+        if cfg.skip_connection:
+            if len(cfg.skip_connection) != 2 or cfg.skip_connection[1] not in cfg.no_attn_layers or not cfg.residual_lambdas:
+                raise ValueError(f"--skip-connection {cfg.skip_connection}: FROM,TO into a layer without attention, with --residual-lambdas")
+            self.skip_gate = nn.Linear(cfg.attn_gate_dim, 1, bias=False)
+            nn.init.zeros_(self.skip_gate.weight)
+            self.skip_lambda = nn.Parameter(torch.tensor(-1.5))  # sigmoid(-1.5) ~ 0.18
+        if cfg.backout_layer >= 0:
+            if not cfg.residual_lambdas:
+                raise ValueError("--backout-layer needs --residual-lambdas")
+            self.backout_lambda = nn.Parameter(torch.tensor(0.5))
+        for i in cfg.long_window_layers if cfg.key_offset else ():
+            if self.blocks[i].attn is not None:
+                self.blocks[i].attn.key_offset = True
         self.lm_head_w = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.model_dim))  # untied, zero-init
+        if cfg.head_init_std:  # 2026: a small random head, and the embedding starts as the same matrix (tied)
+            with torch.no_grad():
+                self.lm_head_w.normal_(0, cfg.head_init_std)
+                self.embed.weight.copy_(self.lm_head_w)
+        self.bigram_embed = None
+        if cfg.bigram_rows:  # 2026: zero-init table, per-layer lambdas from 0.05, a fixed sign table (a buffer, saved)
+            self.bigram_embed = nn.Embedding(cfg.bigram_rows, cfg.bigram_dim)
+            nn.init.zeros_(self.bigram_embed.weight)
+            self.bigram_lambdas = nn.Parameter(torch.full((cfg.num_layers,), 0.05))
+            self.register_buffer("bigram_signs", random_signs(cfg.bigram_sign_rows, cfg.bigram_dim, cfg.seed))
+        self.yarn_windows = None  # the long windows YaRN has been applied for (--yarn)
         self.compute_dtype = torch.float32
         self.use_flex = False
         self.fp8_grad_scale = None  # set by the trainer on Hopper
@@ -538,33 +847,140 @@ class GPT(nn.Module):
 
     def value_embeds_per_layer(self, input_ids: Tensor) -> list:
         tables = [ve(input_ids).to(self.compute_dtype)[None] for ve in self.value_embeds]
+        if self.cfg.value_embed_layers:  # 2026: one table per listed layer
+            per_layer = [None] * self.cfg.num_layers
+            for layer, table in zip(self.cfg.value_embed_layers, tables):
+                per_layer[layer] = table
+            return per_layer
         n_middle = self.cfg.num_layers - 2 * len(tables)
         return tables + [None] * n_middle + tables
 
-    def attention_masks(self, input_ids: Tensor, window_blocks: int) -> list:
-        build = flex_block_mask if self.use_flex else dense_attention_mask
-        long_mask, short_mask = build(input_ids, window_blocks), build(input_ids, max(1, window_blocks // 2))
-        return [long_mask if i in self.cfg.long_window_layers else short_mask for i in range(self.cfg.num_layers)]
+    @torch.no_grad()
+    def apply_yarn(self, schedule: StepSchedule):
+        """Bring RoPE and the attention scale to the schedule's stage: YaRN over the long windows of the stages so
+        far (the final validation's wider window changes neither, as in the 2026 script). A pure function of the
+        stage, applied only when it changes, so a reset after the warm-up steps needs nothing special."""
+        windows = tuple(blocks * BLOCK_SIZE for blocks in self.cfg.stage_long_window_blocks[: schedule.stage + 1])
+        if windows == self.yarn_windows:
+            return
+        freqs = yarn_frequencies(rotary_frequencies(self.cfg.head_dim), list(windows))
+        for block in self.blocks:
+            if block.attn is not None:
+                block.attn.rotary.set_frequencies(freqs)
+                block.attn.scale = schedule.attn_scale  # a float per stage: one recompile per stage
+        self.yarn_windows = windows
 
-    def forward(self, input_ids: Tensor, targets: Tensor, window_blocks: int) -> Tensor:
-        """input_ids, targets: (T,) one packed sequence. Returns the summed cross-entropy over its tokens."""
-        masks = self.attention_masks(input_ids, window_blocks)
-        value_embeds = self.value_embeds_per_layer(input_ids)
-        x = x0 = rms_norm(self.embed(input_ids).to(self.compute_dtype)[None])
+    def embeddings(self, input_ids: Tensor, schedule: StepSchedule | None) -> Tensor:
+        """(T, D) token embeddings before the norm. While the schedule ties them (2026, up to the split step) the
+        head's matrix is the embedding table, so both uses train it and embed.weight gets no gradient; the
+        trainer copies the head into it at the split. The smear gate then mixes in the previous token."""
+        if schedule is not None and schedule.embed_tied:
+            x = F.embedding(input_ids, self.lm_head_w)
+        else:
+            x = self.embed(input_ids)
+        x = x.to(self.compute_dtype)
+        if self.cfg.smear_gate:
+            x = smear_previous_token(x, self.smear_gate.weight, self.smear_lambda)
+        return x
+
+    def unet_layers(self, x0: Tensor, value_embeds: list, masks: list, bigrams: list) -> Tensor:
+        """#28: every block mixes x0 in; the output of layer i is added, weighted, before layer L-1-i (U-net)."""
+        x = x0
         n_skip, skips = len(self.skip_weights), []
         for i, block_call in enumerate(self.block_calls):
             if i >= self.cfg.num_layers - n_skip:
                 x = x + self.skip_weights[self.cfg.num_layers - 1 - i] * skips.pop()
-            x = block_call(x, x0, value_embeds[i], masks[i])
+            x = block_call(x, x0, value_embeds[i], masks[i], bigrams[i])
             if i < n_skip:
                 skips.append(x)
-        x = rms_norm(x[0])
+        return x
+
+    def scaled_layers(self, x0: Tensor, value_embeds: list, masks: list, bigrams: list) -> Tensor:
+        """2026: sublayers scaled by lambdas (ScaledBlock); one gated skip from layer FROM into the attention-free
+        layer TO; after backout_layer, every attention reads that layer's output instead of the current stream,
+        and lambda times it is taken out of the stream before the head."""
+        skip_from, skip_to = self.cfg.skip_connection or (-1, -1)
+        skip_gate = None
+        if self.cfg.skip_connection:  # sigmoid(lambda) * 2 sigmoid(W x0[:12]): (1, T, 1)
+            skip_gate = torch.sigmoid(self.skip_lambda) * 2 * torch.sigmoid(
+                F.linear(x0[..., : self.skip_gate.weight.size(-1)], self.skip_gate.weight.type_as(x0)))
+        x, skip, backout = x0, None, None
+        for i, block_call in enumerate(self.block_calls):
+            if i == skip_to:
+                x = x + skip_gate * skip
+            attn_input = x if backout is None else backout
+            x = block_call(x, x0, attn_input, value_embeds[i], masks[i], bigrams[i],
+                           self.resid_lambdas[i], self.post_lambdas[i], self.x0_lambdas[i])
+            if i == skip_from:
+                skip = x
+            if i == self.cfg.backout_layer:
+                backout = x
+        if backout is not None:
+            x = x - self.backout_lambda * backout
+        return x
+
+    def bigram_features(self, input_ids: Tensor) -> Tensor:
+        """(1, T, bigram_dim): the hashed bigram row of each token times its sign pattern."""
+        rows = bigram_hash(input_ids, self.bigram_embed.num_embeddings)
+        signs = self.bigram_signs[bigram_sign_index(input_ids, self.bigram_signs.size(0))]
+        return (self.bigram_embed(rows) * signs).to(self.compute_dtype)[None]
+
+    def bigram_injections(self, input_ids: Tensor, x0: Tensor) -> tuple:
+        """(x0 with layer 0's bigram term, each layer's bigram term or None). Layer 0's goes into the normed
+        embedding itself, so x0, which later layers mix in, carries it (as the 2026 script's in-place add does);
+        layers 1.. add lambda_i * bigram with their attention output."""
+        if self.bigram_embed is None:
+            return x0, [None] * self.cfg.num_layers
+        bigram = self.bigram_features(input_ids)
+        x0 = add_to_leading_channels(x0, self.bigram_lambdas[0] * bigram)
+        return x0, [None] + [self.bigram_lambdas[i] * bigram for i in range(1, self.cfg.num_layers)]
+
+    def attention_masks(self, input_ids: Tensor, window_blocks: int, schedule: StepSchedule | None = None) -> list:
+        if self.cfg.token_windows:  # 2026: the schedule's windows in tokens (without one: window_blocks and half)
+            build = flex_token_window_mask if self.use_flex else token_window_mask
+            if schedule is not None:
+                long_window, short_window = schedule.window_long_tokens, schedule.window_short_tokens
+            else:
+                long_window, short_window = window_blocks * BLOCK_SIZE, max(1, window_blocks // 2) * BLOCK_SIZE
+            long_mask, short_mask = build(input_ids, long_window), build(input_ids, short_window)
+            if self.cfg.paired_head_layers:  # their masks: on the doubled sequence, the window in positions
+                doubled = doubled_sequence(input_ids)
+                paired = {True: build(doubled, long_window), False: build(doubled, short_window)}
+                return [paired[i in self.cfg.long_window_layers] if i in self.cfg.paired_head_layers
+                        else long_mask if i in self.cfg.long_window_layers else short_mask for i in range(self.cfg.num_layers)]
+        else:
+            build = flex_block_mask if self.use_flex else dense_attention_mask
+            long_mask, short_mask = build(input_ids, window_blocks), build(input_ids, max(1, window_blocks // 2))
+        return [long_mask if i in self.cfg.long_window_layers else short_mask for i in range(self.cfg.num_layers)]
+
+    def head_options(self, schedule: StepSchedule | None) -> dict:
+        """head_loss's keyword options beyond #28's (none for #28: its head is called exactly as before): the 2026
+        logit squash and, in training, the schedule's multi-token weights (a device tensor: new values each step
+        reuse the compiled head; only a new number of weights, once per stage, recompiles)."""
+        options = {}
+        if self.cfg.logit_shift or self.cfg.logit_div:
+            options.update(logit_shift=self.cfg.logit_shift, logit_div=self.cfg.logit_div)
+        if self.training and schedule is not None and tuple(schedule.mtp_weights) != (1.0,):
+            options["mtp_weights"] = torch.tensor(schedule.mtp_weights, dtype=torch.float32, device=self.lm_head_w.device)
+        return options
+
+    def forward(self, input_ids: Tensor, targets: Tensor, window_blocks: int, schedule: StepSchedule | None = None) -> Tensor:
+        """input_ids, targets: (T,) one packed sequence. Returns the summed cross-entropy over its tokens (in
+        training with the schedule's multi-token weights). schedule None: next-token loss only (#28)."""
+        if self.cfg.yarn and schedule is not None:
+            self.apply_yarn(schedule)
+        masks = self.attention_masks(input_ids, window_blocks, schedule)
+        value_embeds = self.value_embeds_per_layer(input_ids)
+        x0, bigrams = self.bigram_injections(input_ids, rms_norm(self.embeddings(input_ids, schedule)[None]))
+        layers = self.scaled_layers if self.cfg.residual_lambdas else self.unet_layers
+        x = rms_norm(layers(x0, value_embeds, masks, bigrams)[0])
+        head_options = self.head_options(schedule)
         if self.training:
-            return self.head_loss(x, self.lm_head_w, targets, self.cfg.logit_cap, self.fp8_grad_scale)
+            return self.head_loss(x, self.lm_head_w, targets, self.cfg.logit_cap, self.fp8_grad_scale, **head_options)
         # Validation: the bf16 head (FP8 would bias the reported loss), in equal chunks of at most VAL_HEAD_CHUNK
         # tokens (one compiled shape) so a 262,144-token sequence never holds its (tokens x vocab) logits at once.
         chunk = equal_chunk(x.size(0), VAL_HEAD_CHUNK)
-        return sum(self.head_loss(x_part, self.lm_head_w, t_part, self.cfg.logit_cap, None)
+        return sum(self.head_loss(x_part, self.lm_head_w, t_part, self.cfg.logit_cap, None, **head_options)
                    for x_part, t_part in zip(x.split(chunk), targets.split(chunk)))
 
     def matmul_flops_per_token(self, window_tokens: int, seq_len: int) -> float:
@@ -709,7 +1125,7 @@ def recipe_r2026(cfg: Config) -> list:
         ParamRule("*smear_gate*", adam, "adam_lr", 0.01, (0.9, 0.99), wd_mult=0.0),
         ParamRule("*skip_gate*", adam, "adam_lr", 0.05, (0.9, 0.99), wd_mult=0.0),
         ParamRule("blocks.*.attn.gate_w", adam, "adam_lr", None, (0.9, 0.99)),      # attn_gate_bank: wd x 1
-        ParamRule("blocks.*.attn.ve_gate_w", adam, "adam_lr", None, (0.9, 0.99)),   # ve_gate_bank: wd x 1
+        ParamRule("blocks.*.attn.value_gate_w", adam, "adam_lr", None, (0.9, 0.99)),  # ve_gate_bank: wd x 1
         ParamRule(R2026_HEAD, adam, "adam_lr", None, (0.5, 0.95), wd_mult=150.0),
         ParamRule(R2026_EMBED, adam, "adam_lr", None, (0.5, 0.95), wd_mult=150.0),
         ParamRule("value_embeds*", adam, "adam_lr", 75.0, (0.75, 0.95), wd_mult=5.0),

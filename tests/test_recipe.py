@@ -7,6 +7,8 @@ embeddings), x1 (head), x5 (scalars); betas (0.8, 0.95), eps 1e-10; no weight de
 must change this table on purpose.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -167,3 +169,16 @@ def test_compiled_blocks_never_fall_back_to_eager(monkeypatch):
 def test_validation_head_chunks_are_equal_and_within_the_limit(length, most, expected):
     chunk = tg.equal_chunk(length, most)
     assert chunk == expected and length % chunk == 0 and chunk <= most
+
+
+def test_the_2026_recipe_covers_the_2026_model():
+    # Every parameter of the ported 2026 model has a row of the 2026 table: Muon for the attention and MLP
+    # matrices (Q/K cut into head pairs of 256 rows), Adam for the rest, with the table's betas.
+    _, settings = applied_recipe(["--preset", "r2026"])
+    muon = {re.sub(r"^blocks\.\d+\.", "blocks.*.", s.name): s.matrix_shape for s in settings if s.optimizer == "muon"}
+    assert muon == {"blocks.*.attn.qk_w": (256, 768), "blocks.*.attn.v_w": (768, 768), "blocks.*.attn.proj_w": (768, 768),
+                    "blocks.*.mlp.fc_w": (768, 3072), "blocks.*.mlp.proj_w": (768, 3072)}
+    by_name = {s.name: s for s in settings}
+    assert by_name["bigram_embed.weight"].betas == (0.75, 0.95) and by_name["lm_head_w"].betas == (0.5, 0.95)
+    assert by_name["blocks.1.attn.value_gate_w"].optimizer == "adam"
+    assert by_name["blocks.0.mlp.proj_w"].effective_lr == pytest.approx(2 * by_name["blocks.0.mlp.fc_w"].effective_lr)

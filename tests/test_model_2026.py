@@ -1,0 +1,495 @@
+"""The 2026-05-20 record's model components (--preset r2026), each against an oracle written from its definition,
+and each off by default (record #28's model unchanged)."""
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import train_gpt as tg  # noqa: E402
+
+
+def tiny_cfg(*extra):
+    """A CPU-sized model: 4 layers of width 64, 2 heads of 32, no attention in layer 2."""
+    return tg.parse_config(["--preset", "tiny", "--num-layers", "4", "--model-dim", "64", "--num-heads", "2",
+                            "--head-dim", "32", "--no-attn-layers", "2", "--long-window-layers", "0,3",
+                            "--num-value-embeds", "1", "--train-seq-len", "256", "--val-seq-len", "256", *extra])
+
+
+def token_ids(n, seed=0, high=50304, bos_at=()):
+    ids = torch.randint(0, high, (n,), generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
+    ids[list(bos_at)] = tg.EOT_TOKEN
+    return ids
+
+
+# -----------------------------------------------------------------------------
+# Bigram hash embedding
+
+
+def int32(value):
+    return (value + 2**31) % 2**32 - 2**31
+
+
+def test_bigram_hash_matches_the_formula():
+    ids = token_ids(300, high=50304)
+    ids[5], ids[6] = 50303, 50303  # the largest token: products near 2^31
+    for rows in (754_560, 97):
+        got = tg.bigram_hash(ids, rows).tolist()
+        x = ids.tolist()
+        previous = [None, rows - 1] + x[1:-1]  # the 2026 script's quirk: position 1 hashes with the reserved row
+        expected = [rows - 1] + [(int32(36313 * x[i]) ^ int32(27191 * previous[i])) % (rows - 1) for i in range(1, len(x))]
+        assert got == expected
+        assert got[1] != (36313 * x[1] ^ 27191 * x[0]) % (rows - 1)  # not the plain formula there
+        assert max(got) == rows - 1 and got.count(rows - 1) >= 1  # the reserved row is position 0's
+
+
+def test_bigram_sign_index_matches_the_formula():
+    ids = token_ids(300)
+    x = ids.tolist()
+    assert tg.bigram_sign_index(ids, 8192).tolist() == [0] + [(x[i - 1] ^ x[i]) % 8192 for i in range(1, len(x))]
+
+
+def test_bigram_sign_table_is_a_fixed_buffer_of_plus_minus_one_from_the_seed():
+    cfg = tiny_cfg("--bigram-rows", "101", "--bigram-dim", "16", "--bigram-sign-rows", "64")
+    torch.manual_seed(1)
+    a = tg.GPT(cfg, 256)
+    torch.manual_seed(2)  # another global stream: the same table
+    b = tg.GPT(cfg, 256)
+    assert torch.equal(a.bigram_signs, b.bigram_signs) and a.bigram_signs.shape == (64, 16)
+    assert set(a.bigram_signs.unique().tolist()) == {-1.0, 1.0}
+    assert "bigram_signs" in a.state_dict() and "bigram_signs" not in dict(a.named_parameters())
+    other_seed = tg.GPT(tg.dataclasses.replace(cfg, seed=1), 256)
+    assert not torch.equal(a.bigram_signs, other_seed.bigram_signs)
+    # zero-init table, lambdas 0.05 per layer
+    assert torch.count_nonzero(a.bigram_embed.weight) == 0 and a.bigram_lambdas.tolist() == pytest.approx([0.05] * 4)
+
+
+def test_bigram_off_by_default():
+    names = dict(tg.GPT(tiny_cfg(), 256).named_parameters())
+    assert not any("bigram" in name for name in names)
+
+
+def test_bigram_terms_reach_layer_0_through_x0_and_later_attention_layers_after_attention():
+    cfg = tiny_cfg("--bigram-rows", "101", "--bigram-dim", "16", "--bigram-sign-rows", "64")
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, 256)
+    with torch.no_grad():
+        model.bigram_embed.weight.normal_()
+        model.bigram_lambdas.copy_(torch.tensor([0.5, -1.0, 2.0, 3.0]))
+        for block in model.blocks:
+            block.mlp.proj_w.normal_(0, 0.1)
+            if block.attn is not None:
+                block.attn.proj_w.normal_(0, 0.1)
+    ids = token_ids(256, bos_at=[0, 100])
+    inputs = []
+
+    def recording(block):
+        def call(x, x0, value_embed, mask, bigram):
+            inputs.append((x, x0, bigram))
+            return block(x, x0, value_embed, mask, bigram)
+        return call
+
+    model.block_calls = [recording(block) for block in model.blocks]
+    model(ids[:-1].contiguous(), ids[1:].long(), 2)
+    ids = ids[:-1]
+    # oracle: table row of the hash times the sign row of the XOR, on the first 16 of 64 channels
+    rows, signs = tg.bigram_hash(ids, 101), tg.bigram_sign_index(ids, 64)
+    feature = torch.stack([model.bigram_embed.weight[r] * model.bigram_signs[s] for r, s in zip(rows, signs)])
+    feature = F.pad(feature, (0, 64 - 16))[None]
+    embedded = tg.rms_norm(model.embed(ids)[None])
+    x, x0, bigram = inputs[0]
+    torch.testing.assert_close(x0, embedded + 0.5 * feature)  # layer 0: into the embedding, so x0 carries it
+    torch.testing.assert_close(x, x0)
+    assert bigram is None
+    for layer, lam in [(1, -1.0), (2, 2.0), (3, 3.0)]:
+        torch.testing.assert_close(F.pad(inputs[layer][2], (0, 64 - 16)), lam * feature)
+
+    # inside a block: added right after the attention output, before the MLP; not at all without attention
+    block = model.blocks[1]
+    x = torch.randn(1, 255, 64)
+    mask = tg.dense_attention_mask(ids, 2)
+    term = 0.3 * torch.randn(1, 255, 16)
+    h = block.x0_mix[0] * x + block.x0_mix[1] * embedded
+    h = h + block.attn(tg.rms_norm(h), None, mask)
+    h = h + F.pad(term, (0, 48))
+    expected = h + block.mlp(tg.rms_norm(h))
+    torch.testing.assert_close(block(x, embedded, None, mask, term), expected)
+    no_attn = model.blocks[2]
+    torch.testing.assert_close(no_attn(x, embedded, None, mask, term), no_attn(x, embedded, None, mask, None))
+
+
+def test_bigram_gradient_reaches_exactly_the_hashed_rows():
+    cfg = tiny_cfg("--bigram-rows", "4099", "--bigram-dim", "16", "--bigram-sign-rows", "64")
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, 256)
+    with torch.no_grad():
+        model.lm_head_w.normal_(0, 0.02)
+    ids = token_ids(257, bos_at=[0])
+    model(ids[:-1].contiguous(), ids[1:].long(), 2).backward()
+    touched = set(torch.nonzero(model.bigram_embed.weight.grad.abs().sum(-1)).flatten().tolist())
+    assert touched == set(tg.bigram_hash(ids[:-1], 4099).tolist())
+
+
+# -----------------------------------------------------------------------------
+# Multi-token prediction loss and the 2026 head squash
+
+
+def naive_multi_token_loss(logits, targets, weights):
+    """Row by row: position r's logits against target r + k (the token k+1 ahead) with weight w_k, while in range."""
+    logits, total = logits.double(), torch.zeros((), dtype=torch.float64)
+    for r in range(logits.size(0)):
+        log_probs = torch.log_softmax(logits[r], dim=-1)
+        for k, weight in enumerate(weights):
+            if r + k < targets.numel():
+                total -= weight * log_probs[targets[r + k]]
+    return total
+
+
+@pytest.mark.parametrize("weights", [(1.0,), (1.0, 0.5), (1.0, 0.5, 0.25), (0.7, 0.0, 0.3)])
+def test_multi_token_loss_is_the_weighted_sum_of_shifted_cross_entropies(weights):
+    torch.manual_seed(0)
+    logits = torch.randn(37, 50) * 3
+    targets = torch.randint(0, 50, (37,))
+    got = tg.multi_token_cross_entropy(logits, targets, torch.tensor(weights))
+    assert got.item() == pytest.approx(naive_multi_token_loss(logits, targets, weights).item(), rel=1e-5)
+
+
+def test_head_squash_2026_and_28():
+    torch.manual_seed(0)
+    x, w = torch.randn(16, 32), torch.randn(40, 32) * 0.3
+    targets = torch.randint(0, 40, (16,))
+    u = (x.double() @ w.double().T)
+    squashed_2026 = 23 * torch.sigmoid((u + 5) / 7.5)
+    got = tg.head_loss(x, w, targets, 23.0, None, logit_shift=5.0, logit_div=7.5)
+    assert got.item() == pytest.approx(F.cross_entropy(squashed_2026, targets, reduction="sum").item(), rel=1e-5)
+    squashed_28 = 30 * torch.sigmoid(u / 7.5)  # the defaults: #28's 30*sigmoid(z/7.5)
+    assert tg.head_loss(x, w, targets, 30.0, None).item() == pytest.approx(
+        F.cross_entropy(squashed_28, targets, reduction="sum").item(), rel=1e-5)
+    weights = (1.0, 0.5, 0.25)
+    got = tg.head_loss(x, w, targets, 23.0, None, torch.tensor(weights), 5.0, 7.5)
+    assert got.item() == pytest.approx(naive_multi_token_loss(squashed_2026, targets, weights).item(), rel=1e-5)
+
+
+def test_model_uses_the_schedules_mtp_weights_in_training_only():
+    cfg = tiny_cfg("--logit-cap", "23", "--logit-shift", "5", "--logit-div", "7.5")
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, 256)
+    with torch.no_grad():
+        model.lm_head_w.normal_(0, 0.05)
+    ids = token_ids(257, bos_at=[0, 50])
+    inputs, targets = ids[:-1].contiguous(), ids[1:].long()
+    schedule = tg.dataclasses.replace(tg.schedule_at(0, cfg), mtp_weights=(1.0, 0.5, 0.25))
+    calls = []
+
+    def spy(*args, **options):
+        calls.append(options)
+        return tg.head_loss(*args, **options)
+
+    model.head_loss = spy
+    mtp_loss = model(inputs, targets, 2, schedule)
+    assert calls[0]["mtp_weights"].tolist() == [1.0, 0.5, 0.25]
+    assert (calls[0]["logit_shift"], calls[0]["logit_div"]) == (5.0, 7.5)
+    next_token_loss = model(inputs, targets, 2)  # no schedule: next token only
+    assert "mtp_weights" not in calls[1] and mtp_loss > next_token_loss
+    next_token_too = model(inputs, targets, 2, tg.dataclasses.replace(schedule, mtp_weights=(1.0,)))
+    assert next_token_too.item() == next_token_loss.item()
+    model.eval()
+    with torch.no_grad():
+        assert model(inputs, targets, 2, schedule).item() == pytest.approx(next_token_loss.item(), rel=1e-6)
+    assert "mtp_weights" not in calls[-1]  # validation scores the next token only, as the 2026 script
+
+
+# -----------------------------------------------------------------------------
+# Residual structure (2026): lambdas, x0 injection, smear gate, gated value embeddings, skip, backout, tied embedding
+
+
+def structure_cfg(*extra):
+    """7 layers, no attention in 3; the skip 1 -> 3, backout of layer 4 (layer 6 is the first whose attention input
+    it changes), value embeddings on 1, 5, 6."""
+    return tiny_cfg("--num-layers", "7", "--no-attn-layers", "3", "--long-window-layers", "2,6",
+                    "--residual-lambdas", "--value-embed-layers", "1,5,6", "--smear-gate", "--skip-connection", "1,3",
+                    "--backout-layer", "4", "--head-init-std", "0.02", "--bigram-rows", "97", "--bigram-dim", "16",
+                    "--bigram-sign-rows", "64", "--logit-cap", "23", "--logit-shift", "5", "--logit-div", "7.5", *extra)
+
+
+def randomized_model(cfg, seed=0):
+    """Every parameter random, so no term hides behind a zero or a one init."""
+    torch.manual_seed(seed)
+    model = tg.GPT(cfg, 256)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("lambdas", "lambda", "proj_w", "gate_w", "gate.weight", "bigram_embed.weight")):
+                p.copy_(torch.randn_like(p) * (0.5 if "lambda" in name else 0.1) + (0.8 if "lambdas" in name else 0.0))
+        model.lm_head_w.normal_(0, 0.3)  # logits that matter: the loss sees every change of the stream
+    return model
+
+
+def naive_attention(attn, x, value_embed, mask):
+    """From the definitions, one (T, D) sequence: SA-lambda-scaled QKV, normed and rotated Q, K; V plus the gated
+    value embedding; softmax attention under the mask; sigmoid output gate per head; scaled output matrix."""
+    T, H, Dh = x.size(0), attn.num_heads, attn.head_dim
+    w = attn.sa_lambdas[0] * attn.qkv_w
+    q, k, v = ((x @ w[j].T).view(T, H, Dh) for j in range(3))
+    q, k = (attn.rotary(tg.rms_norm(t)[None])[0] for t in (q, k))
+    if value_embed is not None:
+        gate = 2 * torch.sigmoid(torch.cat([x[:, :6], value_embed[:, :6]], -1) @ attn.value_gate_w.T)  # (T, H)
+        v = v + gate[..., None] * value_embed.view(T, H, Dh)
+    scores = torch.einsum("thd,shd->hts", q, k) * attn.scale
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    y = torch.einsum("hts,shd->thd", probs, v) * torch.sigmoid(x[:, :12] @ attn.gate_w.T)[..., None]
+    return y.reshape(T, -1) @ (attn.sa_lambdas[1] * attn.proj_w).T
+
+
+def naive_2026_loss(model, ids, targets, window_blocks, mtp_weights, tied):
+    cfg = model.cfg
+    table = model.lm_head_w if tied else model.embed.weight
+    e = table[ids.long()]
+    rows = [e[0]] + [e[t] + model.smear_lambda * torch.sigmoid(e[t, :12] @ model.smear_gate.weight[0]) * e[t - 1]
+                     for t in range(1, len(ids))]
+    bigram = torch.stack([model.bigram_embed.weight[r] * model.bigram_signs[s] for r, s in
+                          zip(tg.bigram_hash(ids, 97), tg.bigram_sign_index(ids, 64))])
+    with_bigram = lambda x, lam: torch.cat([x[:, :16] + lam * bigram, x[:, 16:]], -1)  # noqa: E731
+    x0 = with_bigram(tg.rms_norm(torch.stack(rows)), model.bigram_lambdas[0])
+    skip_gate = torch.sigmoid(model.skip_lambda) * 2 * torch.sigmoid(x0[:, :12] @ model.skip_gate.weight.T)
+    long_mask, short_mask = (tg.dense_attention_mask(ids, w) for w in (window_blocks, window_blocks // 2))
+    value_tables = dict(zip(cfg.value_embed_layers, model.value_embeds))
+    x, skip, backout = x0, None, None
+    for i, block in enumerate(model.blocks):
+        resid, post = model.resid_lambdas[i], model.post_lambdas[i]
+        if i == 3:
+            x = x + skip_gate * skip
+        if block.attn is not None:
+            ve = value_tables[i].weight[ids.long()] if i in value_tables else None
+            mask = long_mask if i in cfg.long_window_layers else short_mask
+            a = naive_attention(block.attn, tg.rms_norm(x if backout is None else backout), ve, mask)
+            x = resid[0] * x + post[0] * a + model.x0_lambdas[i] * x0
+            if i > 0:
+                x = with_bigram(x, model.bigram_lambdas[i])
+        h = tg.rms_norm(x)
+        x = resid[1] * x + post[1] * (torch.relu(h @ block.mlp.fc_w).square() @ block.mlp.proj_w.T)
+        if i == 1:
+            skip = x
+        if i == 4:
+            backout = x
+    x = tg.rms_norm(x - model.backout_lambda * backout)
+    logits = 23 * torch.sigmoid((x @ model.lm_head_w.T + 5) / 7.5)
+    return x, naive_multi_token_loss(logits, targets, mtp_weights)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_2026_residual_structure_matches_a_naive_forward(tied):
+    cfg = structure_cfg()
+    model = randomized_model(cfg)
+    ids = token_ids(257, high=512, bos_at=[0, 70, 200])
+    inputs, targets = ids[:-1].contiguous(), ids[1:].long()
+    schedule = tg.dataclasses.replace(tg.schedule_at(0, cfg), mtp_weights=(1.0, 0.5), embed_tied=tied)
+    final_states = []
+
+    def spy(x, *args, **options):
+        final_states.append(x)
+        return tg.head_loss(x, *args, **options)
+
+    model.head_loss = spy
+    got = model(inputs, targets, 4, schedule)
+    expected_x, expected_loss = naive_2026_loss(model, inputs, targets, 4, (1.0, 0.5), tied)
+    torch.testing.assert_close(final_states[0], expected_x, rtol=1e-4, atol=1e-5)  # the stream before the head
+    assert got.item() == pytest.approx(expected_loss.item(), rel=1e-5)
+
+
+def test_2026_inits_and_parameters():
+    model = tg.GPT(structure_cfg(), 256)
+    assert model.resid_lambdas.flatten().tolist() == pytest.approx([1.1 ** 0.5] * 14)
+    assert model.post_lambdas.tolist() == [[1.0, 1.0]] * 7 and model.x0_lambdas.tolist() == [0.0] * 7
+    assert (model.smear_lambda.item(), model.skip_lambda.item(), model.backout_lambda.item()) == (0.0, -1.5, 0.5)
+    assert not model.smear_gate.weight.any() and not model.skip_gate.weight.any()
+    assert torch.equal(model.embed.weight, model.lm_head_w) and 0.015 < model.lm_head_w.std().item() < 0.025
+    assert 0.008 < model.value_embeds[0].weight.std().item() < 0.012
+    names = dict(model.named_parameters())
+    assert "skip_weights" not in names and not any("x0_mix" in n or "value_mix" in n for n in names)
+    assert [i for i, b in enumerate(model.blocks) if b.attn is not None and b.attn.value_gate_w is not None] == [1, 5, 6]
+    assert all(b.attn.sa_lambdas.tolist() == [0.5, 1.0] for b in model.blocks if b.attn is not None)
+
+
+def test_tied_embedding_trains_the_head_matrix_only():
+    cfg = structure_cfg()
+    model = randomized_model(cfg)
+    ids = token_ids(257, high=512, bos_at=[0])
+    schedule = tg.dataclasses.replace(tg.schedule_at(0, cfg), embed_tied=True)
+    model(ids[:-1].contiguous(), ids[1:].long(), 2, schedule).backward()
+    assert model.embed.weight.grad is None and model.lm_head_w.grad is not None
+
+
+def test_smear_mixes_exactly_the_previous_token():
+    torch.manual_seed(0)
+    x, w, lam = torch.randn(9, 20), torch.randn(1, 12), torch.tensor(0.7)
+    got = tg.smear_previous_token(x, w, lam)
+    for t in range(9):
+        expected = x[t] if t == 0 else x[t] + lam * torch.sigmoid(x[t, :12] @ w[0]) * x[t - 1]
+        torch.testing.assert_close(got[t], expected)
+
+
+# -----------------------------------------------------------------------------
+# Attention windows in tokens (FlashAttention-3 semantics) and the partial key offset
+
+
+def naive_token_window(ids, window):
+    docs, mask = (ids == tg.EOT_TOKEN).cumsum(0).tolist(), torch.zeros(len(ids), len(ids), dtype=torch.bool)
+    for i in range(len(ids)):
+        for j in range(max(0, i - window), i + 1):  # W + 1 keys: i - W .. i
+            mask[i, j] = docs[i] == docs[j]
+    return mask
+
+
+@pytest.mark.parametrize("window", [0, 1, 127, 128, 300, 640])
+def test_token_window_mask_matches_the_definition(window):
+    ids = token_ids(400, bos_at=[0, 5, 130, 131, 260])
+    assert torch.equal(tg.token_window_mask(ids, window), naive_token_window(ids, window))
+
+
+@pytest.mark.parametrize("window", [1, 100, 128, 200, 384, 700])
+def test_flex_token_window_mask_matches_the_dense_mask(window):
+    ids = token_ids(768, bos_at=[0, 5, 130, 131, 400, 640])
+    q, k, v = (torch.randn(1, 2, 768, 32, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    block_mask = tg.flex_token_window_mask(ids, window)
+    flex = tg.flex_attention(q, k, v, block_mask=block_mask, scale=0.1)
+    dense_mask = tg.token_window_mask(ids, window)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask, scale=0.1)
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+    # full blocks skip mask_mod: each must be visible everywhere; listed blocks must cover every visible pair
+    blocks = dense_mask.view(6, 128, 6, 128)
+    listed = block_mask.to_dense()[0, 0].bool()
+    full = torch.zeros(6, 6, dtype=torch.bool)
+    for q_block in range(6):
+        count = block_mask.full_kv_num_blocks[0, 0, q_block]
+        full[q_block, block_mask.full_kv_indices[0, 0, q_block, :count].long()] = True
+    assert torch.equal(listed | blocks.any(dim=(1, 3)), listed) and torch.equal(full & blocks.all(dim=(1, 3)), full)
+
+
+def test_model_uses_the_schedules_token_windows():
+    cfg = tiny_cfg("--token-windows")
+    model = tg.GPT(cfg, 256)
+    ids = token_ids(256, bos_at=[0, 100])
+    schedule = tg.dataclasses.replace(tg.schedule_at(0, cfg), window_short_tokens=50, window_long_tokens=130)
+    masks = model.attention_masks(ids, 2, schedule)
+    assert torch.equal(masks[0], naive_token_window(ids, 130)) and torch.equal(masks[1], naive_token_window(ids, 50))
+    assert torch.equal(model.attention_masks(ids, 2)[1], naive_token_window(ids, 128))  # no schedule: half of 2 blocks
+
+
+def test_key_offset_shifts_the_position_free_dims_of_keys_only():
+    k = torch.randn(1, 10, 2, 16)
+    got = tg.offset_position_free_dims(k)
+    rotary = tg.Rotary(16, 10)
+    free = (rotary.sin == 0).all(0).repeat(2)  # dims RoPE never rotates (its tables cover each half)
+    assert free.tolist() == [False] * 4 + [True] * 4 + [False] * 4 + [True] * 4
+    torch.testing.assert_close(got[:, 1:, :, free], k[:, :-1, :, free])  # one token later, not a cascade
+    torch.testing.assert_close(got[:, 0], k[:, 0])
+    torch.testing.assert_close(got[..., ~free], k[..., ~free])
+
+
+def test_key_offset_only_on_long_window_layers():
+    model = tg.GPT(tiny_cfg("--key-offset"), 256)
+    assert [b.attn.key_offset for b in model.blocks if b.attn is not None] == [True, False, True]  # layers 0, 1, 3
+    assert not any(b.attn.key_offset for b in tg.GPT(tiny_cfg(), 256).blocks if b.attn is not None)
+
+
+# -----------------------------------------------------------------------------
+# YaRN
+
+
+def naive_yarn(freqs, windows):
+    """The 2026 Yarn.apply, element by element: rotations over the old window, ramp between 1 and 32 turns."""
+    freqs = [float(f) for f in freqs]
+    for old, new in zip(windows, windows[1:]):
+        if new == old:
+            continue
+        for i, f in enumerate(freqs):
+            ramp = min(max((old * f / (2 * 3.141592653589793) - 1) / 31, 0.0), 1.0)
+            freqs[i] = f * (old / new + ramp * (1 - old / new))
+    return freqs
+
+
+def test_yarn_frequencies_match_the_definition():
+    base = tg.rotary_frequencies(128)
+    windows = [384, 896, 1408, 1664]
+    got = tg.yarn_frequencies(base, windows)
+    assert got.tolist() == pytest.approx(naive_yarn(base, windows), rel=1e-5)
+    assert got[0] == base[0] and got[31] < base[31] * 0.25 and (got[32:] == 0).all()  # fast kept, slow interpolated
+    assert torch.equal(tg.yarn_frequencies(base, [384, 384]), base)
+
+
+def test_model_applies_yarn_per_stage_with_the_schedules_scale():
+    cfg = tg.parse_config(["--preset", "r2026", "--model-dim", "64", "--num-heads", "2", "--head-dim", "32",
+                           "--bigram-rows", "97", "--bigram-dim", "16", "--bigram-sign-rows", "64",
+                           "--train-seq-len", "256", "--val-seq-len", "256"])
+    model = tg.GPT(cfg, 256)
+    ids = token_ids(256, bos_at=[0, 100])
+    for step, windows in [(1000, [384, 896, 1408]), (0, [384]), (1479, [384, 896, 1408, 1664]), (1480, [384, 896, 1408, 1664])]:
+        schedule = tg.schedule_at(step, cfg)
+        with torch.no_grad():
+            model(ids, ids.long(), 2, schedule)
+        freqs = torch.tensor(naive_yarn(tg.rotary_frequencies(32), windows))
+        for block in model.blocks:
+            if block.attn is not None:  # paired-head layers' tables cover twice the positions
+                expected = torch.outer(torch.arange(float(block.attn.rotary.cos.size(0))), freqs)
+                torch.testing.assert_close(block.attn.rotary.cos, expected.cos(), atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(block.attn.rotary.sin, expected.sin(), atol=1e-5, rtol=1e-5)
+                assert block.attn.scale == schedule.attn_scale
+
+
+# -----------------------------------------------------------------------------
+# Paired-head attention
+
+
+def naive_paired_attention(attn, x, value_embed, ids, window):
+    """Head h of token t sits at position P = 2t + h // (H/2) in slot h % (H/2) and is rotated at 2t + h % 2 (the
+    2026 script's quirk); a query sees the keys of its slot at positions P - window .. P of its document."""
+    T, H, Dh = x.size(0), attn.num_heads, attn.head_dim
+    w = attn.sa_lambdas[0] * attn.qkv_w
+    q, k, v = ((x @ w[j].T).view(T, H, Dh) for j in range(3))
+    rot = lambda t, h, vec: attn.rotary.rotate_at(vec[None, None, None], torch.tensor([[2 * t + h % 2]]))[0, 0, 0]  # noqa: E731
+    q = torch.stack([torch.stack([rot(t, h, tg.rms_norm(q[t, h])) for h in range(H)]) for t in range(T)])
+    k = torch.stack([torch.stack([rot(t, h, tg.rms_norm(k[t, h])) for h in range(H)]) for t in range(T)])
+    if value_embed is not None:
+        gate = 2 * torch.sigmoid(x[:, :12] @ attn.value_gate_w.T)  # (T, H): x only
+        v = v + gate[..., None] * value_embed.view(T, H, Dh)
+    docs = (ids == tg.EOT_TOKEN).cumsum(0)
+    place = lambda t, h: (2 * t + h // (H // 2), h % (H // 2))  # noqa: E731
+    y = torch.zeros(T, H, Dh)
+    for t in range(T):
+        for h in range(H):
+            pos, slot = place(t, h)
+            keys = [(t2, h2) for t2 in range(T) for h2 in range(H)
+                    if place(t2, h2)[1] == slot and pos - window <= place(t2, h2)[0] <= pos and docs[t2] == docs[t]]
+            scores = torch.stack([q[t, h] @ k[t2, h2] for t2, h2 in keys]) * attn.scale
+            y[t, h] = (scores.softmax(0)[:, None] * torch.stack([v[t2, h2] for t2, h2 in keys])).sum(0)
+    y = y * torch.sigmoid(x[:, :12] @ attn.gate_w.T)[..., None]
+    return y.reshape(T, -1) @ (attn.sa_lambdas[1] * attn.proj_w).T
+
+
+def test_paired_head_attention_matches_the_definition():
+    cfg = tiny_cfg("--num-heads", "4", "--head-dim", "16", "--residual-lambdas", "--token-windows",
+                   "--paired-head-layers", "0,1", "--value-embed-layers", "1")
+    model = randomized_model(cfg)
+    ids = token_ids(48, bos_at=[0, 20])
+    x = tg.rms_norm(torch.randn(48, 64))
+    ve = torch.randn(48, 64)
+    for layer, value_embed in [(0, None), (1, ve)]:
+        attn = model.blocks[layer].attn
+        window = 7
+        mask = tg.token_window_mask(tg.doubled_sequence(ids), window)
+        got = attn(x[None], None if value_embed is None else value_embed[None], mask)[0]
+        torch.testing.assert_close(got, naive_paired_attention(attn, x, value_embed, ids, window), atol=1e-5, rtol=1e-4)
+
+
+def test_model_builds_paired_masks_on_the_doubled_sequence():
+    cfg = tiny_cfg("--num-heads", "4", "--head-dim", "16", "--token-windows", "--paired-head-layers", "1")
+    model = tg.GPT(cfg, 256)
+    ids = token_ids(128, bos_at=[0, 33])
+    schedule = tg.dataclasses.replace(tg.schedule_at(0, cfg), window_short_tokens=9, window_long_tokens=40)
+    masks = model.attention_masks(ids, 2, schedule)
+    assert masks[1].shape == (256, 256) and masks[0].shape == (128, 128)
+    doubled = naive_token_window(tg.doubled_sequence(ids), 9)
+    assert torch.equal(masks[1], doubled) and doubled[67, 66] and not doubled[66, 65]  # document 2 starts at 2*33
