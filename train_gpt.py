@@ -153,8 +153,10 @@ PRESETS = {
         no_attn_layers=(), long_window_layers=(0, 3), max_window_tokens=512, muon_momentum_warmup_steps=10,
         compile=False, warmup_steps=0, fp8_head=False,
     ),
-    # The 2026-05-20 public record's SCHEDULE only (its model is not ported yet: training refuses, --print-schedule
-    # works). Three equal stages of 480 steps, then 40 extension steps at the final LR and windows.
+    # The 2026-05-20 public record's recipe. Its schedule, model components, optimizer and loader are ported and
+    # checked piece by piece; training refuses until train_step feeds the schedule to the model (MTP weights, YaRN,
+    # the tied embedding) and the whole is compared with the public script. --print-schedule/--print-recipe work.
+    # Three equal stages of 480 steps, then 40 extension steps at the final LR and windows.
     "r2026": dict(
         train_steps=1480, extension_steps=40, val_every=250,
         train_batch_tokens=393_216, train_seq_len=49_152,  # the last stages' values
@@ -228,7 +230,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="train_gpt.py", description="Train the speedrun GPT. No flags = the 8xH100 record configuration.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="record",
-                        help="starting values: 'record' (8xH100 FineWeb), 'tiny' (CPU in a minute) or 'r2026' (the 2026 schedule; --print-schedule only); flags override (default: record)")
+                        help="starting values: 'record' (8xH100 FineWeb), 'tiny' (CPU in a minute) or 'r2026' (the 2026 recipe; --print-schedule and --print-recipe only, not yet trainable); flags override (default: record)")
     parser.add_argument("--print-recipe", action="store_true", default=argparse.SUPPRESS,
                         help="print which optimizer and effective LR every parameter gets under these settings, then exit")
     parser.add_argument("--print-schedule", action="store_true", default=argparse.SUPPRESS,
@@ -1106,7 +1108,7 @@ def recipe_r28(cfg: Config) -> list:
 # instead, so the scalar rows match a name anywhere in the path ("*resid_lambda*" catches both "resid_lambdas" and
 # "blocks.3.resid_lambda"). Expected names: Q/K in blocks.*.attn.qk_w (..., heads x head_dim, dim), V in
 # blocks.*.attn.v_w, O in blocks.*.attn.proj_w, MLP in blocks.*.mlp.fc_w / proj_w (either orientation), the
-# per-head gates blocks.*.attn.gate_w / ve_gate_w, embed.weight, lm_head_w, value_embeds*, bigram_embed*, the
+# per-head gates blocks.*.attn.gate_w / value_gate_w, embed.weight, lm_head_w, value_embeds*, bigram_embed*, the
 # scalars smear/backout/skip lambdas and attention (SA) lambdas, post/x0/bigram/resid lambdas, smear_gate and
 # skip_gate. A parameter no row matches is refused, so a renamed parameter cannot silently fall back.
 R2026_HEAD, R2026_EMBED = "lm_head_w", "embed.weight"  # tied until the split step: DistributedAdam.tie
@@ -2273,8 +2275,8 @@ def flag(name: str) -> str:
 
 def check_schedule(cfg: Config, training: bool):
     """Refuse a schedule that cannot be followed, with a one-line reason. Training also refuses the staged
-    (2026) schedule: the model and trainer for it (batch and window per stage, MTP, odd-step Adam, embedding
-    split, YaRN) are not ported yet."""
+    (2026) schedule's settings that the training step does not follow yet (MTP, odd-step Adam, embedding split,
+    YaRN): their parts exist but are not wired together."""
     if cfg.train_steps <= 0 or not 0 <= cfg.extension_steps < cfg.train_steps:
         raise ConfigError(f"--train-steps {cfg.train_steps} must be positive and --extension-steps {cfg.extension_steps} in 0..train_steps-1")
     if cfg.final_long_window_blocks < 0 or cfg.muon_momentum_cooldown_steps < 0:
@@ -2302,8 +2304,9 @@ def check_schedule(cfg: Config, training: bool):
         raise ConfigError(f"--embed-split-stage {cfg.embed_split_stage}: stages are numbered 0..{len(starts) - 1}")
     unported = unported_schedule_flags(cfg)
     if training and unported:
-        raise ConfigError(f"the staged 2026 schedule (--preset r2026) cannot train: its model is not ported yet "
-                          f"({', '.join(unported)} not followed by this trainer); --print-schedule prints the schedule")
+        raise ConfigError(f"the staged 2026 schedule (--preset r2026) cannot train yet: its parts are ported but not "
+                          f"wired into the training step ({', '.join(unported)} not followed by this trainer); "
+                          f"--print-schedule and --print-recipe print it")
 
 
 def unported_schedule_flags(cfg: Config) -> list:
@@ -2513,7 +2516,7 @@ def optimizer_state(opt: Optimizers, comm: Comm) -> dict:
     for group in opt.muon.groups:
         n = len(group.views)  # the rest is padding to a multiple of the world size: always zero
         muon.append({name: gather_shards(getattr(group, name), comm)[:n].cpu().clone()
-                     for name in ("momentum", "row_mean_square")})
+                     for name in ("momentum", "second_moment")})
     adam = []
     for e in opt.adam.entries:
         adam.append({name: (gather_shards(e[name], comm) if e["sharded"] else e[name]).cpu().clone()

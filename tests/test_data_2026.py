@@ -263,7 +263,7 @@ def test_r2026_still_refuses_to_train_but_a_staged_schedule_for_28s_model_trains
     with pytest.raises(tg.ConfigError) as error:
         tg.check_schedule(tg.parse_config(["--preset", "r2026"]), training=True)
     message = str(error.value)
-    assert "not ported yet" in message and "--print-schedule" in message and "--adam-odd-steps-only" in message
+    assert "cannot train yet" in message and "--print-schedule" in message and "--adam-odd-steps-only" in message
     tg.check_schedule(staged_cfg(), training=True)  # no error: MTP 1, short window half the long, Adam every step
     with pytest.raises(tg.ConfigError, match="--stage-short-window-blocks other than half"):
         tg.check_schedule(staged_cfg("--stage-short-window-blocks", "1,1,1"), training=True)

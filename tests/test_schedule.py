@@ -239,7 +239,7 @@ def test_r2026_training_refuses_in_one_line_pointing_to_print_schedule():
     result = run_train_gpt("--preset", "r2026", "--device", "cpu")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1
-    assert "not ported yet" in result.stderr and "--print-schedule" in result.stderr
+    assert "cannot train yet" in result.stderr and "--print-schedule" in result.stderr
 
 
 def test_train_step_reads_lr_momentum_and_window_from_the_schedule(monkeypatch):
