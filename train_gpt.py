@@ -2269,10 +2269,6 @@ STAGE_TABLES = ["stage_batch_tokens", "stage_seq_len", "stage_max_doc_len", "sta
 STAGED_ONLY = STAGE_TABLES + ["adam_odd_steps_only", "embed_split_stage", "attn_scale_log_growth"]
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def check_schedule(cfg: Config, training: bool):
     """Refuse a schedule that cannot be followed, with a one-line reason. Training also refuses the staged
     (2026) schedule's settings that the training step does not follow yet (MTP, odd-step Adam, embedding split,
@@ -2282,7 +2278,7 @@ def check_schedule(cfg: Config, training: bool):
     if cfg.final_long_window_blocks < 0 or cfg.muon_momentum_cooldown_steps < 0:
         raise ConfigError("--final-long-window-blocks and --muon-momentum-cooldown-steps must be >= 0")
     if not is_staged(cfg):
-        staged_only = [flag(name) for name in STAGED_ONLY if getattr(cfg, name)]
+        staged_only = [flag_name(name) for name in STAGED_ONLY if getattr(cfg, name)]
         if staged_only:
             raise ConfigError(f"{', '.join(staged_only)}: only with a staged schedule (--stage-steps), e.g. --preset r2026")
         return
@@ -2291,7 +2287,7 @@ def check_schedule(cfg: Config, training: bool):
         raise ConfigError(f"--stage-steps {','.join(map(str, starts))}: must start at 0 and increase, below --train-steps {cfg.train_steps}")
     for name in STAGE_TABLES:
         if len(getattr(cfg, name)) != len(starts):
-            raise ConfigError(f"{flag(name)}: one value per stage ({len(starts)} stages), got {len(getattr(cfg, name))}")
+            raise ConfigError(f"{flag_name(name)}: one value per stage ({len(starts)} stages), got {len(getattr(cfg, name))}")
     for stage, (start, end) in enumerate(zip(cfg.stage_mtp_weights_start, cfg.stage_mtp_weights_end)):
         if not start or len(start) != len(end):
             raise ConfigError(f"stage {stage}: --stage-mtp-weights-start {start} and -end {end} need the same number (>= 1) of weights")
@@ -2318,7 +2314,7 @@ def unported_schedule_flags(cfg: Config) -> list:
         unported.append("--stage-mtp-weights-start/-end other than 1")
     if any(short != max(1, long // 2) for short, long in zip(cfg.stage_short_window_blocks, cfg.stage_long_window_blocks)):
         unported.append("--stage-short-window-blocks other than half the long window")
-    unported += [flag(name) for name in ("adam_odd_steps_only", "embed_split_stage", "attn_scale_log_growth") if getattr(cfg, name)]
+    unported += [flag_name(name) for name in ("adam_odd_steps_only", "embed_split_stage", "attn_scale_log_growth") if getattr(cfg, name)]
     return unported
 
 
