@@ -153,9 +153,9 @@ PRESETS = {
         no_attn_layers=(), long_window_layers=(0, 3), max_window_tokens=512, muon_momentum_warmup_steps=10,
         compile=False, warmup_steps=0, fp8_head=False,
     ),
-    # The 2026-05-20 public record's recipe. Its schedule, model components, optimizer and loader are ported and
-    # checked piece by piece; training refuses until train_step feeds the schedule to the model (MTP weights, YaRN,
-    # the tied embedding) and the whole is compared with the public script. --print-schedule/--print-recipe work.
+    # The 2026-05-20 public record's recipe: schedule, model, optimizer and loader, each checked against the public
+    # script piece by piece, and trainable; the comparison of the whole training step with the script is still to
+    # do, so it is not the record configuration.
     # Three equal stages of 480 steps, then 40 extension steps at the final LR and windows.
     "r2026": dict(
         train_steps=1480, extension_steps=40, val_every=250,
@@ -230,7 +230,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="train_gpt.py", description="Train the speedrun GPT. No flags = the 8xH100 record configuration.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="record",
-                        help="starting values: 'record' (8xH100 FineWeb), 'tiny' (CPU in a minute) or 'r2026' (the 2026 recipe; --print-schedule and --print-recipe only, not yet trainable); flags override (default: record)")
+                        help="starting values: 'record' (8xH100 FineWeb), 'tiny' (CPU in a minute) or 'r2026' (the 2026 recipe, ported piece by piece; not yet compared whole with its script); flags override (default: record)")
     parser.add_argument("--print-recipe", action="store_true", default=argparse.SUPPRESS,
                         help="print which optimizer and effective LR every parameter gets under these settings, then exit")
     parser.add_argument("--print-schedule", action="store_true", default=argparse.SUPPRESS,
@@ -1542,10 +1542,10 @@ class DistributedAdam(GradientReduction):
         self.entries = []
         for p, lr, *more in param_lrs:
             entry_betas, decay = more if more else (betas, 0.0)
-            sharded = comm.world_size > 1 and p.size(0) % comm.world_size == 0 and p.numel() >= self.SHARD_MIN_NUMEL
-            rows = p.size(0) // comm.world_size if sharded else p.size(0)
+            sharded = comm.world_size > 1 and p.numel() >= self.SHARD_MIN_NUMEL and p.size(0) % comm.world_size == 0
+            rows = p.size(0) // comm.world_size if sharded else None
             first_row = comm.rank * rows if sharded else 0
-            param_view = p.data[first_row : first_row + rows]
+            param_view = p.data[first_row : first_row + rows] if sharded else p.data  # 0-d scalars (2026) too
             self.entries.append(dict(
                 param=p, lr=lr, sharded=sharded, param_view=param_view, first_row=first_row,
                 betas=tuple(entry_betas), decay=decay,
@@ -2270,9 +2270,8 @@ STAGED_ONLY = STAGE_TABLES + ["adam_odd_steps_only", "embed_split_stage", "attn_
 
 
 def check_schedule(cfg: Config, training: bool):
-    """Refuse a schedule that cannot be followed, with a one-line reason. Training also refuses the staged
-    (2026) schedule's settings that the training step does not follow yet (MTP, odd-step Adam, embedding split,
-    YaRN): their parts exist but are not wired together."""
+    """Refuse a schedule that cannot be followed, with a one-line reason; training also refuses staged settings
+    that the configured model cannot follow (unported_schedule_flags)."""
     if cfg.train_steps <= 0 or not 0 <= cfg.extension_steps < cfg.train_steps:
         raise ConfigError(f"--train-steps {cfg.train_steps} must be positive and --extension-steps {cfg.extension_steps} in 0..train_steps-1")
     if cfg.final_long_window_blocks < 0 or cfg.muon_momentum_cooldown_steps < 0:
@@ -2300,21 +2299,18 @@ def check_schedule(cfg: Config, training: bool):
         raise ConfigError(f"--embed-split-stage {cfg.embed_split_stage}: stages are numbered 0..{len(starts) - 1}")
     unported = unported_schedule_flags(cfg)
     if training and unported:
-        raise ConfigError(f"the staged 2026 schedule (--preset r2026) cannot train yet: its parts are ported but not "
-                          f"wired into the training step ({', '.join(unported)} not followed by this trainer); "
-                          f"--print-schedule and --print-recipe print it")
+        raise ConfigError(f"this staged schedule cannot train with this model: {', '.join(unported)}")
 
 
 def unported_schedule_flags(cfg: Config) -> list:
-    """Staged-schedule settings the current model and trainer do not follow yet: the 2026 recipe sets all of them.
-    A staged schedule without them (stage batches, sequence and document lengths, windows with the short one
-    half the long one, LR per stage) trains #28's model."""
+    """Staged-schedule settings this model cannot follow: windows in tokens other than half the long one need
+    --token-windows, and a growing attention scale needs --yarn (the 2026 preset sets both)."""
     unported = []
-    if any(weights != (1.0,) for weights in cfg.stage_mtp_weights_start + cfg.stage_mtp_weights_end):
-        unported.append("--stage-mtp-weights-start/-end other than 1")
-    if any(short != max(1, long // 2) for short, long in zip(cfg.stage_short_window_blocks, cfg.stage_long_window_blocks)):
-        unported.append("--stage-short-window-blocks other than half the long window")
-    unported += [flag_name(name) for name in ("adam_odd_steps_only", "embed_split_stage", "attn_scale_log_growth") if getattr(cfg, name)]
+    if not cfg.token_windows and any(short != max(1, long // 2) for short, long in
+                                     zip(cfg.stage_short_window_blocks, cfg.stage_long_window_blocks)):
+        unported.append("--stage-short-window-blocks other than half the long window (needs --token-windows)")
+    if cfg.attn_scale_log_growth and not cfg.yarn:
+        unported.append("--attn-scale-log-growth (needs --yarn)")
     return unported
 
 
@@ -2344,7 +2340,7 @@ def train_step(model: GPT, batch: list, opt: Optimizers, step: int, cfg: Config)
     for i, (inputs, targets) in enumerate(batch):
         if opt.hooks is not None:  # gradients are final only in the last backward pass
             opt.hooks.armed = i == len(batch) - 1
-        loss = model(inputs, targets, window)
+        loss = model(inputs, targets, window, schedule=schedule)
         (loss / len(batch)).backward()
         loss_sum += loss.detach()
     if opt.hooks is not None:
@@ -2363,7 +2359,7 @@ def evaluate(model: GPT, val_tokens: np.ndarray, cfg: Config, step: int, comm: C
     model.eval()  # the bf16 head, in chunks (GPT.forward)
     for i in mine:
         window = torch.from_numpy(val_tokens[i * cfg.val_seq_len : (i + 1) * cfg.val_seq_len + 1].astype(np.int32)).to(device)
-        total += model(window[:-1], window[1:].long(), window_blocks(step, cfg)).double()
+        total += model(window[:-1], window[1:].long(), window_blocks(step, cfg), schedule=schedule_at(step, cfg)).double()
     model.train()
     if comm.world_size > 1:
         dist.all_reduce(total)

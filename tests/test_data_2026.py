@@ -259,13 +259,10 @@ def test_warmup_samples_the_steps_around_every_stage_start_as_the_2026_script():
     assert tg.warmup_steps(staged_cfg("--warmup-steps", "1")) == [0, 1, 2, 3, 4, 5, 6, 7]
 
 
-def test_r2026_still_refuses_to_train_but_a_staged_schedule_for_28s_model_trains():
-    with pytest.raises(tg.ConfigError) as error:
-        tg.check_schedule(tg.parse_config(["--preset", "r2026"]), training=True)
-    message = str(error.value)
-    assert "cannot train yet" in message and "--print-schedule" in message and "--adam-odd-steps-only" in message
+def test_r2026_trains_and_a_staged_schedule_for_28s_model_trains():
+    tg.check_schedule(tg.parse_config(["--preset", "r2026"]), training=True)  # no error: the 2026 model follows it all
     tg.check_schedule(staged_cfg(), training=True)  # no error: MTP 1, short window half the long, Adam every step
-    with pytest.raises(tg.ConfigError, match="--stage-short-window-blocks other than half"):
+    with pytest.raises(tg.ConfigError, match="--stage-short-window-blocks other than half the long window \\(needs --token-windows\\)"):
         tg.check_schedule(staged_cfg("--stage-short-window-blocks", "1,1,1"), training=True)
 
 

@@ -493,3 +493,31 @@ def test_model_builds_paired_masks_on_the_doubled_sequence():
     assert masks[1].shape == (256, 256) and masks[0].shape == (128, 128)
     doubled = naive_token_window(tg.doubled_sequence(ids), 9)
     assert torch.equal(masks[1], doubled) and doubled[67, 66] and not doubled[66, 65]  # document 2 starts at 2*33
+
+
+# -----------------------------------------------------------------------------
+# The whole 2026 recipe trains: schedule, staged loader, model and optimizer wired together
+
+
+def test_the_2026_preset_trains_across_stages_and_the_split_step(tmp_path):
+    # The 2026 preset at CPU widths: 3 stages of 2 steps and 1 extension step, 4 sequences a step of 256 then
+    # 512 tokens, documents cut at 128 / 256, the embedding split at step 5 (first odd step of stage 2). Every
+    # stage's MTP weights, YaRN scale and windows, Adam's odd steps and the untie run; the loss must fall.
+    import subprocess
+    from pathlib import Path
+    from records.runlog import parse_log_file
+    repo = Path(__file__).resolve().parents[1]
+    args = ["--preset", "r2026", "--device", "cpu", "--no-compile", "--no-fp8-head", "--warmup-steps", "0",
+            "--train-files", str(repo / "data/sample/sample_train_000001.bin"),
+            "--val-files", str(repo / "data/sample/sample_val_000000.bin"), "--val-tokens", "1024", "--val-seq-len", "512",
+            "--val-every", "0", "--train-steps", "7", "--extension-steps", "1", "--stage-steps", "0,2,4,6",
+            "--stage-batch-tokens", "1024,2048,2048,2048", "--stage-seq-len", "256,512,512,512",
+            "--stage-max-doc-len", "128,256,256,256", "--train-batch-tokens", "2048", "--train-seq-len", "512",
+            "--model-dim", "64", "--num-heads", "2", "--head-dim", "32", "--bigram-rows", "1000", "--bigram-dim", "16",
+            "--adam-lr", "0.05", "--muon-lr", "0.05", "--log-dir", str(tmp_path), "--run-id", "r2026"]
+    done = subprocess.run([sys.executable, str(repo / "train_gpt.py"), *args], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = parse_log_file(tmp_path / "r2026.txt")
+    assert log.complete and log.steps_total == 7 and [p.step for p in log.val_points] == [0, 7]
+    assert log.val_points[0].val_loss == pytest.approx(10.83, abs=0.05)  # near ln(50304): an untrained model
+    assert log.final_val_loss < log.val_points[0].val_loss - 0.5

@@ -235,11 +235,12 @@ def test_print_schedule_prints_one_json_line_per_step():
         assert lines == [json.loads(json.dumps(dataclasses.asdict(tg.schedule_at(s, cfg)))) for s in range(steps + 1)]
 
 
-def test_r2026_training_refuses_in_one_line_pointing_to_print_schedule():
-    result = run_train_gpt("--preset", "r2026", "--device", "cpu")
+def test_a_staged_schedule_the_model_cannot_follow_is_refused_in_one_line():
+    # The 2026 schedule's growing attention scale needs the 2026 model's YaRN: without it, one line.
+    result = run_train_gpt("--preset", "r2026", "--device", "cpu", "--no-yarn")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1
-    assert "cannot train yet" in result.stderr and "--print-schedule" in result.stderr
+    assert "cannot train with this model" in result.stderr and "--attn-scale-log-growth (needs --yarn)" in result.stderr
 
 
 def test_train_step_reads_lr_momentum_and_window_from_the_schedule(monkeypatch):
@@ -253,7 +254,7 @@ def test_train_step_reads_lr_momentum_and_window_from_the_schedule(monkeypatch):
             super().__init__()
             self.w = torch.nn.Parameter(torch.ones(()))
 
-        def forward(self, inputs, targets, window):
+        def forward(self, inputs, targets, window, schedule=None):
             seen["window"] = window
             return self.w * 2
 
