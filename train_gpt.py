@@ -2356,10 +2356,11 @@ def evaluate(model: GPT, val_tokens: np.ndarray, cfg: Config, step: int, comm: C
     num_sequences = cfg.val_tokens // cfg.val_seq_len
     mine = range(comm.rank, num_sequences, comm.world_size)[:max_sequences]
     total = torch.zeros((), device=device, dtype=torch.float64)
+    schedule = schedule_at(step, cfg)  # the same for every sequence of this validation
     model.eval()  # the bf16 head, in chunks (GPT.forward)
     for i in mine:
         window = torch.from_numpy(val_tokens[i * cfg.val_seq_len : (i + 1) * cfg.val_seq_len + 1].astype(np.int32)).to(device)
-        total += model(window[:-1], window[1:].long(), window_blocks(step, cfg), schedule=schedule_at(step, cfg)).double()
+        total += model(window[:-1], window[1:].long(), schedule.window_long_tokens // BLOCK_SIZE, schedule=schedule).double()
     model.train()
     if comm.world_size > 1:
         dist.all_reduce(total)

@@ -408,7 +408,7 @@ def rule_val_sequences(sub):
     track = sub.track
     bad, figures = [], []
     for log, seq_len in _config_values(sub, "val_seq_len"):
-        tokens, world = (log.run.config or {}).get("val_tokens"), log.run.world_size
+        tokens = (log.run.config or {}).get("val_tokens")
         if seq_len != track.val_seq_len:
             bad.append(f"{log.name}: val_seq_len {seq_len}")
         elif not isinstance(tokens, int) or tokens % seq_len:
