@@ -109,6 +109,9 @@ class Config:
     yarn: bool = field(default=False, metadata={"help": "2026 YaRN: at each long-window change between stages the RoPE frequencies are rescaled (ramp alpha 1, beta 32) and attention takes the schedule's scale"})
     head_init_std: float = field(default=0.0, metadata={"help": "head initialized N(0, std), the embedding a copy of it (2026: 0.005, tied at first; 0: zero head, as #28)"})
     fp8_head: bool = field(default=True, metadata={"help": "FP8 lm_head matmul where supported (Hopper); bf16 elsewhere"})
+    fp8_x_max: float = field(default=0.0, metadata={"help": "FP8 head: largest |input| kept, its scale is this/448 (0: sqrt(model_dim), which rms-normed rows never exceed, as #28; 2026: 100)"})
+    fp8_w_max: float = field(default=0.875, metadata={"help": "FP8 head: largest |weight| kept, larger ones saturate; its scale is this/448 (#28: 0.875 = 448 x 2^-9; 2026: 1.6)"})
+    fp8_grad_max: float = field(default=1.0, metadata={"help": "FP8 head backward: the output gradient's scale is this/448/accumulation steps (#28: 1; 2026: 0.75)"})
     # optimizer
     muon_lr: float = field(default=0.05, metadata={"help": "Muon learning rate (hidden matrices)"})
     muon_momentum: float = field(default=0.95, metadata={"help": "Muon Nesterov momentum after warm-up"})
@@ -184,6 +187,7 @@ PRESETS = {
         num_layers=11, no_attn_layers=(6,), long_window_layers=(3, 10), value_embed_layers=(1, 2, 8, 9, 10),
         residual_lambdas=True, smear_gate=True, skip_connection=(3, 6), backout_layer=7, head_init_std=0.005,
         token_windows=True, key_offset=True, yarn=True, paired_head_layers=(0, 2, 5, 9), split_qk_v=True,
+        fp8_x_max=100.0, fp8_w_max=1.6, fp8_grad_max=0.75,  # its FP8 head keeps weights up to 1.6 (#28: 0.875)
     ),
 }
 
@@ -340,7 +344,8 @@ def flag_name(name: str) -> str:
 
 def check_hyperparameter_ranges(cfg: Config):
     """Values outside these ranges train nothing useful (or diverge) without any error of their own."""
-    for name in ["muon_lr", "adam_lr", "adam_eps", "embed_lr_mult", "scalar_lr_mult", "attn_scale", "logit_cap", "gpu_peak_tflops"]:
+    for name in ["muon_lr", "adam_lr", "adam_eps", "embed_lr_mult", "scalar_lr_mult", "attn_scale", "logit_cap", "gpu_peak_tflops",
+                 "fp8_w_max", "fp8_grad_max"]:
         value = getattr(cfg, name)
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{flag_name(name)} must be a positive number, got {value}")
@@ -348,6 +353,8 @@ def check_hyperparameter_ranges(cfg: Config):
         value = getattr(cfg, name)
         if not 0 <= value < 1:  # a beta of 1 never forgets, above 1 the moving average grows without bound
             raise ConfigError(f"{flag_name(name)} {value} must be in [0, 1)")
+    if not (math.isfinite(cfg.fp8_x_max) and cfg.fp8_x_max >= 0):
+        raise ConfigError(f"--fp8-x-max must be >= 0 (0: sqrt(model_dim)), got {cfg.fp8_x_max}")
     if not 0 <= cfg.final_lr_frac <= 1:
         raise ConfigError(f"--final-lr-frac {cfg.final_lr_frac} must be in [0, 1]")
     if cfg.save_every < 0:
@@ -425,13 +432,19 @@ def uniform_init_(weight: Tensor, fan_in: int) -> Tensor:
         return weight.uniform_(-bound, bound)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
-    """(B, T, H, D) in and out. A BlockMask runs FlexAttention; a dense bool mask runs SDPA (the CPU path)."""
+def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float | Tensor) -> Tensor:
+    """(B, T, H, D) in and out. A BlockMask runs FlexAttention; a dense bool mask runs SDPA (the CPU path).
+    scale: a float (compiled in), or a 0-d tensor (YaRN: a new value each stage is data, not a recompile)."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if isinstance(mask, BlockMask):
         flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
-        y = flex(q, k, v, block_mask=mask, scale=scale)
+        if isinstance(scale, Tensor):  # the kernel scales q.k by 1 then by the tensor: the same fp32 product
+            y = flex(q, k, v, score_mod=lambda score, b, h, q_idx, kv_idx: score * scale, block_mask=mask, scale=1.0)
+        else:
+            y = flex(q, k, v, block_mask=mask, scale=scale)
     else:
+        if isinstance(scale, Tensor):  # SDPA takes a float: scale q instead (equal up to fp32 rounding)
+            q, scale = q * scale.to(q.dtype), 1.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return y.transpose(1, 2)
 
@@ -445,7 +458,11 @@ def compiled_flex_attention():
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: Config, max_seq_len: int, value_gated: bool = False, paired: bool = False):
         super().__init__()
-        self.num_heads, self.head_dim, self.scale = cfg.num_heads, cfg.head_dim, cfg.attn_scale
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        if cfg.yarn:  # the scale changes per stage: a buffer, so compiled blocks read it instead of recompiling
+            self.register_buffer("scale", torch.tensor(cfg.attn_scale), persistent=False)
+        else:
+            self.scale = cfg.attn_scale
         hidden = cfg.num_heads * cfg.head_dim
         # Q, K, V stacked in one tensor, each a (hidden, dim) matrix that Muon orthogonalizes on its own; 2026 keeps
         # Q, K apart from V because its optimizer cuts Q and K into head pairs (recipe_r2026).
@@ -717,12 +734,12 @@ def flex_token_window_mask(input_ids: Tensor, window_tokens: int) -> BlockMask:
     return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=BLOCK_SIZE, mask_mod=causal_window_same_document)
 
 
-def head_loss(x: Tensor, head_w: Tensor, targets: Tensor, logit_cap: float, fp8_grad_scale: float | None,
+def head_loss(x: Tensor, head_w: Tensor, targets: Tensor, logit_cap: float, fp8_scales: tuple | None,
               mtp_weights: Tensor | None = None, logit_shift: float = 0.0, logit_div: float = 0.0) -> Tensor:
-    """Summed cross-entropy of softcapped logits. fp8_grad_scale set: the FP8 matmul (Hopper). mtp_weights set:
+    """Summed cross-entropy of softcapped logits. fp8_scales set: the FP8 matmul (Hopper). mtp_weights set:
     the multi-token loss (multi_token_cross_entropy)."""
-    if fp8_grad_scale is not None:
-        logits = torch.ops.speedrun_gpt.fp8_linear(x, head_w, fp8_x_scale(x.size(-1)), FP8_W_SCALE, fp8_grad_scale)[0]
+    if fp8_scales is not None:
+        logits = torch.ops.speedrun_gpt.fp8_linear(x, head_w, *fp8_scales)[0]
     else:
         logits = F.linear(x, head_w.type_as(x))
     logits = softcap_logits(logits.float(), logit_cap, logit_shift, logit_div)
@@ -836,7 +853,8 @@ class GPT(nn.Module):
         self.yarn_windows = None  # the long windows YaRN has been applied for (--yarn)
         self.compute_dtype = torch.float32
         self.use_flex = False
-        self.fp8_grad_scale = None  # set by the trainer on Hopper
+        self.fp8_scales = None  # (input, weight, gradient) scales of the FP8 head, set by the trainer on Hopper
+        self.mtp_weight_table = None  # set by the trainer: every step's multi-token weights on the device
         self.head_loss = head_loss
         self.block_calls = [block.__call__ for block in self.blocks]
 
@@ -869,7 +887,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             if block.attn is not None:
                 block.attn.rotary.set_frequencies(freqs)
-                block.attn.scale = schedule.attn_scale  # a float per stage: one recompile per stage
+                block.attn.scale.fill_(schedule.attn_scale)
         self.yarn_windows = windows
 
     def embeddings(self, input_ids: Tensor, schedule: StepSchedule | None) -> Tensor:
@@ -963,8 +981,15 @@ class GPT(nn.Module):
         if self.cfg.logit_shift or self.cfg.logit_div:
             options.update(logit_shift=self.cfg.logit_shift, logit_div=self.cfg.logit_div)
         if self.training and schedule is not None and tuple(schedule.mtp_weights) != (1.0,):
-            options["mtp_weights"] = torch.tensor(schedule.mtp_weights, dtype=torch.float32, device=self.lm_head_w.device)
+            options["mtp_weights"] = self.step_mtp_weights(schedule)
         return options
+
+    def step_mtp_weights(self, schedule: StepSchedule) -> Tensor:
+        """The step's multi-token weights on the device: a row of the trainer's table, because a new tensor each
+        step is a copy from pageable host memory, which waits for the GPU's queue to drain."""
+        if self.mtp_weight_table is None:
+            return torch.tensor(schedule.mtp_weights, dtype=torch.float32, device=self.lm_head_w.device)
+        return self.mtp_weight_table[schedule.step, : len(schedule.mtp_weights)]
 
     def forward(self, input_ids: Tensor, targets: Tensor, window_blocks: int, schedule: StepSchedule | None = None) -> Tensor:
         """input_ids, targets: (T,) one packed sequence. Returns the summed cross-entropy over its tokens (in
@@ -978,7 +1003,7 @@ class GPT(nn.Module):
         x = rms_norm(layers(x0, value_embeds, masks, bigrams)[0])
         head_options = self.head_options(schedule)
         if self.training:
-            return self.head_loss(x, self.lm_head_w, targets, self.cfg.logit_cap, self.fp8_grad_scale, **head_options)
+            return self.head_loss(x, self.lm_head_w, targets, self.cfg.logit_cap, self.fp8_scales, **head_options)
         # Validation: the bf16 head (FP8 would bias the reported loss), in equal chunks of at most VAL_HEAD_CHUNK
         # tokens (one compiled shape) so a 262,144-token sequence never holds its (tokens x vocab) logits at once.
         chunk = equal_chunk(x.size(0), VAL_HEAD_CHUNK)
@@ -996,11 +1021,13 @@ class GPT(nn.Module):
 
 
 # FP8 head (Hopper): inputs, weights and gradients are scaled into FP8 range, multiplied with _scaled_mm.
-FP8_W_SCALE = 2.0 ** -9  # weights stay well under 448 * 2^-9 ~ 0.88 in magnitude
-
-
-def fp8_x_scale(dim: int) -> float:
-    return dim ** 0.5 / 448  # rms-normed rows have norm sqrt(dim): no entry exceeds 448 after scaling
+def fp8_head_scales(cfg: Config, accumulation: int) -> tuple:
+    """(input, weight, output gradient) scales: each maps the largest magnitude kept onto 448, e4m3's largest value.
+    The gradient is at most (sum of the loss weights) / accumulation per entry (softmax minus one-hot, the loss
+    divided by the accumulation steps); its e5m2 reaches 57,344, so the scale mostly keeps small values from
+    underflowing."""
+    x_max = cfg.fp8_x_max or cfg.model_dim ** 0.5
+    return x_max / 448, cfg.fp8_w_max / 448, cfg.fp8_grad_max / 448 / accumulation
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -2245,6 +2272,19 @@ def schedule_at(step: int, cfg: Config) -> StepSchedule:
     )
 
 
+def mtp_weight_table(cfg: Config, device: torch.device) -> Tensor | None:
+    """(train_steps, 4k) float32: row k holds step k's multi-token weights, zero-padded to a multiple of 4 so each
+    row starts 16-byte aligned (compiled kernels guard on alignment). None: no multi-token schedule."""
+    if not cfg.stage_mtp_weights_start:
+        return None
+    rows = [mtp_weights(step, cfg) for step in range(cfg.train_steps)]
+    width = -(-max(map(len, rows)) // 4) * 4
+    table = torch.zeros(len(rows), width, dtype=torch.float32)
+    for step, weights in enumerate(rows):
+        table[step, : len(weights)] = torch.tensor(weights, dtype=torch.float32)
+    return table.to(device)
+
+
 def schedule_report(cfg: Config) -> str:
     """One JSON object per step 0..train_steps (--print-schedule)."""
     return "\n".join(json.dumps(dataclasses.asdict(schedule_at(step, cfg))) for step in range(cfg.train_steps + 1))
@@ -2337,6 +2377,8 @@ def train_step(model: GPT, batch: list, opt: Optimizers, step: int, cfg: Config)
     schedule = schedule_at(step, cfg)
     window = schedule.window_long_tokens // BLOCK_SIZE
     loss_sum = torch.zeros((), device=batch[0][0].device)
+    if model.fp8_scales is not None:  # a stage may change the accumulation steps
+        model.fp8_scales = fp8_head_scales(cfg, len(batch))
     for i, (inputs, targets) in enumerate(batch):
         if opt.hooks is not None:  # gradients are final only in the last backward pass
             opt.hooks.armed = i == len(batch) - 1
@@ -2397,9 +2439,10 @@ def build_model(cfg: Config, device: torch.device, accumulation: int, logger) ->
         model.compute_dtype, model.use_flex = torch.bfloat16, True
         if cfg.fp8_head and fp8_supported(device):
             fp8_linear_op()  # register the custom op before compiling code that calls it
-            model.fp8_grad_scale = 1 / 448 / accumulation  # the loss is divided by the accumulation steps
+            model.fp8_scales = fp8_head_scales(cfg, accumulation)
         elif cfg.fp8_head:
             logger.log("WARNING: --fp8-head needs a GPU of compute capability 8.9+ (Hopper); using the bf16 head")
+    model.mtp_weight_table = mtp_weight_table(cfg, device)
     if cfg.compile:
         model.compile_regions()
     return model

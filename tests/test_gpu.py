@@ -51,3 +51,23 @@ def test_flex_attention_on_gpu_matches_dense_mask():
         model.use_flex = False
         dense = model(inputs, targets, 3)
     assert flex.item() == pytest.approx(dense.item(), rel=1e-2)
+
+
+def test_compiled_flex_attention_with_a_tensor_scale_is_the_float_scale():
+    # YaRN's per-stage scale is a tensor (no recompile per stage): inside the compiled kernel q.k x 1 x s must
+    # be the same product as q.k x s, forward and backward.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1024, 6, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    ids = torch.zeros(1024, dtype=torch.int32, device="cuda")
+    ids[[0, 300, 700]] = tg.EOT_TOKEN
+    mask = tg.flex_token_window_mask(ids, 384)
+    scale = 0.1138629436
+    results = []
+    for s in (scale, torch.tensor(scale, device="cuda")):
+        out = torch.compile(tg.attend, dynamic=False)(q, k, v, mask, s)
+        out.float().square().sum().backward()
+        results.append([out.detach()] + [t.grad.clone() for t in (q, k, v)])
+        for t in (q, k, v):
+            t.grad = None
+    for as_float, as_tensor in zip(*results):
+        torch.testing.assert_close(as_tensor, as_float, rtol=0, atol=0)

@@ -114,15 +114,15 @@ def test_validation_uses_the_bf16_head_in_chunks_even_when_training_uses_fp8(mon
         model.lm_head_w.normal_(0, 0.02)
     calls = []
 
-    def spy(x, head_w, targets, logit_cap, fp8_grad_scale):
-        calls.append((x.size(0), fp8_grad_scale))
+    def spy(x, head_w, targets, logit_cap, fp8_scales):
+        calls.append((x.size(0), fp8_scales))
         return tg.head_loss(x, head_w, targets, logit_cap, None)  # the bf16 path whatever was asked
 
     model.head_loss = spy
-    model.fp8_grad_scale = 1 / 448  # as on Hopper
+    model.fp8_scales = tg.fp8_head_scales(cfg, 1)  # as on Hopper
     ids = token_ids(513, [0, 100, 300])
     model(ids[:256], ids[1:257], 2)
-    assert calls == [(256, 1 / 448)]  # training: the FP8 head
+    assert calls == [(256, model.fp8_scales)]  # training: the FP8 head
     calls.clear()
     whole = tg.evaluate(model, ids.numpy().astype("uint16"), tg.dataclasses.replace(cfg, val_tokens=512), 10,
                         tg.Comm(), torch.device("cpu"))

@@ -254,8 +254,8 @@ def test_fp8_head_matches_bf16_head(device):
     w = (torch.randn(1024, 768, device=device) * 0.02).requires_grad_()
     targets = torch.randint(0, 1024, (256,), device=device)
     results = []
-    for grad_scale in (None, 1 / 448):  # bf16 path, then FP8
-        loss = tg.head_loss(x, w, targets, 30.0, grad_scale)
+    for scales in (None, tg.fp8_head_scales(tg.parse_config([]), 1)):  # bf16 path, then FP8
+        loss = tg.head_loss(x, w, targets, 30.0, scales)
         loss.backward()
         results.append((loss.item(), x.grad.float().clone(), w.grad.clone()))
         x.grad = w.grad = None
@@ -274,7 +274,7 @@ def test_regional_compile_matches_eager_and_reuses_code_across_layers():
     torch.manual_seed(0)
     model = tg.GPT(cfg, 256)
     if fp8_runs_on("cpu"):  # the FP8 head's custom op inside the compiled head, as on Hopper
-        model.fp8_grad_scale = 1 / 448
+        model.fp8_scales = tg.fp8_head_scales(cfg, 1)
     ids = token_stream(257, [0, 90, 200])
     eager = model(ids[:-1], ids[1:], 2)
     eager.backward()
@@ -576,8 +576,8 @@ def test_non_finite_loss_stops_the_run_with_a_clear_line(tmp_path, monkeypatch):
     # third training forward pass on, the head's loss is NaN (validation passes are left alone).
     real_head_loss, train_calls = tg.head_loss, []
 
-    def head_loss_diverging(x, head_w, targets, logit_cap, fp8_grad_scale):
-        loss = real_head_loss(x, head_w, targets, logit_cap, fp8_grad_scale)
+    def head_loss_diverging(x, head_w, targets, logit_cap, fp8_scales):
+        loss = real_head_loss(x, head_w, targets, logit_cap, fp8_scales)
         if torch.is_grad_enabled():
             train_calls.append(1)
             if len(train_calls) >= 3:
