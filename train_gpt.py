@@ -760,7 +760,10 @@ def multi_token_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor) 
     """Multi-token prediction (2026): the logits of position r predict targets r, r+1, ..., r+n-1 (the tokens 1..n
     ahead) with weights w_0..w_{n-1}, summed over positions; a term whose target lies past the sequence's end is
     dropped, and terms cross document boundaries, as in the 2026 script's fused kernel. logits: (T, V) float.
-    One log-sum-exp per row serves every term: no (T, V) log-softmax per offset."""
+    One log-sum-exp per row serves every term: no (T, V) log-softmax per offset.
+    The gradient is this loss's own. The script's kernel differs on the last n-1 rows of each sequence only: it
+    drops their terms from the loss but its softmax part of the gradient still counts every weight (the sum of all
+    w_k instead of the kept ones); 2 rows of a 16,384-token sequence in stage 0, 1 of 32,768 in stage 1."""
     log_normalizer = torch.logsumexp(logits, dim=-1)
     length, total = logits.size(0), logits.new_zeros(())
     for k in range(weights.numel()):  # the number of weights is a shape, fixed within a stage
