@@ -40,6 +40,7 @@ def r2026_small_args(log_dir: Path, run_id: str) -> list:
             "--stage-batch-tokens", ",".join(map(str, batch_tokens)),
             "--stage-seq-len", ",".join(map(str, STAGE_SEQ_LEN)), "--stage-max-doc-len", "64,128,128,128",
             "--train-batch-tokens", str(batch_tokens[0]), "--train-seq-len", str(STAGE_SEQ_LEN[0]),
+            # (--num-value-embeds is replaced by --value-embed-layers, but still checked against 4 layers)
             "--num-layers", "4", "--model-dim", "32", "--num-heads", "2", "--head-dim", "16", "--num-value-embeds", "2",
             "--paired-head-layers", "0", "--no-attn-layers", "2", "--long-window-layers", "1,3",
             "--value-embed-layers", "0,3", "--skip-connection", "1,2", "--backout-layer", "2",
