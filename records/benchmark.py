@@ -34,6 +34,19 @@ variant per call (a later run in the same call reuses the warm inductor cache un
 close to its 540 s limit (13 validations of 1.97M tokens add ~15 s to the reference's 526 s): a
 run cut off is reported as TIMEOUT with the val points it reached; --val-every 20 saves time.
 
+The 2026 recipe (train_gpt.py --preset r2026) on the same data, validation and target:
+
+    python records/benchmark.py --preset r2026 --json logs/benchmark/r2026.json
+
+runs one run 'r2026' whose staged schedule is the preset's shrunk to --train-steps (default 120 of its 1480):
+the stage starts (0, 39, 78, 117), the extension (the last 3 steps, its own stage), Muon's momentum warm-up
+(24) and cool-down (4) scale by 120/1480; batches, sequence lengths and windows per stage, the LR cooldown
+fraction and the split stage stay (the embedding parts from the head at step 79). That is 31.9M training
+tokens (r28's run: 47.2M). Its row reports the same figures as r28's, its tokens/s counted with each stage's
+batch, and its time to the reference's 3.2302, so the two recipes' times to that loss compare directly.
+Its staged warm-up compiles three sequence lengths (16K, 32K, 48K): on a cold compile cache run it alone.
+--dry-run prints each run's trainer command and exits, without tokenizing or training.
+
 On a CPU, the same code path in a minute or two (the tiny model on data/sample/):
 
     python records/benchmark.py --shards data/sample --preset tiny --device cpu --train-steps 20
@@ -104,14 +117,22 @@ class Preset:
     val_seq_len: int
     val_every: int
     target_loss: float
+    staged: bool = False  # a staged trainer preset: --train-steps compresses all its stages (compressed_schedule_flags)
 
 
 PRESETS = {
     # The 1xH100 proxy benchmark: the record model, the reference's shortened schedule.
     "proxy": Preset("record", "cuda", 120, 1_966_080, 49_152, 10, 3.2302),
+    # The 2026 recipe on the same data, validation and target: its staged schedule shrunk to --train-steps
+    # (compressed_schedule_flags), so its time to the reference's loss compares with r28's.
+    "r2026": Preset("r2026", "cuda", 120, 1_966_080, 49_152, 10, 3.2302, staged=True),
     # A CPU smoke test of the same code path: the trainer's tiny model on data/sample/.
     "tiny": Preset("tiny", "cpu", 20, 8192, 512, 5, 7.0),
 }
+
+
+# The name of the one run when no --variant is given: the recipe it times.
+DEFAULT_VARIANT_NAMES = {"r2026": "r2026"}
 
 
 class BenchmarkError(Exception):
@@ -165,6 +186,8 @@ def build_parser():
                "  python records/benchmark.py --corpus ../shared/data/proxy_corpus/docs.jsonl.xz\n"
                "  python records/benchmark.py --corpus ../shared/data/proxy_corpus/docs.jsonl.xz \\\n"
                "      --variant base=\"\" --variant ns5=\"--orthogonalizer ns5\"\n"
+               "  python records/benchmark.py --preset r2026 --json logs/benchmark/r2026.json\n"
+               "  python records/benchmark.py --preset r2026 --dry-run     # print the trainer command only\n"
                "  python records/benchmark.py --shards data/sample --preset tiny --device cpu --train-steps 20",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     data = ap.add_argument_group("data (one of; default: --corpus for proxy, --shards data/sample for tiny)")
@@ -184,16 +207,21 @@ def build_parser():
 
     run = ap.add_argument_group("runs")
     run.add_argument("--preset", choices=sorted(PRESETS), default="proxy",
-                     help="'proxy': the 1xH100 reference settings; 'tiny': the tiny CPU model on data/sample "
-                          "(default: %(default)s)")
+                     help="'proxy': the 1xH100 reference settings (record #28's recipe, run 'r28'); 'r2026': "
+                          "the 2026 recipe (trainer --preset r2026, run 'r2026') on the same data, validation "
+                          "and target, its staged schedule compressed to --train-steps; 'tiny': the tiny CPU "
+                          "model on data/sample (default: %(default)s)")
     run.add_argument("--variant", type=parse_variant, action="append", default=[], metavar='NAME="FLAGS"',
-                     help="a named set of extra trainer flags; repeat for an A/B (default: one run 'r28', the record configuration)")
+                     help="a named set of extra trainer flags; repeat for an A/B (default: one run named after "
+                          "the recipe: 'r28', the record configuration, or 'r2026' with --preset r2026)")
     run.add_argument("--repeat", type=int, default=1, metavar="K",
                      help="run every variant K times, in rounds A B A B ... (default: %(default)s)")
     run.add_argument("--nproc", type=int, default=1, metavar="N",
                      help="processes (GPUs); N > 1 launches torchrun --standalone (default: %(default)s)")
     run.add_argument("--device", default=None, help="trainer --device (proxy: cuda, tiny: cpu)")
-    run.add_argument("--train-steps", type=int, default=None, metavar="N", help="trainer --train-steps (proxy: 120)")
+    run.add_argument("--train-steps", type=int, default=None, metavar="N",
+                     help="trainer --train-steps (proxy: 120); r2026 (120): the whole staged schedule scaled to "
+                          "N steps: stage starts, extension, Muon momentum warm-up and cool-down")
     run.add_argument("--val-tokens", type=int, default=None, metavar="N",
                      help="trainer --val-tokens (proxy: 1966080)")
     run.add_argument("--val-seq-len", type=int, default=None, metavar="N",
@@ -208,6 +236,8 @@ def build_parser():
     run.add_argument("--fresh-compile-cache", action="store_true",
                      help="give every run an empty inductor/Triton cache, so each compiles cold")
     run.add_argument("--verbose", action="store_true", help="echo every trainer line, not only val lines")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print each run's trainer command, one per line, and exit: no tokenizing, no training")
 
     report = ap.add_argument_group("report")
     report.add_argument("--target-loss", type=float, default=None, metavar="LOSS",
@@ -252,7 +282,8 @@ def resolve_options(args):
     if duplicates:
         raise BenchmarkError(f"--variant names must differ: {', '.join(duplicates)} given twice")
     if not args.variant:
-        args.variant = [Variant("r28", [])]
+        args.variant = [Variant(DEFAULT_VARIANT_NAMES.get(args.preset, "r28"), [])]
+    args.schedule_flags = compressed_schedule_flags(args.trainer_preset, args.train_steps) if preset.staged else []
     return args
 
 
@@ -329,6 +360,13 @@ def prepare_corpus(corpus, data_dir, val_tokens, expect_train_tokens, name=PROXY
     return globs
 
 
+def data_globs_without_preparing(args):
+    """The (val glob, train glob) the runs would get, without tokenizing anything (--dry-run)."""
+    if args.shards is not None:
+        return find_shards(args.shards)
+    return (os.path.join(args.data_dir, f"{PROXY_NAME}_val_*.bin"), os.path.join(args.data_dir, f"{PROXY_NAME}_train_*.bin"))
+
+
 def prepare_data(args):
     """(val glob, train glob) for the trainer, from --shards or by tokenizing --corpus."""
     if args.shards is not None:
@@ -345,6 +383,53 @@ def launcher(nproc):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAINER]
 
 
+def import_trainer():
+    """train_gpt as a module, imported only where needed: it imports torch, which the one-stage presets never need."""
+    if REPO not in sys.path:  # run as `python records/benchmark.py`, only records/ is on the path
+        sys.path.insert(0, REPO)
+    import train_gpt
+    return train_gpt
+
+
+def scaled_steps(steps, scale):
+    """A step count of the full schedule in the compressed one (nearest step)."""
+    return int(round(steps * scale))
+
+
+def compressed_schedule_flags(trainer_preset, train_steps):
+    """Trainer flags that shrink a staged preset's whole schedule to train_steps, keeping its shape.
+
+    Every step-counted setting is scaled by train_steps / the preset's train_steps: the stage starts, the
+    extension (the steps after the LR cooldown ends, which form the last stage), and Muon's momentum warm-up
+    and cool-down. Fractions (the LR cooldown), the per-stage batches, sequence lengths and windows, and the
+    split stage are kept.
+    Why from the trainer's own preset: the benchmark follows the recipe when the preset changes.
+    """
+    train_gpt = import_trainer()
+    full = train_gpt.parse_config(["--preset", trainer_preset])
+    scale = train_steps / full.train_steps
+    stage_steps = [scaled_steps(start, scale) for start in full.stage_steps]
+    # The extension ends the run: what is left after the scaled end of the scheduled steps, at least one step
+    # if the preset has one (so no stage disappears), and its stage starts where it does.
+    scheduled_end = train_steps_before_extension(full)
+    extension = train_steps - scaled_steps(scheduled_end, scale)
+    if full.extension_steps:
+        extension = max(1, extension)
+        if full.stage_steps[-1] == scheduled_end:
+            stage_steps[-1] = train_steps - extension
+    if any(b <= a for a, b in zip(stage_steps, stage_steps[1:])) or stage_steps[-1] >= train_steps:
+        raise BenchmarkError(f"--train-steps {train_steps} is too few for the {len(stage_steps)} stages of "
+                             f"--preset {trainer_preset}: stages would start at {stage_steps}")
+    return ["--train-steps", str(train_steps), "--extension-steps", str(extension),
+            "--stage-steps", ",".join(map(str, stage_steps)),
+            "--muon-momentum-warmup-steps", str(scaled_steps(full.muon_momentum_warmup_steps, scale)),
+            "--muon-momentum-cooldown-steps", str(scaled_steps(full.muon_momentum_cooldown_steps, scale))]
+
+
+def train_steps_before_extension(cfg):
+    return cfg.train_steps - cfg.extension_steps
+
+
 def trainer_command(args, data_globs, passthrough, variant, run_id):
     """Full trainer command of one run.
 
@@ -353,10 +438,10 @@ def trainer_command(args, data_globs, passthrough, variant, run_id):
     needs to find the log.
     """
     val_glob, train_glob = data_globs
-    schedule = ["--preset", args.trainer_preset, "--device", args.device,
-                "--train-steps", str(args.train_steps), "--val-tokens", str(args.val_tokens),
-                "--val-seq-len", str(args.val_seq_len), "--val-every", str(args.val_every),
-                "--train-files", train_glob, "--val-files", val_glob]
+    steps = args.schedule_flags or ["--train-steps", str(args.train_steps)]
+    schedule = ["--preset", args.trainer_preset, "--device", args.device, *steps,
+                "--val-tokens", str(args.val_tokens), "--val-seq-len", str(args.val_seq_len),
+                "--val-every", str(args.val_every), "--train-files", train_glob, "--val-files", val_glob]
     return launcher(args.nproc) + schedule + list(passthrough) + list(variant.args) + [
         "--log-dir", args.out_dir, "--run-id", run_id]
 
@@ -485,11 +570,32 @@ def target_ratio(seconds, reference_seconds):
     return None if seconds is None else seconds / reference_seconds
 
 
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def trained_tokens(config, steps):
+    """Training tokens of the first `steps` steps, from the log's config; None when it does not say.
+
+    A staged schedule (stage_steps) trains stage_batch_tokens[i] per step of stage i; one stage,
+    train_batch_tokens per step. Why: a staged run's train_batch_tokens is only its last stages' batch,
+    so steps x train_batch_tokens would overstate its tokens/s (2026: by 1.5x).
+    """
+    starts, batches = config.get("stage_steps") or [], config.get("stage_batch_tokens") or []
+    if starts:
+        if len(batches) != len(starts) or not all(map(is_number, [*starts, *batches])):
+            return None
+        ends = [*starts[1:], steps]
+        return sum(max(0, min(end, steps) - start) * batch for start, end, batch in zip(starts, ends, batches))
+    batch = config.get("train_batch_tokens")
+    return steps * batch if is_number(batch) else None
+
+
 def run_metrics(text, target, reference_seconds):
     """The table's figures for one log text (complete or cut short): a dict, None where unknown.
 
     ms/step and tokens/s come from the last val line after step 0 (its train_time is exact;
-    the per-step lines are approximate), tokens/s with train_batch_tokens from the config line.
+    the per-step lines are approximate), tokens/s with the batch of each step from the config line.
     """
     run = runlog.parse_log_text(text)
     timed = [p for p in run.val_points if p.train_time_ms is not None]
@@ -498,9 +604,8 @@ def run_metrics(text, target, reference_seconds):
     train_s = last.train_time_ms / 1000.0 if last else None
     batch = (run.config or {}).get("train_batch_tokens")
     ms_per_step = last.train_time_ms / last.step if last and last.step > 0 else None
-    tokens_per_s = None
-    if last and last.step > 0 and train_s and isinstance(batch, (int, float)):
-        tokens_per_s = last.step * batch / train_s
+    tokens = trained_tokens(run.config or {}, last.step) if last else None
+    tokens_per_s = tokens / train_s if tokens and train_s else None
     reached = time_to_target([(p.train_time_ms / 1000.0, p.val_loss) for p in timed], target)
     return {
         "steps": steps, "steps_total": run.steps_total, "complete": run.complete, "train_time_s": train_s,
@@ -594,7 +699,8 @@ def report_json(args, records):
             "loss_note": "proxy-corpus val losses, not FineWeb",
             "settings": {"device": args.device, "nproc": args.nproc, "train_steps": args.train_steps,
                          "val_tokens": args.val_tokens, "val_seq_len": args.val_seq_len,
-                         "val_every": args.val_every, "fresh_compile_cache": args.fresh_compile_cache},
+                         "val_every": args.val_every, "fresh_compile_cache": args.fresh_compile_cache,
+                         "schedule_flags": args.schedule_flags},
             "reference": dict(REFERENCE_ROW), "runs": records}
 
 
@@ -663,10 +769,14 @@ def main(argv=None):
         for name in ("corpus", "shards", "data_dir", "out_dir", "json"):
             if getattr(args, name):
                 setattr(args, name, os.path.abspath(getattr(args, name)))
-        data_globs = prepare_data(args)
+        data_globs = data_globs_without_preparing(args) if args.dry_run else prepare_data(args)
     except BenchmarkError as e:
         print(f"benchmark.py: error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        for result in plan_runs(args, data_globs, passthrough, "dry-run"):
+            print(shlex.join(result.command))
+        return 0
     os.makedirs(args.out_dir, exist_ok=True)
     runs = plan_runs(args, data_globs, passthrough, time.strftime("%Y%m%d-%H%M%S"))
     print(f"benchmark: preset {args.preset}, {len(runs)} run(s), {args.train_steps} steps, "

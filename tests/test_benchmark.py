@@ -7,6 +7,7 @@ milliseconds; only test_tiny_cpu_run_end_to_end starts train_gpt.py itself.
 
 import json
 import math
+import shlex
 import struct
 import subprocess
 import sys
@@ -264,6 +265,133 @@ def test_trainer_command_order_lets_variants_win_but_keeps_the_log_path():
     assert cmd[cmd.index("--train-files") + 1] == "T*" and cmd[cmd.index("--val-files") + 1] == "V*"
     two = benchmark.trainer_command(options("--nproc", "2"), ("V", "T"), [], benchmark.Variant("d", []), "r")
     assert two[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+# ----------------------------------------------------------------------------- the r2026 preset
+
+# The trainer's full 2026 schedule: 1480 steps, stages from 0, 480, 960 and 1440 (the last one the 40-step
+# extension), Muon momentum warm-up 300 and cool-down 50 steps.
+FULL_2026 = {"train_steps": 1480, "stage_steps": (0, 480, 960, 1440), "extension_steps": 40,
+             "muon_momentum_warmup_steps": 300, "muon_momentum_cooldown_steps": 50}
+
+
+def trainer_config(command):
+    """The trainer's own parse of a benchmark command (what train_gpt.py would run with)."""
+    import train_gpt
+    assert command[:2] == [sys.executable, benchmark.TRAINER]
+    return train_gpt.parse_config(command[2:])
+
+
+def r2026_command(*argv):
+    args = options("--preset", "r2026", *argv)
+    return args, benchmark.trainer_command(args, ("V*", "T*"), [], args.variant[0], "rid")
+
+
+def test_r2026_preset_runs_the_2026_recipe_on_the_reference_data_and_target():
+    args, command = r2026_command()
+    assert [v.name for v in args.variant] == ["r2026"] and args.trainer_preset == "r2026"
+    assert args.target_loss == 3.2302 and args.corpus.endswith("shared/data/proxy_corpus/docs.jsonl.xz")
+    cfg = trainer_config(command)
+    # the reference's validation: the first 40 sequences of 49,152 tokens, every 10 steps, off the clock
+    assert (cfg.val_tokens, cfg.val_seq_len, cfg.val_every, cfg.device) == (1_966_080, 49_152, 10, "cuda")
+    assert (cfg.train_files, cfg.val_files) == ("T*", "V*")
+    # the recipe itself is the preset's: NorMuon table, bigram hash, stages of 8 sequences
+    assert (cfg.optimizer_recipe, cfg.bigram_rows, cfg.embed_split_stage) == ("r2026", 50304 * 15, 2)
+    assert cfg.stage_batch_tokens == (131_072, 262_144, 393_216, 393_216)
+
+
+def test_r2026_schedule_is_the_full_one_scaled_to_train_steps():
+    """120 of 1480 steps: scale 120/1480 = 0.08108. Stages 480 x s = 38.9 -> 39, 960 x s = 77.8 -> 78;
+    the scheduled steps end at 1440 x s = 116.8 -> 117, so the extension is 120 - 117 = 3 steps, its stage
+    from 117; momentum warm-up 300 x s = 24.3 -> 24, cool-down 50 x s = 4.05 -> 4."""
+    _, command = r2026_command()
+    cfg = trainer_config(command)
+    assert (cfg.train_steps, cfg.extension_steps, cfg.stage_steps) == (120, 3, (0, 39, 78, 117))
+    assert (cfg.muon_momentum_warmup_steps, cfg.muon_momentum_cooldown_steps) == (24, 4)
+    # 240 steps: twice as many in each part (480 x 240/1480 = 77.8 -> 78, 1440 x ... = 233.5 -> 234)
+    cfg = trainer_config(r2026_command("--train-steps", "240")[1])
+    assert (cfg.train_steps, cfg.extension_steps, cfg.stage_steps) == (240, 6, (0, 78, 156, 234))
+    assert (cfg.muon_momentum_warmup_steps, cfg.muon_momentum_cooldown_steps) == (49, 8)
+
+
+def test_r2026_schedule_at_full_length_is_the_trainers_preset():
+    import train_gpt
+    cfg = trainer_config(r2026_command("--train-steps", "1480")[1])
+    preset = train_gpt.parse_config(["--preset", "r2026"])
+    for name, value in FULL_2026.items():
+        assert getattr(cfg, name) == getattr(preset, name) == value, name
+
+
+def test_r2026_compressed_schedule_keeps_the_stage_structure():
+    """Read from the trainer's schedule: four stages in order, the split at the first odd step of stage 2
+    (78 | 1 = 79), Adam on odd steps, and 31.9M training tokens (39 x 131,072 + 39 x 262,144 + 39 x 393,216
+    + 3 x 393,216 = 31,850,496), fewer than r28's 120 x 393,216 = 47,185,920, so it fits the same budget."""
+    import train_gpt
+    cfg = trainer_config(r2026_command()[1])
+    train_gpt.check_schedule(cfg, training=True)
+    assert train_gpt.check_config(cfg, 1) == 8  # 8 sequences a step on one GPU in every stage
+    schedules = [train_gpt.schedule_at(step, cfg) for step in range(cfg.train_steps)]
+    firsts = [next(s.step for s in schedules if s.stage == stage) for stage in range(4)]
+    assert firsts == [0, 39, 78, 117]
+    assert max(s.step for s in schedules if s.embed_tied) == 79
+    assert [s.adam_step for s in schedules[:4]] == [False, True, False, True]
+    assert train_gpt.stage_tokens(cfg) == [39 * 131_072, 39 * 262_144, 39 * 393_216, 3 * 393_216]
+    assert sum(train_gpt.stage_tokens(cfg)) == 31_850_496 < 120 * 393_216
+
+
+def test_r2026_too_few_steps_for_its_stages_is_refused():
+    """8 steps: 480 x 8/1480 = 2.6 -> 3, 960 -> 5, the extension 1 step from 7: still four stages; 3 steps
+    would start stages at 0, 1, 2 and the extension at 2: refused."""
+    cfg = trainer_config(r2026_command("--train-steps", "8")[1])
+    assert (cfg.stage_steps, cfg.extension_steps) == ((0, 3, 5, 7), 1)
+    with pytest.raises(benchmark.BenchmarkError, match="too few"):
+        options("--preset", "r2026", "--train-steps", "3")
+
+
+def test_r2026_variants_and_pass_through_flags_come_after_the_schedule():
+    args = options("--preset", "r2026", "--variant", "ns=--stage-steps 0,10,20,30")
+    command = benchmark.trainer_command(args, ("V", "T"), ["--seed", "4"], args.variant[0], "rid")
+    cfg = trainer_config(command)
+    assert cfg.stage_steps == (0, 10, 20, 30) and cfg.seed == 4 and cfg.train_steps == 120
+
+
+def test_r2026_command_is_accepted_by_the_trainer(tmp_path):
+    """The real trainer reads the generated command (--print-schedule: every flag parsed and the schedule
+    checked, no data, no GPU) and prints the compressed schedule: the stage of each step and the split."""
+    _, command = r2026_command()
+    done = subprocess.run(command + ["--print-schedule"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(steps) == 121 and steps[-1]["trains"] is False
+    assert [s["step"] for s in steps if s["stage"] != steps[s["step"] - 1]["stage"]][1:] == [39, 78, 117]
+    assert [s["embed_tied"] for s in steps[79:81]] == [True, False]
+    assert {s["batch_tokens"] for s in steps[:39]} == {131_072} and steps[117]["batch_tokens"] == 393_216
+
+
+def test_dry_run_prints_the_commands_without_tokenizing(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert benchmark.main(["--preset", "r2026", "--dry-run", "--data-dir", str(data), "--out-dir", str(tmp_path),
+                           "--variant", "a=", "--variant", "b=--seed 1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and not data.exists()
+    commands = [shlex.split(line) for line in lines]
+    assert [cmd[cmd.index("--run-id") + 1] for cmd in commands] == ["bench-dry-run-a", "bench-dry-run-b"]
+    assert trainer_config(commands[1]).seed == 1
+    assert trainer_config(commands[0]).train_files == str(data / "proxy_train_*.bin")
+
+
+def test_staged_tokens_per_second_counts_each_stages_batch():
+    """A staged log's tokens: stages from 0 and 2 with batches 100 and 300 tokens, 5 steps = 2 x 100 +
+    3 x 300 = 1,100 tokens; not 5 x train_batch_tokens (1,500)."""
+    config = {"train_batch_tokens": 300, "stage_steps": [0, 2], "stage_batch_tokens": [100, 300]}
+    assert benchmark.trained_tokens(config, 5) == 1_100
+    assert benchmark.trained_tokens(config, 1) == 100
+    assert benchmark.trained_tokens({"train_batch_tokens": 300, "stage_steps": []}, 5) == 1_500
+    assert benchmark.trained_tokens({}, 5) is None
+    log = make_log(CURVE).replace('"train_batch_tokens": 393216',
+                                  '"train_batch_tokens": 393216, "stage_steps": [0, 10], "stage_batch_tokens": [131072, 393216]')
+    # 10 x 131,072 + 10 x 393,216 = 5,242,880 tokens in 14 s
+    assert benchmark.run_metrics(log, 3.2302, REFERENCE_SECONDS)["tokens_per_s"] == pytest.approx(5_242_880 / 14)
 
 
 def test_plan_runs_alternates_variants_in_rounds():

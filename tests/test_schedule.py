@@ -225,7 +225,8 @@ def test_impossible_schedules_are_refused_in_one_line(argv, message):
 
 
 def test_print_schedule_prints_one_json_line_per_step():
-    for preset, steps in [("record", 1695), ("r2026", 1480)]:
+    assert sorted(tg.PRESETS) == ["r2026", "record", "tiny"]  # a new preset joins the list below
+    for preset, steps in [("record", 1695), ("r2026", 1480), ("tiny", 50)]:
         result = run_train_gpt("--preset", preset, "--print-schedule")
         assert result.returncode == 0 and result.stderr == ""
         lines = [json.loads(line) for line in result.stdout.splitlines()]
@@ -272,3 +273,18 @@ def test_train_step_reads_lr_momentum_and_window_from_the_schedule(monkeypatch):
     opt = tg.Optimizers(Adam(), Muon(), None)
     tg.train_step(Model(), [(torch.zeros(4), torch.zeros(4))], opt, 5, record_cfg())
     assert seen == {"window": 5, "adam": 0.37, "muon": (0.37, 0.61)}
+
+
+def test_a_run_prints_its_steps_stage_tokens_and_total_at_start_up(tmp_path):
+    """Before any data is read (here there is none, so the run stops right after), the 2026 preset's run prints
+    its schedule: 480 steps x 131,072 = 62,914,560 tokens, 480 x 262,144 = 125,829,120, 480 x 393,216 =
+    188,743,680, the 40 extension steps x 393,216 = 15,728,640; total 393,216,000 tokens."""
+    result = run_train_gpt("--preset", "r2026", "--device", "cpu", "--val-files", str(tmp_path / "none_*.bin"),
+                           "--log-dir", str(tmp_path), "--run-id", "startup")
+    assert result.returncode == 2 and "--val-files" in result.stderr  # stopped at the data (the first it reads)
+    summary = [line for line in result.stdout.splitlines() if line.startswith("schedule:")]
+    assert summary == ["schedule: 1480 steps, stage tokens [62,914,560, 125,829,120, 188,743,680, 15,728,640], "
+                       "total 393,216,000 tokens"]
+    # printed before the data is looked at: nothing after it comes from the data or training
+    after = result.stdout.split(summary[0], 1)[1]
+    assert "train_files:" not in after and "step:" not in after
