@@ -254,6 +254,7 @@ def test_train_step_reads_lr_momentum_and_window_from_the_schedule(monkeypatch):
         def __init__(self):
             super().__init__()
             self.w = torch.nn.Parameter(torch.ones(()))
+            self.fp8_scales = None  # the bf16 head, as GPT on a CPU
 
         def forward(self, inputs, targets, window, schedule=None):
             seen["window"] = window

@@ -174,3 +174,35 @@ def test_fp8_head_keeps_weights_within_its_range_and_saturates_beyond():
         return ((out - exact).norm() / exact.norm()).item()
     assert relative_error(outputs["2026"]) < 0.04  # FP8 rounding of x only: the weights are exact
     assert relative_error(outputs["28"]) == pytest.approx(1 - 0.875 / big, abs=0.03)  # every weight cut to 0.875
+
+
+def test_a_steps_gradient_is_the_mean_over_its_sequences_whatever_the_accumulation(monkeypatch):
+    # Stages differ in sequences per process (here 2, then 4): the step's gradient must stay the mean over its
+    # sequences. NorMuon and Adam hide a wrong overall scale, and 1 vs 2 processes err alike, so check it here.
+    cfg = small_2026()
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, 768)
+    with torch.no_grad():  # zero-init projections would leave most gradients zero
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    seen = []
+
+    def capture_gradients(opt, model, schedule):
+        seen.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+
+    monkeypatch.setattr(tg, "step_optimizers", capture_gradients)
+    opt = tg.build_optimizers(model, cfg, tg.Comm())
+    ids = token_ids(4 * 768 + 1)
+    for step, sequences in [(1, 2), (9, 4)]:  # stage 0 (256 tokens, MTP) and stage 2 (768 tokens)
+        schedule = tg.schedule_at(step, cfg)
+        length = schedule.seq_len
+        batch = [(ids[i * length : (i + 1) * length], ids[i * length + 1 : (i + 1) * length + 1]) for i in range(sequences)]
+        tg.train_step(model, batch, opt, step, cfg)
+        for inputs, targets in batch:  # each sequence alone, summed
+            model(inputs, targets, 0, schedule=schedule).backward()
+        summed = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        assert summed.keys() == seen[-1].keys() and len(summed) > 20
+        for name, grad in seen[-1].items():
+            torch.testing.assert_close(grad, summed[name] / sequences, rtol=1e-4, atol=1e-9, msg=f"step {step}: {name}")
+        model.zero_grad(set_to_none=True)
