@@ -873,6 +873,7 @@ class GPT(nn.Module):
         """Compile one block's code (reused by every layer with the same structure) and the head, not the
         whole model: far less compile time for the same kernels."""
         allow_block_variants(64)
+        register_kernel_ops(self.cfg)  # --triton-kernels: their custom ops exist before dynamo traces calls to them
         self.block_calls = [torch.compile(block, dynamic=False) for block in self.blocks]
         self.head_loss = torch.compile(head_loss, dynamic=False)
 
@@ -1124,6 +1125,23 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def register_kernel_ops(cfg: Config):
+    """Register the custom ops of the kernels the config names, before torch.compile traces code that calls them."""
+    names = kernel_names(cfg)
+    if "ce" in names:
+        softcapped_ce_op()
+    if "mlp" in names:
+        linear_relu2_op()
+
+
 def check_triton_kernels(cfg: Config):
     """--triton-kernels: known names, triton importable, and a device the kernels can run on."""
     names = kernel_names(cfg)
@@ -1132,11 +1150,9 @@ def check_triton_kernels(cfg: Config):
         raise ConfigError(f"--triton-kernels {cfg.triton_kernels!r}: unknown {', '.join(unknown)}; choose from {', '.join(TRITON_KERNELS)}")
     if not names:
         return
-    try:
-        import triton as _  # noqa: F401
-    except ImportError:
+    if not triton_available():
         raise ConfigError(f"--triton-kernels {cfg.triton_kernels} needs triton: pip install triton "
-                          f"(the CUDA build of PyTorch bundles it), or leave the flag out") from None
+                          f"(the CUDA build of PyTorch bundles it), or leave the flag out")
     if cfg.device == "cpu" and not triton_interpreting():
         raise ConfigError(f"--triton-kernels {cfg.triton_kernels} on --device cpu runs only under the Triton interpreter "
                           f"(TRITON_INTERPRET=1, slow: for tests); leave the flag out on CPU")
@@ -1358,7 +1374,9 @@ def softcapped_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor | 
     cap*sigmoid((logits + shift)/(div or cap/4)); weights None: next-token only."""
     if weights is None:
         weights = torch.ones(1, dtype=torch.float32, device=logits.device)
-    return softcapped_ce_op()(logits, targets, weights.float(), cap, shift, div or cap / 4)[0].sum()
+    if not torch.compiler.is_compiling():
+        softcapped_ce_op()  # registers the op on first use (register_kernel_ops does before compiling)
+    return torch.ops.speedrun_gpt.softcapped_ce(logits, targets, weights.float(), cap, shift, div or cap / 4)[0].sum()
 
 
 def symmetric_matmul(x: Tensor, alpha: float = 1.0, beta: float = 0.0, add_input: bool = False) -> Tensor:
@@ -1366,11 +1384,15 @@ def symmetric_matmul(x: Tensor, alpha: float = 1.0, beta: float = 0.0, add_input
     x's dtype, fp32 accumulation, rounded once. Reference: torch.bmm(x, x.mT), torch.baddbmm(x, x, x, beta, alpha)."""
     batch, n, k = x.shape
     out = x.new_empty(batch, n, n)
-    block, block_k = (32, 128) if triton_interpreting() else (128, 64)  # interpreter: cost per program and op
+    if triton_interpreting():  # the interpreter's cost is per program and per operation
+        block, block_k, warps = 32, 128, 4
+    else:  # 128 x 128 tiles where they fill an H100's 132 SMs (8 GPUs' (3, 768, 768) grams have 63), else 64 x 64
+        upper_tiles = -(-n // 128) * (-(-n // 128) + 1) // 2
+        block, block_k, warps = (128, 64, 8) if batch * upper_tiles >= 132 else (64, 64, 4)
     tiles = -(-n // block)
     kernel("symmetric_matmul")[(tiles, tiles, batch)](
         x, out, n, k, *x.stride(), *out.stride(), alpha, beta, ADD_INPUT=add_input, UPCAST=triton_interpreting(),
-        BLOCK=block, BLOCK_K=block_k, num_warps=8, num_stages=3)
+        BLOCK=block, BLOCK_K=block_k, num_warps=warps, num_stages=3)
     return out
 
 
@@ -1438,7 +1460,9 @@ def linear_relu2_op():
 
 def fused_mlp(x: Tensor, fc_w: Tensor, proj_w: Tensor) -> Tensor:
     """MLP.forward with --triton-kernels mlp: x (..., dim), weights in x's dtype."""
-    return linear_relu2_op()(x.reshape(-1, x.size(-1)), fc_w, proj_w)[0].view(x.shape)
+    if not torch.compiler.is_compiling():
+        linear_relu2_op()  # registers the op on first use (register_kernel_ops does before compiling)
+    return torch.ops.speedrun_gpt.relu2_mlp(x.reshape(-1, x.size(-1)), fc_w, proj_w)[0].view(x.shape)
 
 
 # -----------------------------------------------------------------------------
@@ -2895,7 +2919,7 @@ def checkpoint_path(cfg: Config) -> str:
 
 # Settings that do not change the math of a step: a resumed run may change these, and nothing else.
 RESUME_MAY_CHANGE = {"train_files", "val_files", "val_every", "seed", "device", "compile", "warmup_steps", "run_id",
-                     "log_dir", "save_model", "gpu_peak_tflops", "save_every", "checkpoint_dir", "resume"}
+                     "log_dir", "save_model", "gpu_peak_tflops", "save_every", "checkpoint_dir", "resume", "triton_kernels"}
 
 
 def gather_shards(shard: Tensor, comm: Comm) -> Tensor:
