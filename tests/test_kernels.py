@@ -182,6 +182,50 @@ def test_pre_and_post_of_the_mlp_kernel():
     torch.testing.assert_close(tg.matmul_relu2(grad, b, aux=pre), 2 * (grad @ b) * torch.relu(pre), rtol=1e-5, atol=1e-4)
 
 
+def hopper_signature(fn, pointers: dict, constexprs: dict) -> dict:
+    """The signature a CUDA launch would give: pointer dtypes, constexprs, unit strides specialized to 1 (as
+    triton's JIT does with an integer argument equal to 1), other integers i32, other scalars fp32."""
+    floats = {"cap", "shift", "div", "alpha", "beta"}
+    return {name: pointers.get(name) or ("constexpr" if name in constexprs else "fp32" if name in floats else "i32")
+            for name in fn.arg_names}
+
+
+TRITON_VERSION = tuple(int(v) for v in __import__("triton").__version__.split(".")[:2])
+
+
+@pytest.mark.skipif(TRITON_VERSION < (3, 9), reason="written against triton 3.9's ASTSource and compile options")
+def test_kernels_compile_for_hopper_without_a_gpu(monkeypatch, tmp_path):
+    """The compiled (not interpreted) kernels, at the trainer's launch settings, through triton's whole pipeline to
+    an sm_90 cubin (ptxas ships with triton): what the interpreter cannot check (types, layouts, tensor-core dots)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    kernels = tg.triton_kernels(False)
+    bf16, f32, i64 = "*bf16", "*fp32", "*i64"
+    ce_ptrs = dict(logits_ptr=bf16, targets_ptr=i64, weights_ptr=f32, loss_ptr=f32, lse_ptr=f32, grad_loss_ptr=f32,
+                   grad_ptr=bf16)
+    launches = [
+        ("softcap_ce_forward", ce_ptrs, dict(N_WEIGHTS=3, ROWS=1, BLOCK=2048), 8, 3),
+        ("softcap_ce_backward", ce_ptrs, dict(N_WEIGHTS=3, ROWS=1, BLOCK=2048, grad_loss_stride=0), 8, 3),
+        ("symmetric_matmul", dict(x_ptr=bf16, out_ptr=bf16),
+         dict(ADD_INPUT=True, UPCAST=False, BLOCK=128, BLOCK_K=64, stride_xc=1, stride_oc=1), 8, 3),
+        ("symmetric_matmul", dict(x_ptr=bf16, out_ptr=bf16),
+         dict(ADD_INPUT=False, UPCAST=False, BLOCK=64, BLOCK_K=64, stride_xc=1, stride_oc=1), 4, 3),
+        ("matmul_relu2", dict(a_ptr=bf16, b_ptr=bf16, out_ptr=bf16, aux_ptr=bf16),
+         dict(FORWARD=False, UPCAST=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, stride_ak=1, stride_bn=1,
+              stride_on=1), 8, 3),
+    ]
+    for name, pointers, constexprs, warps, stages in launches:
+        fn = kernels[name]
+        source = ASTSource(fn=fn, signature=hopper_signature(fn, pointers, constexprs), constexprs=constexprs)
+        compiled = tg.triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+        assert compiled.asm["cubin"], name
+        if name != "softcap_ce_forward" and name != "softcap_ce_backward":
+            assert "warp_group_dot" in compiled.asm["ttgir"], name  # Hopper tensor cores (wgmma)
+
+
 # -----------------------------------------------------------------------------
 # The flag
 
