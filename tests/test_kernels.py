@@ -100,6 +100,21 @@ def test_fused_cross_entropy_rows_and_no_grad():
                                    reference_head_loss(logits, targets, None, 30.0, 0.0, 0.0), rtol=1e-5, atol=0)
 
 
+def test_head_loss_with_fused_ce_is_head_loss():
+    """head_loss's hook: the matmul, then the kernel (2026 squash, multi-token weights), against its own code path."""
+    g = torch.Generator().manual_seed(2)
+    x, head_w = torch.randn(20, 32, generator=g), torch.randn(300, 32, generator=g) / 4
+    targets, weights = torch.randint(0, 300, (20,), generator=g), torch.tensor([1.0, 0.5, 0.25])
+    results = []
+    for fused in (False, True):
+        w = head_w.clone().requires_grad_()
+        loss = tg.head_loss(x, w, targets, 23.0, None, mtp_weights=weights, logit_shift=5.0, logit_div=7.5, fused_ce=fused)
+        loss.backward()
+        results.append((loss.detach(), w.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(3, 40, 150), (2, 72, 24), (1, 32, 32)])
 def test_symmetric_matmul_matches_torch(shape):
     """X X^T (tiles above the diagonal, mirrored), batched, n and k not multiples of the tiles (32 x 32, k in
