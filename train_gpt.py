@@ -1110,7 +1110,7 @@ def fp8_linear_op():
 #              reference: softcap_logits + F.cross_entropy / multi_token_cross_entropy (head_loss).
 #   symmetric  symmetric_matmul: A = X X^T and B = bA + cA^2 (symmetric too) computing only the tiles on and
 #              above the diagonal and mirroring them; reference: polar_step_fused's bmm and baddbmm.
-#   mlp        linear_relu2: relu(x W)^2 in the epilogue of the first MLP matmul (pre and post written at once),
+#   mlp        fused_mlp (matmul_relu2): relu(x W)^2 in the epilogue of the first MLP matmul (pre and post written at once),
 #              and 2 relu(pre) g in the epilogue of the backward one; reference: MLP.forward.
 
 TRITON_KERNELS = ("ce", "symmetric", "mlp")
