@@ -135,6 +135,7 @@ class Config:
     seed: int = field(default=0, metadata={"help": "seed of the weight initialization"})
     device: str = field(default="cuda", metadata={"help": "cuda or cpu"})
     compile: bool = field(default=True, metadata={"help": "torch.compile each block and the head once (regional compilation); compiling always warms up >= 1 untimed step"})
+    triton_kernels: str = field(default="", metadata={"help": "Triton kernels instead of their PyTorch code, comma-separated: ce (fused softcapped cross-entropy with the multi-token weights, forward and backward), symmetric (Muon's XX^T and bA+cA^2 on the tiles above the diagonal, mirrored), mlp (ReLU^2 in the epilogues of the MLP's first matmul and its backward); needs triton, on --device cpu TRITON_INTERPRET=1; not yet A/B-timed on GPUs ('': none)"})
     warmup_steps: int = field(default=3, metadata={"help": "untimed steps that compile every shape, then everything is reset"})
     run_id: str = field(default="", metadata={"help": "log name under --log-dir (default: a random uuid)"})
     log_dir: str = field(default="logs", metadata={"help": "folder of the run logs"})
@@ -321,6 +322,7 @@ def check_config(cfg: Config, world_size: int) -> int:
         raise ConfigError("--val-every, --warmup-steps and --muon-momentum-warmup-steps must be >= 0")
     check_hyperparameter_ranges(cfg)
     check_run_names(cfg)
+    check_triton_kernels(cfg)
     # the first stage's (a staged schedule's later stages may differ: each step takes its own from the schedule)
     batch, seq_len = per_stage(cfg.stage_batch_tokens, 0, cfg, cfg.train_batch_tokens), per_stage(cfg.stage_seq_len, 0, cfg, cfg.train_seq_len)
     return accumulation_steps(batch, seq_len, world_size)
@@ -564,8 +566,11 @@ class MLP(nn.Module):
         # sqrt(max(1, rows/cols)) is 1, as in record #28 (stored (hidden, dim) it would be 2).
         self.fc_w = nn.Parameter(uniform_init_(torch.empty(cfg.model_dim, hidden), cfg.model_dim))
         self.proj_w = nn.Parameter(torch.zeros(cfg.model_dim, hidden))
+        self.fused = "mlp" in kernel_names(cfg)  # --triton-kernels mlp
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            return fused_mlp(x, self.fc_w.type_as(x), self.proj_w.type_as(x))
         return F.linear(F.relu(F.linear(x, self.fc_w.T.type_as(x))).square(), self.proj_w.type_as(x))
 
 
@@ -735,13 +740,16 @@ def flex_token_window_mask(input_ids: Tensor, window_tokens: int) -> BlockMask:
 
 
 def head_loss(x: Tensor, head_w: Tensor, targets: Tensor, logit_cap: float, fp8_scales: tuple | None,
-              mtp_weights: Tensor | None = None, logit_shift: float = 0.0, logit_div: float = 0.0) -> Tensor:
+              mtp_weights: Tensor | None = None, logit_shift: float = 0.0, logit_div: float = 0.0,
+              fused_ce: bool = False) -> Tensor:
     """Summed cross-entropy of softcapped logits. fp8_scales set: the FP8 matmul (Hopper). mtp_weights set:
-    the multi-token loss (multi_token_cross_entropy)."""
+    the multi-token loss (multi_token_cross_entropy). fused_ce: the rest in Triton (softcapped_cross_entropy)."""
     if fp8_scales is not None:
         logits = torch.ops.speedrun_gpt.fp8_linear(x, head_w, *fp8_scales)[0]
     else:
         logits = F.linear(x, head_w.type_as(x))
+    if fused_ce:
+        return softcapped_cross_entropy(logits, targets, mtp_weights, logit_cap, logit_shift, logit_div)
     logits = softcap_logits(logits.float(), logit_cap, logit_shift, logit_div)
     if mtp_weights is None:
         return F.cross_entropy(logits, targets, reduction="sum")
@@ -865,6 +873,7 @@ class GPT(nn.Module):
         """Compile one block's code (reused by every layer with the same structure) and the head, not the
         whole model: far less compile time for the same kernels."""
         allow_block_variants(64)
+        register_kernel_ops(self.cfg)  # --triton-kernels: their custom ops exist before dynamo traces calls to them
         self.block_calls = [torch.compile(block, dynamic=False) for block in self.blocks]
         self.head_loss = torch.compile(head_loss, dynamic=False)
 
@@ -985,6 +994,8 @@ class GPT(nn.Module):
             options.update(logit_shift=self.cfg.logit_shift, logit_div=self.cfg.logit_div)
         if self.training and schedule is not None and tuple(schedule.mtp_weights) != (1.0,):
             options["mtp_weights"] = self.step_mtp_weights(schedule)
+        if "ce" in kernel_names(self.cfg):
+            options["fused_ce"] = True
         return options
 
     def step_mtp_weights(self, schedule: StepSchedule) -> Tensor:
@@ -1086,6 +1097,372 @@ def fp8_linear_op():
 
     fp8_linear.register_autograd(backward, setup_context=setup_context)
     return fp8_linear
+
+
+# -----------------------------------------------------------------------------
+# Kernels: Triton versions of the hot ops, each with its PyTorch reference. Off unless --triton-kernels names
+# them. triton is imported on the first call only (the trainer runs without it), and the kernels are built
+# per mode: compiled for CUDA, or run by the Triton interpreter (TRITON_INTERPRET=1) on CPU tensors, which the
+# tests use. Each op is a custom op (opaque to torch.compile) with its autograd. Compared with the references in
+# tests/test_kernels.py (interpreter, small shapes) and tests/test_gpu.py (CUDA, full shapes).
+#   ce         softcapped_cross_entropy: head logits -> cap*sigmoid((z+shift)/div) -> log-softmax -> the
+#              (multi-token) weighted loss, and its gradient, in two passes over the logits in their own dtype;
+#              reference: softcap_logits + F.cross_entropy / multi_token_cross_entropy (head_loss).
+#   symmetric  symmetric_matmul: A = X X^T and B = bA + cA^2 (symmetric too) computing only the tiles on and
+#              above the diagonal and mirroring them; reference: polar_step_fused's bmm and baddbmm.
+#   mlp        fused_mlp (matmul_relu2): relu(x W)^2 in the epilogue of the first MLP matmul (pre and post written at once),
+#              and 2 relu(pre) g in the epilogue of the backward one; reference: MLP.forward.
+
+TRITON_KERNELS = ("ce", "symmetric", "mlp")
+triton = tl = None  # imported by triton_kernels() on first use
+
+
+def kernel_names(cfg: Config) -> set:
+    return {name.strip() for name in cfg.triton_kernels.split(",") if name.strip()}
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def register_kernel_ops(cfg: Config):
+    """Register the custom ops of the kernels the config names, before torch.compile traces code that calls them."""
+    names = kernel_names(cfg)
+    if "ce" in names:
+        softcapped_ce_op()
+    if "mlp" in names:
+        linear_relu2_op()
+
+
+def check_triton_kernels(cfg: Config):
+    """--triton-kernels: known names, triton importable, and a device the kernels can run on."""
+    names = kernel_names(cfg)
+    unknown = sorted(names - set(TRITON_KERNELS))
+    if unknown:
+        raise ConfigError(f"--triton-kernels {cfg.triton_kernels!r}: unknown {', '.join(unknown)}; choose from {', '.join(TRITON_KERNELS)}")
+    if not names:
+        return
+    if not triton_available():
+        raise ConfigError(f"--triton-kernels {cfg.triton_kernels} needs triton: pip install triton "
+                          f"(the CUDA build of PyTorch bundles it), or leave the flag out")
+    if cfg.device == "cpu" and not triton_interpreting():
+        raise ConfigError(f"--triton-kernels {cfg.triton_kernels} on --device cpu runs only under the Triton interpreter "
+                          f"(TRITON_INTERPRET=1, slow: for tests); leave the flag out on CPU")
+    if "ce" in names and cfg.logit_cap > 80:
+        raise ConfigError(f"--triton-kernels ce sums exp(z - cap) in fp32: --logit-cap {cfg.logit_cap} must be <= 80")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_kernels(interpret: bool) -> dict:
+    """The kernels, built once per mode (the interpreter is chosen when a kernel is decorated). In interpreter
+    mode UPCAST=True casts tiles to fp32 before tl.dot: the interpreter's dot mishandles bf16, and bf16 products
+    are exact in fp32, so this is the GPU's bf16 MMA with fp32 accumulation. The kernels call only triton.language
+    builtins, none of its @triton.jit library functions (tl.sigmoid, tl.sum, tl.zeros, tl.cdiv), which are built
+    in the mode of triton's first import: under the interpreter they fail if triton was imported before
+    TRITON_INTERPRET was set (by torch.compile, say). The one sum is tl.reduce with tl.sum's own combine function,
+    which the interpreter recognizes and never calls."""
+    global triton, tl
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def softcap_ce_forward(logits_ptr, targets_ptr, weights_ptr, loss_ptr, lse_ptr, n_rows, vocab, stride,
+                           cap, shift, div, N_WEIGHTS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        # ROWS rows r per program (1 on GPUs): lse = log sum_v exp(z_v), z = cap*sigmoid((logit + shift)/div) is in
+        # (0, cap), so exp(z - cap) is in (exp(-cap), 1]: no running max. loss_r = sum_k w_k (lse - z[target[r+k]])
+        # over the k with r+k < n_rows (targets past the sequence's end dropped).
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        base = logits_ptr + rows * stride
+        cols = tl.arange(0, BLOCK)
+        sums = tl.full((ROWS, BLOCK), 0.0, tl.float32)
+        for start in range(0, vocab, BLOCK):
+            mask = row_ok[:, None] & (start + cols[None, :] < vocab)
+            logit = tl.load(base[:, None] + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            z = cap / (1.0 + tl.exp(-(logit + shift) / div))
+            sums += tl.where(mask, tl.exp(z - cap), 0.0)
+        lse = cap + tl.log(tl.where(row_ok, tl.reduce(sums, 1, tl.standard._sum_combine), 1.0))  # no log(0) past the end
+        loss = tl.full((ROWS,), 0.0, tl.float32)
+        for k in tl.static_range(N_WEIGHTS):
+            valid = rows + k < n_rows
+            target = tl.load(targets_ptr + rows + k, mask=valid, other=0)
+            logit = tl.load(base + target, mask=valid, other=0.0).to(tl.float32)
+            z = cap / (1.0 + tl.exp(-(logit + shift) / div))
+            loss += tl.where(valid, tl.load(weights_ptr + k) * (lse - z), 0.0)
+        tl.store(loss_ptr + rows, loss, mask=row_ok)
+        tl.store(lse_ptr + rows, lse, mask=row_ok)
+
+    @triton.jit
+    def softcap_ce_backward(logits_ptr, targets_ptr, weights_ptr, lse_ptr, grad_loss_ptr, grad_ptr, n_rows, vocab,
+                            stride, grad_loss_stride, cap, shift, div, N_WEIGHTS: tl.constexpr, ROWS: tl.constexpr,
+                            BLOCK: tl.constexpr):
+        # d loss_r / d logit_v = g_r (sum_k w_k (softmax(z)_v - [target[r+k] = v])) * cap/div * s (1 - s), with
+        # s = sigmoid((logit + shift)/div), over the k with r+k < n_rows; g_r: the gradient of loss_r.
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        base = rows * stride
+        cols = tl.arange(0, BLOCK)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        scale = tl.load(grad_loss_ptr + rows * grad_loss_stride, mask=row_ok, other=0.0).to(tl.float32) * cap / div
+        for start in range(0, vocab, BLOCK):
+            mask = row_ok[:, None] & (start + cols[None, :] < vocab)
+            offsets = base[:, None] + start + cols[None, :]
+            logit = tl.load(logits_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            s = 1.0 / (1.0 + tl.exp(-(logit + shift) / div))
+            p = tl.exp(cap * s - lse[:, None])
+            grad_z = tl.full((ROWS, BLOCK), 0.0, tl.float32)
+            for k in tl.static_range(N_WEIGHTS):
+                valid = rows + k < n_rows
+                target = tl.where(valid, tl.load(targets_ptr + rows + k, mask=valid, other=0), -1)
+                w = tl.where(valid, tl.load(weights_ptr + k), 0.0)
+                grad_z += w[:, None] * (p - tl.where(start + cols[None, :] == target[:, None], 1.0, 0.0))
+            grad = scale[:, None] * grad_z * s * (1.0 - s)
+            tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def symmetric_matmul(x_ptr, out_ptr, n, k, stride_xb, stride_xr, stride_xc, stride_ob, stride_or, stride_oc,
+                         alpha, beta, ADD_INPUT: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+        # out = alpha X X^T (+ beta X: X square) per batch entry; tile (i, j) with j >= i only, stored at (i, j)
+        # and, off the diagonal, transposed at (j, i).
+        pid_i, pid_j, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        if pid_j >= pid_i:
+            x_ptr += batch * stride_xb
+            out_ptr += batch * stride_ob
+            rows_i = pid_i * BLOCK + tl.arange(0, BLOCK)
+            rows_j = pid_j * BLOCK + tl.arange(0, BLOCK)
+            offs_k = tl.arange(0, BLOCK_K)
+            acc = tl.full((BLOCK, BLOCK), 0.0, tl.float32)
+            for start in range(0, k, BLOCK_K):
+                kk = start + offs_k
+                a = tl.load(x_ptr + rows_i[:, None] * stride_xr + kk[None, :] * stride_xc,
+                            mask=(rows_i[:, None] < n) & (kk[None, :] < k), other=0.0)
+                b = tl.load(x_ptr + rows_j[:, None] * stride_xr + kk[None, :] * stride_xc,
+                            mask=(rows_j[:, None] < n) & (kk[None, :] < k), other=0.0)
+                if UPCAST:
+                    a, b = a.to(tl.float32), b.to(tl.float32)
+                acc = tl.dot(a, tl.trans(b), acc)
+            acc = acc * alpha
+            tile_mask = (rows_i[:, None] < n) & (rows_j[None, :] < n)
+            if ADD_INPUT:
+                x_tile = tl.load(x_ptr + rows_i[:, None] * stride_xr + rows_j[None, :] * stride_xc, mask=tile_mask, other=0.0)
+                acc += beta * x_tile.to(tl.float32)
+            result = acc.to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + rows_i[:, None] * stride_or + rows_j[None, :] * stride_oc, result, mask=tile_mask)
+            if pid_j > pid_i:
+                tl.store(out_ptr + rows_j[:, None] * stride_or + rows_i[None, :] * stride_oc, tl.trans(result),
+                         mask=(rows_j[:, None] < n) & (rows_i[None, :] < n))
+
+    @triton.jit
+    def matmul_relu2(a_ptr, b_ptr, out_ptr, aux_ptr, m, n, k, stride_am, stride_ak, stride_bk, stride_bn,
+                     stride_om, stride_on, FORWARD: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        # y = A B, then FORWARD: out = y (pre), aux = relu(y)^2 (post); backward: out = 2 y relu(aux), aux = pre.
+        # out and aux share strides. Tiles ordered in groups of GROUP_M rows of tiles, so B's tiles stay in L2.
+        pid = tl.program_id(0)
+        tiles_m, tiles_n = (m + BLOCK_M - 1) // BLOCK_M, (n + BLOCK_N - 1) // BLOCK_N
+        group = pid // (GROUP_M * tiles_n)
+        first_m = group * GROUP_M
+        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
+        pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for start in range(0, k, BLOCK_K):
+            kk = start + offs_k
+            a = tl.load(a_ptr + rows[:, None] * stride_am + kk[None, :] * stride_ak,
+                        mask=(rows[:, None] < m) & (kk[None, :] < k), other=0.0)
+            b = tl.load(b_ptr + kk[:, None] * stride_bk + cols[None, :] * stride_bn,
+                        mask=(kk[:, None] < k) & (cols[None, :] < n), other=0.0)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+        mask = (rows[:, None] < m) & (cols[None, :] < n)
+        offsets = rows[:, None] * stride_om + cols[None, :] * stride_on
+        dtype = out_ptr.dtype.element_ty
+        if FORWARD:
+            pre = acc.to(dtype)
+            tl.store(out_ptr + offsets, pre, mask=mask)
+            relu = tl.maximum(pre.to(tl.float32), 0.0)
+            tl.store(aux_ptr + offsets, (relu * relu).to(dtype), mask=mask)
+        else:
+            pre = tl.load(aux_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offsets, (2.0 * acc * tl.maximum(pre, 0.0)).to(dtype), mask=mask)
+
+    return dict(softcap_ce_forward=softcap_ce_forward, softcap_ce_backward=softcap_ce_backward,
+                symmetric_matmul=symmetric_matmul, matmul_relu2=matmul_relu2)
+
+
+def kernel(name: str):
+    return triton_kernels(triton_interpreting())[name]
+
+
+def ce_blocks() -> tuple:
+    """(rows, vocabulary columns) per program of the cross-entropy kernels: on GPUs one row per program, in
+    blocks of 2048 columns; under the interpreter, whose cost is per program and per operation, 16 rows of 256."""
+    return (16, 256) if triton_interpreting() else (1, 2048)
+
+
+@functools.lru_cache(maxsize=None)
+def softcapped_ce_op():
+    """Register (once) speedrun_gpt::softcapped_ce: (T, V) logits in any float dtype, (T,) targets, (n,) fp32 weights
+    -> (per-row losses, per-row log-sum-exp), both fp32, with its Triton backward."""
+    if hasattr(torch.ops.speedrun_gpt, "softcapped_ce"):  # registered by an earlier import of this file
+        return torch.ops.speedrun_gpt.softcapped_ce
+
+    @torch.library.custom_op("speedrun_gpt::softcapped_ce", mutates_args=())
+    def softcapped_ce(logits: Tensor, targets: Tensor, weights: Tensor, cap: float, shift: float, div: float) -> tuple[Tensor, Tensor]:
+        logits = logits.contiguous()
+        rows, vocab = logits.shape
+        losses = logits.new_empty(rows, dtype=torch.float32)
+        lse = logits.new_empty(rows, dtype=torch.float32)
+        if rows:
+            block_rows, block = ce_blocks()
+            kernel("softcap_ce_forward")[(-(-rows // block_rows),)](
+                logits, targets.contiguous(), weights.contiguous(), losses, lse, rows, vocab, logits.stride(0),
+                cap, shift, div, N_WEIGHTS=weights.numel(), ROWS=block_rows, BLOCK=block, num_warps=8)
+        return losses, lse
+
+    @softcapped_ce.register_fake
+    def _(logits, targets, weights, cap, shift, div):
+        return logits.new_empty(logits.size(0), dtype=torch.float32), logits.new_empty(logits.size(0), dtype=torch.float32)
+
+    @torch.library.custom_op("speedrun_gpt::softcapped_ce_backward", mutates_args=())
+    def softcapped_ce_backward(grad_losses: Tensor, logits: Tensor, targets: Tensor, weights: Tensor, lse: Tensor,
+                               cap: float, shift: float, div: float) -> Tensor:
+        logits = logits.contiguous()
+        rows, vocab = logits.shape
+        grad = torch.empty_like(logits)
+        if rows:
+            block_rows, block = ce_blocks()
+            kernel("softcap_ce_backward")[(-(-rows // block_rows),)](
+                logits, targets.contiguous(), weights.contiguous(), lse, grad_losses, grad, rows, vocab,
+                logits.stride(0), grad_losses.stride(0), cap, shift, div, N_WEIGHTS=weights.numel(),
+                ROWS=block_rows, BLOCK=block, num_warps=8)
+        return grad
+
+    @softcapped_ce_backward.register_fake
+    def _(grad_losses, logits, targets, weights, lse, cap, shift, div):
+        return torch.empty_like(logits)
+
+    def setup_context(ctx, inputs, output):
+        logits, targets, weights, cap, shift, div = inputs
+        ctx.save_for_backward(logits, targets, weights, output[1])
+        ctx.params = (cap, shift, div)
+
+    def backward(ctx, grad_losses, _grad_lse):
+        logits, targets, weights, lse = ctx.saved_tensors
+        return softcapped_ce_backward(grad_losses, logits, targets, weights, lse, *ctx.params), None, None, None, None, None
+
+    softcapped_ce.register_autograd(backward, setup_context=setup_context)
+    return softcapped_ce
+
+
+def softcapped_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor | None, cap: float, shift: float,
+                             div: float) -> Tensor:
+    """The Triton path of head_loss after its matmul: the summed (weighted multi-token) cross-entropy of
+    cap*sigmoid((logits + shift)/(div or cap/4)); weights None: next-token only."""
+    if weights is None:
+        weights = torch.ones(1, dtype=torch.float32, device=logits.device)
+    if not torch.compiler.is_compiling():
+        softcapped_ce_op()  # registers the op on first use (register_kernel_ops does before compiling)
+    return torch.ops.speedrun_gpt.softcapped_ce(logits, targets, weights.float(), cap, shift, div or cap / 4)[0].sum()
+
+
+def symmetric_matmul(x: Tensor, alpha: float = 1.0, beta: float = 0.0, add_input: bool = False) -> Tensor:
+    """alpha x x^T, plus beta x if add_input (x square and symmetric, so x x^T = x^2): (b, n, k) -> (b, n, n) in
+    x's dtype, fp32 accumulation, rounded once. Reference: torch.bmm(x, x.mT), torch.baddbmm(x, x, x, beta, alpha)."""
+    batch, n, k = x.shape
+    out = x.new_empty(batch, n, n)
+    if triton_interpreting():  # the interpreter's cost is per program and per operation
+        block, block_k, warps = 32, 128, 4
+    else:  # 128 x 128 tiles where they fill an H100's 132 SMs (8 GPUs' (3, 768, 768) grams have 63), else 64 x 64
+        upper_tiles = -(-n // 128) * (-(-n // 128) + 1) // 2
+        block, block_k, warps = (128, 64, 8) if batch * upper_tiles >= 132 else (64, 64, 4)
+    tiles = -(-n // block)
+    kernel("symmetric_matmul")[(tiles, tiles, batch)](
+        x, out, n, k, *x.stride(), *out.stride(), alpha, beta, ADD_INPUT=add_input, UPCAST=triton_interpreting(),
+        BLOCK=block, BLOCK_K=block_k, num_warps=warps, num_stages=3)
+    return out
+
+
+def polar_step_symmetric(x: Tensor, a: float, b: float, c: float) -> Tensor:
+    """polar_step_fused with A = XX^T and bA + cA^2 by symmetric_matmul (--triton-kernels symmetric)."""
+    flat = x.reshape(-1, *x.shape[-2:]).contiguous()
+    gram = symmetric_matmul(flat)
+    poly = symmetric_matmul(gram, alpha=c, beta=b, add_input=True)
+    return torch.baddbmm(flat, poly, flat, beta=a).view(x.shape)
+
+
+def matmul_relu2(a: Tensor, b: Tensor, aux: Tensor | None = None) -> tuple:
+    """Forward (aux None): a @ b -> (pre, relu(pre)^2). Backward (aux = pre): 2 (a @ b) relu(pre)."""
+    m, k = a.shape
+    n = b.size(1)
+    out = a.new_empty(m, n)
+    forward = aux is None
+    aux = a.new_empty(m, n) if forward else aux.contiguous()
+    block_m, block_n, block_k = (32, 64, 64) if triton_interpreting() else (128, 128, 64)
+    grid = (-(-m // block_m) * -(-n // block_n),)
+    kernel("matmul_relu2")[grid](
+        a, b, out, aux, m, n, k, *a.stride(), *b.stride(), *out.stride(), FORWARD=forward,
+        UPCAST=triton_interpreting(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+        num_warps=8, num_stages=3)
+    return (out, aux) if forward else out
+
+
+@functools.lru_cache(maxsize=None)
+def linear_relu2_op():
+    """Register (once) speedrun_gpt::relu2_mlp: relu(x fc_w)^2 proj_w^T with the Triton epilogues (x (T, dim),
+    fc_w and proj_w (dim, hidden) as MLP stores them) -> (out, pre, post); pre and post are kept for the backward."""
+    if hasattr(torch.ops.speedrun_gpt, "relu2_mlp"):
+        return torch.ops.speedrun_gpt.relu2_mlp
+
+    @torch.library.custom_op("speedrun_gpt::relu2_mlp", mutates_args=())
+    def relu2_mlp(x: Tensor, fc_w: Tensor, proj_w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        pre, post = matmul_relu2(x, fc_w)
+        return post @ proj_w.T, pre, post
+
+    @relu2_mlp.register_fake
+    def _(x, fc_w, proj_w):
+        hidden = x.new_empty(x.size(0), fc_w.size(1))
+        return x.new_empty(x.size(0), proj_w.size(0)), hidden, torch.empty_like(hidden)
+
+    @torch.library.custom_op("speedrun_gpt::relu2_mlp_backward", mutates_args=())
+    def relu2_mlp_backward(grad: Tensor, x: Tensor, fc_w: Tensor, proj_w: Tensor, pre: Tensor,
+                           post: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        grad = grad.contiguous()
+        grad_pre = matmul_relu2(grad, proj_w, aux=pre)
+        return grad_pre @ fc_w.T, x.T @ grad_pre, grad.T @ post
+
+    @relu2_mlp_backward.register_fake
+    def _(grad, x, fc_w, proj_w, pre, post):
+        return torch.empty_like(x), torch.empty_like(fc_w), torch.empty_like(proj_w)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, output[1], output[2])
+
+    def backward(ctx, grad, _grad_pre, _grad_post):
+        return relu2_mlp_backward(grad, *ctx.saved_tensors)
+
+    relu2_mlp.register_autograd(backward, setup_context=setup_context)
+    return relu2_mlp
+
+
+def fused_mlp(x: Tensor, fc_w: Tensor, proj_w: Tensor) -> Tensor:
+    """MLP.forward with --triton-kernels mlp: x (..., dim), weights in x's dtype."""
+    if not torch.compiler.is_compiling():
+        linear_relu2_op()  # registers the op on first use (register_kernel_ops does before compiling)
+    return torch.ops.speedrun_gpt.relu2_mlp(x.reshape(-1, x.size(-1)), fc_w, proj_w)[0].view(x.shape)
 
 
 # -----------------------------------------------------------------------------
@@ -1328,8 +1705,9 @@ ORTHOGONALIZERS = {"polar_express": (polar_express_coeffs(), 1.02, 1e-6), "ns5":
                    "polar_express_2026": (polar_express_coeffs(safety=1.0), 1.02, 1e-6)}
 
 
-def orthogonalize(grads: Tensor, method: str = "polar_express") -> Tensor:
-    """Approximate U V^T of each (..., rows, cols) matrix in bf16: X <- aX + (bA + cA^2)X with A = XX^T."""
+def orthogonalize(grads: Tensor, method: str = "polar_express", symmetric: bool = False) -> Tensor:
+    """Approximate U V^T of each (..., rows, cols) matrix in bf16: X <- aX + (bA + cA^2)X with A = XX^T.
+    symmetric: A and bA + cA^2 by the Triton kernel (rounded once per product, as polar_step_fused)."""
     coeffs, norm_safety, eps = ORTHOGONALIZERS[method]
     x = grads.bfloat16()
     transposed = x.size(-2) > x.size(-1)
@@ -1337,6 +1715,7 @@ def orthogonalize(grads: Tensor, method: str = "polar_express") -> Tensor:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) * norm_safety + eps)
     step = polar_step_fused if method in FUSED_ORTHOGONALIZERS else polar_step
+    step = polar_step_symmetric if symmetric else step
     for a, b, c in coeffs:
         x = step(x, a, b, c)
     return x.mT if transposed else x
@@ -1478,6 +1857,7 @@ class DistributedMuon(GradientReduction):
     (the recipe's, shape factor included). Gradients are reduce-scattered so each rank averages only the
     matrices it owns, updates them, and all-gathers the new weights: the bytes of one all-reduce, and
     1/world_size of the optimizer work. param_lrs: (param, lr) as in #28, or (param, lr, matrix shape, decay)."""
+    symmetric_kernels = False  # --triton-kernels symmetric
 
     def __init__(self, param_lrs: list, orthogonalizer: str, comm: Comm, normuon_beta2: float = 0.0,
                  normuon_stats: str = "row"):
@@ -1507,7 +1887,7 @@ class DistributedMuon(GradientReduction):
             wait(handle)
             group.momentum.lerp_(group.grad_shard, 1 - momentum)
             nesterov = group.grad_shard.lerp(group.momentum, momentum)
-            update = orthogonalize(nesterov, self.orthogonalizer)
+            update = orthogonalize(nesterov, self.orthogonalizer, self.symmetric_kernels)
             if self.normuon_beta2 and self.normuon_stats == "row":
                 update = self._even_out_rows(group, update.float())
             elif self.normuon_beta2:
@@ -1761,6 +2141,7 @@ def build_optimizers(model: GPT, cfg: Config, comm: Comm) -> Optimizers:
                 for s in settings if s.optimizer == "muon"]
     adam = DistributedAdam(adam_lrs, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps, comm)
     muon = DistributedMuon(muon_lrs, cfg.orthogonalizer, comm, cfg.normuon_beta2, cfg.normuon_stats)
+    muon.symmetric_kernels = "symmetric" in kernel_names(cfg)
     hooks = OverlapHooks(model, [adam, muon]) if comm.world_size > 1 else None
     split_step = embed_split_step(cfg)
     if split_step >= 0:  # tied from the start (the 2026 schedule): the names are recipe_r2026's
@@ -2538,7 +2919,7 @@ def checkpoint_path(cfg: Config) -> str:
 
 # Settings that do not change the math of a step: a resumed run may change these, and nothing else.
 RESUME_MAY_CHANGE = {"train_files", "val_files", "val_every", "seed", "device", "compile", "warmup_steps", "run_id",
-                     "log_dir", "save_model", "gpu_peak_tflops", "save_every", "checkpoint_dir", "resume"}
+                     "log_dir", "save_model", "gpu_peak_tflops", "save_every", "checkpoint_dir", "resume", "triton_kernels"}
 
 
 def gather_shards(shard: Tensor, comm: Comm) -> Tensor:

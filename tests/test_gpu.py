@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -71,3 +72,121 @@ def test_compiled_flex_attention_with_a_tensor_scale_is_the_float_scale():
             t.grad = None
     for as_float, as_tensor in zip(*results):
         torch.testing.assert_close(as_tensor, as_float, rtol=0, atol=0)
+
+
+# -----------------------------------------------------------------------------
+# Triton kernels (--triton-kernels) compiled, at the record's shapes, against their PyTorch references; the same
+# comparisons run under the interpreter at small shapes in tests/test_kernels.py. On CUDA both sides round fp32 to
+# bf16 to nearest, so a bf16 output may differ by one unit in the last place (relative 2^-7) where the fp32 sums
+# of the two sides straddle a rounding boundary.
+
+BF16_ULP = 2.0 ** -7
+needs_triton = pytest.mark.skipif(not tg.triton_available(), reason="needs triton")
+
+
+@pytest.fixture
+def compiled_triton(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def relative_error(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@needs_triton
+@pytest.mark.parametrize("softcap, weights", [((30.0, 0.0, 0.0), None), ((23.0, 5.0, 7.5), (1.0, 0.5, 0.25)),
+                                              ((23.0, 5.0, 7.5), (1.0, 0.0))])
+def test_fused_cross_entropy_full_vocab_matches_reference(compiled_triton, softcap, weights):
+    """16,384 rows of the 50,304-token vocabulary in bf16 (a third of a 49,152-token training sequence)."""
+    device = torch.device("cuda")
+    g = torch.Generator(device=device).manual_seed(0)
+    rows, vocab = 16_384, 50_304
+    logits = (torch.randn(rows, vocab, device=device, generator=g) * 4).bfloat16()
+    targets = torch.randint(0, vocab, (rows,), device=device, generator=g)
+    targets[100:110] = 7  # repeated targets: several weights on one logit of a row
+    w = None if weights is None else torch.tensor(weights, device=device)
+
+    def run(fn):
+        leaf = logits.detach().clone().requires_grad_()
+        loss = fn(leaf)
+        (loss * 0.5).backward()
+        return loss.detach(), leaf.grad
+
+    def reference(leaf):
+        z = tg.softcap_logits(leaf.float(), *softcap)
+        return F.cross_entropy(z, targets, reduction="sum") if w is None else tg.multi_token_cross_entropy(z, targets, w)
+
+    loss, grad = run(lambda leaf: tg.softcapped_cross_entropy(leaf, targets, w, *softcap))
+    ref_loss, ref_grad = run(reference)
+    assert grad.dtype == torch.bfloat16 and grad.shape == ref_grad.shape
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=0)  # fp32 sums of 16K x 50K terms in other orders
+    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=BF16_ULP, atol=1e-3 * ref_grad.float().abs().max().item())
+    assert relative_error(grad, ref_grad) < 1e-3
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(3, 768, 3072), (24, 768, 3072), (4, 768, 768), (2, 128, 768)])
+def test_symmetric_matmul_full_shapes_match_torch(compiled_triton, shape):
+    """Muon's stacks: MLP (768 x 3072) on 8 GPUs (3, 64 x 64 tiles) and on 1 (24, 128 x 128 tiles), attention
+    (768 x 768), and a matrix of one tile row."""
+    x = torch.randn(*shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0)).bfloat16()
+    x = x / x.norm(dim=(-2, -1), keepdim=True)
+    gram = tg.symmetric_matmul(x)
+    ref = torch.bmm(x, x.mT)
+    torch.testing.assert_close(gram.float(), ref.float(), rtol=BF16_ULP, atol=1e-3 * ref.float().abs().max().item())
+    assert torch.equal(gram, gram.mT) or relative_error(gram, gram.mT) < 1e-3
+    b, c = -22.48329292557795, 15.878769915207462  # the first Polar Express step's
+    poly = tg.symmetric_matmul(gram, alpha=c, beta=b, add_input=True)
+    ref_poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+    assert relative_error(poly, ref_poly) < 2 * BF16_ULP
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(3, 768, 3072), (3, 3072, 768), (4, 768, 768)])
+def test_orthogonalize_with_symmetric_kernels_full_shapes(compiled_triton, shape):
+    grads = torch.randn(*shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    ref = tg.orthogonalize(grads, "polar_express_2026")
+    out = tg.orthogonalize(grads, "polar_express_2026", symmetric=True)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert relative_error(out, ref) < 0.03
+
+
+@needs_triton
+def test_fused_mlp_full_shapes_match_reference(compiled_triton):
+    """One 16,384-token slice at width 768, hidden 3072, bf16 (the GPU's compute dtype)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, 16_384, 768, device="cuda", generator=g).bfloat16()
+    fc_w = (torch.randn(768, 3072, device="cuda", generator=g) / 768 ** 0.5).bfloat16()
+    proj_w = (torch.randn(768, 3072, device="cuda", generator=g) / 3072 ** 0.5).bfloat16()
+    grad_out = torch.randn(1, 16_384, 768, device="cuda", generator=g).bfloat16()
+
+    def run(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, fc_w, proj_w)]
+        out = fn(*leaves)
+        out.backward(grad_out)
+        return [out.detach()] + [t.grad for t in leaves]
+
+    fused = run(tg.fused_mlp)
+    ref = run(lambda a, w1, w2: F.linear(F.relu(F.linear(a, w1.T)).square(), w2))
+    for name, a, b in zip(["out", "grad_x", "grad_fc_w", "grad_proj_w"], fused, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert relative_error(a, b) < 2 * BF16_ULP, name  # the reference rounds pre, post, relu'(pre) g apart
+
+
+@needs_triton
+def test_triton_kernels_flag_in_the_compiled_model(compiled_triton):
+    """--triton-kernels ce,mlp in the compiled bf16 model (custom ops inside torch.compile regions): the same loss
+    and gradients as without, to bf16 precision."""
+    device = torch.device("cuda")
+    inputs, targets = sample_tokens(1024, device)
+    results = []
+    for kernels in ("", "ce,mlp"):
+        model = small_model(device, **({"triton-kernels": kernels} if kernels else {}))
+        model.compile_regions()
+        loss = model(inputs, targets, 4)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (plain_loss, plain_grads), (kernel_loss, kernel_grads) = results
+    assert kernel_loss == pytest.approx(plain_loss, rel=1e-2)
+    for name, grad in plain_grads.items():
+        assert relative_error(kernel_grads[name], grad) < 0.05, name
