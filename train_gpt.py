@@ -1048,6 +1048,37 @@ def fp8_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9) and hasattr(torch, "_scaled_mm")
 
 
+def fp8_scale_tensor(value: float, like: Tensor) -> Tensor:
+    return torch.full((), value, dtype=torch.float32, device=like.device)  # a fill: no host sync
+
+
+def fp8_cast(x: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """x / scale in FP8, rounded once from fp32, as #28's compiled casts do (r28.py 48-52, 75-81): a bf16 x divided
+    in bf16 would be rounded twice (to bf16, then to FP8), which changes about 1 value in 16 (e4m3) or 32 (e5m2)."""
+    return x.float().div(scale).to(dtype)
+
+
+def fp8_backward_matmuls(grad: Tensor, x_f8: Tensor, w_f8: Tensor, x_scale: float, w_scale: float,
+                         grad_scale: float) -> tuple[Tensor, Tensor]:
+    """The head's backward: the logit gradient scaled into e5m2, then grad_x = grad @ w and grad_w = grad^T @ x,
+    the latter computed as (x^T @ grad)^T, #28's orientation (r28.py 90-98: faster for a (50304, 768) weight).
+    Compiled on the GPU (fp8_backward_compiled): the scale-and-cast of the (tokens x vocab) gradient is one pass
+    with no temporary instead of two passes and a bf16 temporary of its full size; the same math either way."""
+    grad_f8 = fp8_cast(grad, grad_scale, torch.float8_e5m2)
+    grad_x = torch._scaled_mm(grad_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16,
+                              scale_a=fp8_scale_tensor(grad_scale, grad), scale_b=fp8_scale_tensor(w_scale, grad),
+                              use_fast_accum=False)
+    grad_w = torch._scaled_mm(x_f8.T.contiguous(), grad_f8.T.contiguous().T, out_dtype=torch.float32,
+                              scale_a=fp8_scale_tensor(x_scale, grad), scale_b=fp8_scale_tensor(grad_scale, grad),
+                              use_fast_accum=False).T
+    return grad_x, grad_w
+
+
+@functools.lru_cache(maxsize=None)
+def fp8_backward_compiled():
+    return torch.compile(fp8_backward_matmuls, dynamic=False)
+
+
 @functools.lru_cache(maxsize=None)
 def fp8_linear_op():
     """Register (once, on first use) the custom op y = x @ w.T in FP8 with its FP8 backward."""
@@ -1055,15 +1086,12 @@ def fp8_linear_op():
     if hasattr(torch.ops.speedrun_gpt, "fp8_linear"):  # registered by an earlier import of this file
         return torch.ops.speedrun_gpt.fp8_linear
 
-    def scale_tensor(value: float, like: Tensor) -> Tensor:
-        return torch.full((), value, dtype=torch.float32, device=like.device)  # a fill: no host sync
-
     @torch.library.custom_op(f"{namespace}::fp8_linear", mutates_args=())
     def fp8_linear(x: Tensor, w: Tensor, x_scale: float, w_scale: float, grad_scale: float) -> tuple[Tensor, Tensor, Tensor]:
-        x_f8 = x.div(x_scale).to(torch.float8_e4m3fn)
-        w_f8 = w.div(w_scale).to(torch.float8_e4m3fn)
-        out = torch._scaled_mm(x_f8, w_f8.T, out_dtype=torch.bfloat16, scale_a=scale_tensor(x_scale, x),
-                               scale_b=scale_tensor(w_scale, x), use_fast_accum=True)
+        x_f8 = fp8_cast(x, x_scale, torch.float8_e4m3fn)
+        w_f8 = fp8_cast(w, w_scale, torch.float8_e4m3fn)
+        out = torch._scaled_mm(x_f8, w_f8.T, out_dtype=torch.bfloat16, scale_a=fp8_scale_tensor(x_scale, x),
+                               scale_b=fp8_scale_tensor(w_scale, x), use_fast_accum=True)
         return out, x_f8, w_f8
 
     @fp8_linear.register_fake
@@ -1074,12 +1102,9 @@ def fp8_linear_op():
     @torch.library.custom_op(f"{namespace}::fp8_linear_backward", mutates_args=())
     def fp8_linear_backward(grad: Tensor, x_f8: Tensor, w_f8: Tensor, x_scale: float, w_scale: float,
                             grad_scale: float) -> tuple[Tensor, Tensor]:
-        grad_f8 = grad.div(grad_scale).to(torch.float8_e5m2)
-        grad_x = torch._scaled_mm(grad_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16,
-                                  scale_a=scale_tensor(grad_scale, grad), scale_b=scale_tensor(w_scale, grad), use_fast_accum=False)
-        grad_w = torch._scaled_mm(grad_f8.T.contiguous(), x_f8.T.contiguous().T, out_dtype=torch.float32,
-                                  scale_a=scale_tensor(grad_scale, grad), scale_b=scale_tensor(x_scale, grad), use_fast_accum=False)
-        return grad_x, grad_w
+        matmuls = fp8_backward_compiled() if grad.is_cuda else fp8_backward_matmuls
+        grad_x, grad_w = matmuls(grad, x_f8, w_f8, x_scale, w_scale, grad_scale)
+        return grad_x, grad_w.contiguous()  # the weight's layout (the gradient would be copied into it anyway)
 
     @fp8_linear_backward.register_fake
     def _(grad, x_f8, w_f8, x_scale, w_scale, grad_scale):
@@ -1947,7 +1972,7 @@ class DistributedAdam(GradientReduction):
 
     SHARD_MIN_NUMEL = 1 << 16
 
-    def __init__(self, param_lrs: list, betas: tuple, eps: float, comm: Comm):
+    def __init__(self, param_lrs: list, betas: tuple, eps: float, comm: Comm, pack_small: bool = True):
         self.betas, self.eps, self.comm, self.step_count = betas, eps, comm, 0
         self.entries = []
         for p, lr, *more in param_lrs:
@@ -1962,7 +1987,22 @@ class DistributedAdam(GradientReduction):
                 grad=torch.empty_like(param_view) if sharded else None,
                 # moments at least fp32 whatever the parameter's dtype (the 2026 value embeddings are bf16)
                 exp_avg=torch.zeros_like(param_view, dtype=moment_dtype(p)),
-                exp_avg_sq=torch.zeros_like(param_view, dtype=moment_dtype(p))))
+                exp_avg_sq=torch.zeros_like(param_view, dtype=moment_dtype(p)),
+                pack=None))
+        # Small replicated tensors (scalars, gates) share one all-reduce per dtype instead of one each: an
+        # average is elementwise, so the packed call gives every element exactly the unpacked value.
+        self.packs = []
+        if pack_small and comm.world_size > 1:
+            by_dtype = {}
+            for i, e in enumerate(self.entries):
+                if not e["sharded"] and e["param"].numel() < self.SHARD_MIN_NUMEL:
+                    by_dtype.setdefault(e["param"].dtype, []).append(i)
+            for members in by_dtype.values():
+                if len(members) > 1:
+                    for i in members:
+                        self.entries[i]["pack"] = len(self.packs)
+                    self.packs.append(dict(members=members, ready=0))
+        self.gathers = []  # the parameter all-gathers of a step whose wait finish_step does
         self.accepting = True  # False: this step only accumulates gradients, so the hooks start no reduction
         self.tied = None  # (head entry, embed entry) while the embedding is the head's transpose
         self._init_reduction([[e["param"]] for e in self.entries])
@@ -1980,6 +2020,11 @@ class DistributedAdam(GradientReduction):
             return
         super()._launch(unit)
 
+    def _reset_reduction(self):
+        super()._reset_reduction()
+        for pack in getattr(self, "packs", ()):
+            pack["ready"] = 0
+
     @torch.no_grad()
     def _start_reduction(self, unit: int):
         e = self.entries[unit]
@@ -1987,8 +2032,22 @@ class DistributedAdam(GradientReduction):
             self._fold_embed_grad()
         if e["sharded"]:
             return self.comm.reduce_scatter_mean(e["grad"], e["param"].grad)
+        if e["pack"] is not None:
+            return self._join_pack(self.packs[e["pack"]])
         e["grad"] = e["param"].grad
         return self.comm.all_reduce_mean(e["grad"])
+
+    def _join_pack(self, pack: dict):
+        """A packed tensor's gradient is final; the last of its pack starts the pack's one all-reduce, and each
+        member's gradient becomes its slice of the reduced buffer (read only after the step's wait)."""
+        pack["ready"] += 1
+        if pack["ready"] < len(pack["members"]):
+            return None
+        members = [self.entries[i] for i in pack["members"]]
+        buffer = torch.cat([e["param"].grad.reshape(-1) for e in members])
+        for e, flat in zip(members, buffer.split([e["param"].numel() for e in members])):
+            e["grad"] = flat.view(e["param"].shape)
+        return self.comm.all_reduce_mean(buffer)
 
     # -- the tied embedding (2026): one tensor trained as the head until the split step
 
@@ -1997,6 +2056,8 @@ class DistributedAdam(GradientReduction):
         (the head's unit waits for both), only the head is updated, and embed copies it after each step."""
         head_unit, embed_unit = self.entry_of(head), self.entry_of(embed)
         as_shape_of(head, embed.shape)  # refuses shapes that cannot tie
+        if self.entries[head_unit]["pack"] is not None or self.entries[embed_unit]["pack"] is not None:
+            raise ValueError("cannot tie tensors small enough to share the packed all-reduce")
         self.tied = (head_unit, embed_unit)
         self.unit_of[id(embed)] = head_unit
         self.unit_sizes[head_unit] = 2
@@ -2035,24 +2096,31 @@ class DistributedAdam(GradientReduction):
     # -- the step
 
     @torch.no_grad()
-    def step(self, lr_mult: float):
+    def step(self, lr_mult: float, wait_gathers: bool = True):
         """Small replicated tensors are updated together with foreach kernels (dozens of scalars and gates
         would otherwise cost a handful of kernel launches each); sharded ones one by one, each all-gather
-        overlapping the next update."""
+        overlapping the next update. wait_gathers False: the all-gathers are left running and finish_step()
+        waits for them, so other work (Muon's step) can be queued first instead of behind them."""
         self.step_count += 1
         skipped = self.tied[1] if self.tied is not None else None
         for handle, e in zip(self.pending, self.entries):
             if not e["sharded"]:
                 wait(handle)
         self._update([e for i, e in enumerate(self.entries) if not e["sharded"] and i != skipped], lr_mult)
-        gathers = []
         for i, (handle, e) in enumerate(zip(self.pending, self.entries)):
             if e["sharded"] and i != skipped:
                 wait(handle)
                 self._update([e], lr_mult)
-                gathers.append(self.comm.all_gather(e["param"].data, e["param_view"].clone()))
-        for handle in gathers:
+                self.gathers.append(self.comm.all_gather(e["param"].data, e["param_view"].clone()))
+        if wait_gathers:
+            self.finish_step()
+
+    @torch.no_grad()
+    def finish_step(self):
+        """Wait for the step's all-gathers; then the tied embedding copies the head."""
+        for handle in self.gathers:
             wait(handle)
+        self.gathers = []
         if self.tied is not None:
             self._copy_head_into_embed()
         self._reset_reduction()
@@ -2162,13 +2230,15 @@ def step_optimizers(opt: Optimizers, model: nn.Module, schedule: StepSchedule):
     if schedule.adam_step:
         opt.adam.reduce_gradients()
     opt.muon.reduce_gradients()
-    if schedule.adam_step:
-        opt.adam.step(schedule.lr_mult)
+    if schedule.adam_step:  # Adam's all-gathers run while Muon computes; its parameters are not Muon's
+        opt.adam.step(schedule.lr_mult, wait_gathers=False)
     else:  # the gradients stay for the next step; a reduction a hook started anyway is linear, so harmless
         for handle in opt.adam.pending:
             wait(handle)
         opt.adam._reset_reduction()
     opt.muon.step(schedule.lr_mult, schedule.muon_momentum)
+    if schedule.adam_step:
+        opt.adam.finish_step()
     if schedule.step == opt.split_step and opt.adam.tied is not None:
         opt.adam.untie()
     if schedule.adam_step:
