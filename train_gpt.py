@@ -112,6 +112,7 @@ class Config:
     fp8_x_max: float = field(default=0.0, metadata={"help": "FP8 head: largest |input| kept, its scale is this/448 (0: sqrt(model_dim), which rms-normed rows never exceed, as #28; 2026: 100)"})
     fp8_w_max: float = field(default=0.875, metadata={"help": "FP8 head: largest |weight| kept, larger ones saturate; its scale is this/448 (#28: 0.875 = 448 x 2^-9; 2026: 1.6)"})
     fp8_grad_max: float = field(default=1.0, metadata={"help": "FP8 head backward: the output gradient's scale is this/448/accumulation steps (#28: 1; 2026: 0.75)"})
+    bf16_embeddings: bool = field(default=False, metadata={"help": "store the embedding tables in bf16, as #28 and the 2026 script do: half the bytes in their reduce-scatters and all-gathers; Adam's moments stay fp32 (the 2026 script's; #28 keeps them bf16), so this is not the default's math"})
     # optimizer
     muon_lr: float = field(default=0.05, metadata={"help": "Muon learning rate (hidden matrices)"})
     muon_momentum: float = field(default=0.95, metadata={"help": "Muon Nesterov momentum after warm-up"})
@@ -2889,6 +2890,10 @@ def setup_distributed(cfg: Config):
 def build_model(cfg: Config, device: torch.device, accumulation: int, logger) -> GPT:
     torch.manual_seed(cfg.seed)  # initialized on the CPU: identical weights on every rank and device
     model = GPT(cfg, max(cfg.train_seq_len, cfg.val_seq_len, *cfg.stage_seq_len)).to(device)
+    if cfg.bf16_embeddings:  # r28.py 889-891, r2026.py 1909-1910; Adam keeps fp32 moments (moment_dtype)
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                module.bfloat16()
     if device.type == "cuda":
         model.compute_dtype, model.use_flex = torch.bfloat16, True
         if cfg.fp8_head and fp8_supported(device):

@@ -190,3 +190,54 @@ def test_triton_kernels_flag_in_the_compiled_model(compiled_triton):
     assert kernel_loss == pytest.approx(plain_loss, rel=1e-2)
     for name, grad in plain_grads.items():
         assert relative_error(kernel_grads[name], grad) < 0.05, name
+
+
+class _NoLog:
+    def log(self, line, console=True):
+        pass
+
+
+def test_timed_steps_have_no_host_syncs_and_no_recompiles():
+    # The timed loop's train_step, compiled, with the FP8 head where the GPU has it: after the warm-up steps no
+    # dynamo recompile (an error here) and no synchronizing CUDA call (set_sync_debug_mode "error" raises on
+    # .item(), a blocking copy to or from the host, nonzero, ...). The batch is built outside, as run_training does.
+    device = torch.device("cuda")
+    cfg = tg.parse_config(["--preset", "tiny", "--device", "cuda", "--compile", "--fp8-head", "--warmup-steps", "2",
+                           "--train-steps", "12", "--train-batch-tokens", "1024", "--train-seq-len", "1024"])
+    torch._dynamo.reset()
+    model = tg.build_model(cfg, device, 1, _NoLog())
+    opt = tg.build_optimizers(model, cfg, tg.Comm())
+    loader = tg.make_train_loader(cfg, tg.resolve_files(cfg.train_files, "--train-files"), 0, 1, device)
+    for step in tg.warmup_steps(cfg):
+        tg.train_step(model, loader.batch_for(tg.schedule_at(step, cfg)), opt, step, cfg)
+    torch.cuda.synchronize()
+    losses = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(2, cfg.train_steps):
+            batch = loader.batch_for(tg.schedule_at(step, cfg))
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                losses.append(tg.train_step(model, batch, opt, step, cfg))
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    loader.close()
+    opt.close()
+    assert all(torch.isfinite(loss) for loss in losses)
+    torch._dynamo.reset()
+
+
+def test_compiled_fp8_backward_on_gpu_equals_eager():
+    # What the head's backward runs on Hopper (the compiled scale-and-cast and matmuls) against the eager formula
+    if not tg.fp8_supported(torch.device("cuda")):
+        pytest.skip("FP8 matmul needs compute capability 8.9+")
+    torch.manual_seed(0)
+    tokens, vocab, dim = 4096, 50304, 768
+    x_scale, w_scale, grad_scale = tg.fp8_head_scales(tg.parse_config([]), 1)  # the record's: 768 x 50304
+    x_f8 = (tg.rms_norm(torch.randn(tokens, dim, device="cuda")) / x_scale).to(torch.float8_e4m3fn)
+    w_f8 = (torch.randn(vocab, dim, device="cuda") * 0.02 / w_scale).to(torch.float8_e4m3fn)
+    grad = (torch.randn(tokens, vocab, device="cuda") * 1e-3).bfloat16()
+    args = (grad, x_f8, w_f8, x_scale, w_scale, grad_scale)
+    eager = tg.fp8_backward_matmuls(*args)
+    compiled = tg.fp8_backward_compiled()(*args)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)

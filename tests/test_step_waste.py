@@ -136,10 +136,11 @@ def test_packing_needs_several_ranks_and_leaves_the_tied_pair_alone():
 
 def fp8_backward_inputs(tokens=256, vocab=512, dim=64):
     torch.manual_seed(0)
-    x_f8 = (tg.rms_norm(torch.randn(tokens, dim)) / tg.fp8_x_scale(dim)).to(torch.float8_e4m3fn)
-    w_f8 = (torch.randn(vocab, dim) * 0.02 / tg.FP8_W_SCALE).to(torch.float8_e4m3fn)
+    x_scale, w_scale, grad_scale = tg.fp8_head_scales(tg.parse_config(["--model-dim", str(dim)]), 1)  # #28's
+    x_f8 = (tg.rms_norm(torch.randn(tokens, dim)) / x_scale).to(torch.float8_e4m3fn)
+    w_f8 = (torch.randn(vocab, dim) * 0.02 / w_scale).to(torch.float8_e4m3fn)
     grad = (torch.randn(tokens, vocab) * 1e-3).bfloat16()  # logit gradients: scaled by 448 into e5m2 range
-    return grad, x_f8, w_f8, tg.fp8_x_scale(dim), tg.FP8_W_SCALE, 1 / 448
+    return grad, x_f8, w_f8, x_scale, w_scale, grad_scale
 
 
 @pytest.mark.parametrize("dtype, scale", [(torch.float8_e4m3fn, 768 ** 0.5 / 448), (torch.float8_e5m2, 1 / 448)])
@@ -209,8 +210,8 @@ def test_no_recompiles_and_no_host_syncs_after_warmup(monkeypatch):
     # one validation, then a reset), then train through the window ramp and a validation with every recompile
     # an error and every host-syncing Tensor method raising inside train_step.
     from torch._dynamo.utils import counters
-    cfg = tg.parse_config(["--preset", "tiny", "--compile", "--warmup-steps", "2", "--train-steps", "12",
-                           "--val-every", "6", "--val-tokens", "1024", "--train-batch-tokens", "1024",
+    cfg = tg.parse_config(["--preset", "tiny", "--compile", "--warmup-steps", "1", "--train-steps", "8",
+                           "--val-every", "4", "--val-tokens", "512", "--train-batch-tokens", "512",
                            "--train-seq-len", "256", "--long-window-layers", "0,3"])
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
@@ -218,7 +219,7 @@ def test_no_recompiles_and_no_host_syncs_after_warmup(monkeypatch):
     counters.clear()
     device = torch.device("cpu")
     model = tg.build_model(cfg, device, tg.accumulation_steps(cfg.train_batch_tokens, cfg.train_seq_len, 1), None)
-    model.fp8_grad_scale = 1 / 448 / 4  # the custom op inside the compiled head, as on Hopper
+    model.fp8_scales = tg.fp8_head_scales(cfg, 2)  # the custom op inside the compiled head, as on Hopper
     tg.fp8_linear_op()
     val_tokens = tg.load_val_tokens(tg.resolve_files(cfg.val_files, "--val-files"), cfg.val_tokens, cfg.vocab_size)
     train_files = tg.resolve_files(cfg.train_files, "--train-files")
@@ -268,3 +269,35 @@ def test_the_host_sync_check_catches_an_item_in_the_step(monkeypatch):
     forbid_host_syncs(monkeypatch)
     with pytest.raises(HostSync, match="Tensor.item"):
         tg.train_step(model, [(ids[:-1], ids[1:])], opt, 0, cfg)
+
+
+# -----------------------------------------------------------------------------
+# --bf16-embeddings: half the bytes of every embedding's reduce-scatter and all-gather; off by default
+
+
+def test_bf16_embeddings_flag_halves_the_table_bytes_and_keeps_the_forward():
+    cfg = tg.parse_config(["--preset", "tiny", "--device", "cpu"])
+    assert not cfg.bf16_embeddings  # the default keeps fp32 tables (the math the #28 comparison checks)
+    default = tg.build_model(cfg, torch.device("cpu"), 1, None)
+    bf16 = tg.build_model(tg.dataclasses.replace(cfg, bf16_embeddings=True), torch.device("cpu"), 1, None)
+    tables = [n for n, m in bf16.named_modules() if isinstance(m, torch.nn.Embedding)]
+    assert tables == ["embed", "value_embeds.0", "value_embeds.1"]
+    for name, p in bf16.named_parameters():
+        is_table = name.split(".weight")[0] in tables
+        assert p.dtype == (torch.bfloat16 if is_table else torch.float32), name
+        same = dict(default.named_parameters())[name].detach()
+        assert torch.equal(p.detach(), same.bfloat16() if is_table else same)
+    # on two ranks the tables are sharded: their gradient shards (what the reduce-scatter fills) are bf16,
+    # Adam's moments fp32
+    adam = tg.build_optimizers(bf16, cfg, tg.Comm(0, 2)).adam
+    embed = adam.entries[adam.entry_of(bf16.embed.weight)]
+    assert embed["sharded"] and embed["grad"].dtype == torch.bfloat16 and embed["exp_avg"].dtype == torch.float32
+    # with bf16 compute (as on the GPU) the forward is unchanged: a bf16 lookup of the rounded table is the
+    # rounded fp32 lookup
+    ids = token_ids(513, [0, 100, 300])
+    with torch.no_grad():
+        for model in (default, bf16):
+            model.lm_head_w.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+            model.compute_dtype = torch.bfloat16
+        losses = [model(ids[:256], ids[1:257], 2) for model in (default, bf16)]
+    assert torch.equal(losses[0], losses[1])
