@@ -226,8 +226,8 @@ def test_timed_steps_have_no_host_syncs_and_no_recompiles():
     torch._dynamo.reset()
 
 
-def test_compiled_fp8_backward_on_gpu_equals_eager():
-    # What the head's backward runs on Hopper (the compiled scale-and-cast and matmuls) against the eager formula
+def test_compiled_fp8_head_on_gpu_equals_eager():
+    # What the head runs on Hopper (the compiled scale-and-casts and matmuls) against the eager formulas
     if not tg.fp8_supported(torch.device("cuda")):
         pytest.skip("FP8 matmul needs compute capability 8.9+")
     torch.manual_seed(0)
@@ -241,3 +241,8 @@ def test_compiled_fp8_backward_on_gpu_equals_eager():
     compiled = tg.fp8_backward_compiled()(*args)
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
+    x, w = tg.rms_norm(torch.randn(tokens, dim, device="cuda")).bfloat16(), torch.randn(vocab, dim, device="cuda") * 0.02
+    eager = tg.fp8_forward_matmul(x, w, x_scale, w_scale)
+    compiled = tg.fp8_forward_compiled()(x, w, x_scale, w_scale)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a, b.view(torch.uint8) if b.element_size() == 1 else b)

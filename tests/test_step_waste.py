@@ -174,14 +174,21 @@ def test_fp8_backward_op_fake_matches_the_real_strides():
     torch.library.opcheck(torch.ops.speedrun_gpt.fp8_linear_backward.default, args, test_utils=("test_faketensor",))
 
 
-def test_compiled_fp8_backward_equals_eager():
-    # What the GPU runs (fp8_backward_compiled) against the eager formula, bit for bit, on CPU with inductor
+def test_compiled_fp8_forward_and_backward_equal_eager():
+    # What the GPU runs (fp8_forward_compiled, fp8_backward_compiled) against the eager formulas, bit for bit,
+    # on CPU with inductor
     torch._dynamo.reset()
     args = fp8_backward_inputs()
     eager = tg.fp8_backward_matmuls(*args)
     compiled = torch.compile(tg.fp8_backward_matmuls, dynamic=False)(*args)
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
+    x = tg.rms_norm(torch.randn(256, 64)).bfloat16()
+    w = torch.randn(512, 64) * 0.02
+    eager = tg.fp8_forward_matmul(x, w, *args[3:5])
+    compiled = torch.compile(tg.fp8_forward_matmul, dynamic=False)(x, w, *args[3:5])
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a, b.view(torch.uint8) if b.element_size() == 1 else b)
     torch._dynamo.reset()
 
 
