@@ -308,3 +308,22 @@ def test_bf16_embeddings_flag_halves_the_table_bytes_and_keeps_the_forward():
             model.compute_dtype = torch.bfloat16
         losses = [model(ids[:256], ids[1:257], 2) for model in (default, bf16)]
     assert torch.equal(losses[0], losses[1])
+
+
+def test_the_recompile_check_catches_a_recompile(monkeypatch):
+    # The check above can fail: a compiled block whose constant changes after the warm-up recompiles, an error.
+    cfg = tg.parse_config(["--preset", "tiny", "--num-layers", "2", "--num-value-embeds", "1", "--long-window-layers", "0"])
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, 512)
+    model.compile_regions()
+    ids = token_ids(257, [0, 100])
+    model(ids[:-1], ids[1:], 2)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        model(ids[:-1], ids[1:], 2)  # the same variants: fine
+        model.blocks[1].attn.scale = 0.2  # a new constant compiled into the block
+        with pytest.raises(Exception, match="[Rr]ecompil"):
+            model(ids[:-1], ids[1:], 2)
+    torch._dynamo.reset()
