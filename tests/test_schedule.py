@@ -264,8 +264,11 @@ def test_train_step_reads_lr_momentum_and_window_from_the_schedule(monkeypatch):
         def reduce_gradients(self):
             pass
 
-        def step(self, lr_mult):
+        def step(self, lr_mult, wait_gathers=True):
             seen["adam"] = lr_mult
+
+        def finish_step(self):
+            pass
 
     class Muon(Adam):
         def step(self, lr_mult, momentum):
