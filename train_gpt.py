@@ -7,10 +7,10 @@ Importing it starts nothing; `python train_gpt.py` (or torchrun) trains.
     torchrun --standalone --nproc_per_node=1 train_gpt.py        # same math on 1 GPU (8 accumulation steps)
     python train_gpt.py --preset tiny --device cpu               # a small model on data/sample/, on CPU
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        train_gpt.py --train-seq-len 24576                       # 16 GPUs: one 24K-token sequence each
+        train_gpt.py --stage-seq-len 8192,16384,24576,24576 --train-seq-len 24576  # 16 GPUs: half-length sequences
 
-The global batch (tokens per optimizer step) is fixed by the config; the number of processes only
-changes how it is split: accumulation steps = train_batch_tokens / (world_size * train_seq_len).
+The global batch (tokens per optimizer step) of each stage is fixed by the config; the number of processes only
+changes how it is split: accumulation steps = stage batch tokens / (world_size * stage sequence length).
 """
 
 from __future__ import annotations
@@ -790,7 +790,8 @@ def allow_block_variants(limit: int):
     """Dynamo compiles one graph per variant of a function (per guard set) and, past its recompile limit (8 by
     default), runs further variants EAGERLY without an error. Blocks vary by kind (attention with or without
     value embeddings, MLP only, layer 0 whose input aliases x0) and by grad mode (train vs validation): 8 for
-    the record, exactly the default limit. The limit only caps how many graphs dynamo keeps; it changes no
+    #28, exactly the default limit; the 2026 recipe has more kinds and one sequence length per stage. The
+    limit only caps how many graphs dynamo keeps; it changes no
     generated code (this is not an inductor option)."""
     dynamo_config = torch._dynamo.config
     if hasattr(dynamo_config, "recompile_limit"):

@@ -15,8 +15,8 @@ What one call does:
      record configuration shortened as the reference was: --train-steps 120 --val-tokens 1966080
      --val-seq-len 49152 (the reference's 40 sequences of 49,152) --val-every 10 (validation is off
      the training clock; every 10 steps so the time to the target loss can be read off). With no
-     --variant the one run is named 'r28': the record configuration is record #28's recipe (the
-     script REFERENCE.md ran), so its proxy loss curve must match the reference's to noise and any
+     --variant the one run is named 'r28': trainer --preset r28, record #28's recipe (the script
+     REFERENCE.md ran), so its proxy loss curve must match the reference's to noise and any
      difference in time is speed. Flags after `--` go to every run; a variant's
      own flags come after them and win.
   3. Prints one row per run as it finishes, then one table with the reference row: ms/step,
@@ -34,7 +34,8 @@ variant per call (a later run in the same call reuses the warm inductor cache un
 close to its 540 s limit (13 validations of 1.97M tokens add ~15 s to the reference's 526 s): a
 run cut off is reported as TIMEOUT with the val points it reached; --val-every 20 saves time.
 
-The 2026 recipe (train_gpt.py --preset r2026) on the same data, validation and target:
+The record configuration, the 2026 recipe (train_gpt.py --preset r2026, the same as no --preset), on the
+same data, validation and target:
 
     python records/benchmark.py --preset r2026 --json logs/benchmark/r2026.json
 
@@ -121,10 +122,11 @@ class Preset:
 
 
 PRESETS = {
-    # The 1xH100 proxy benchmark: the record model, the reference's shortened schedule.
-    "proxy": Preset("record", "cuda", 120, 1_966_080, 49_152, 10, 3.2302),
-    # The 2026 recipe on the same data, validation and target: its staged schedule shrunk to --train-steps
-    # (compressed_schedule_flags), so its time to the reference's loss compares with r28's.
+    # The 1xH100 proxy benchmark: record #28's recipe (trainer --preset r28, the script REFERENCE.md ran), the
+    # reference's shortened schedule.
+    "proxy": Preset("r28", "cuda", 120, 1_966_080, 49_152, 10, 3.2302),
+    # The record (the 2026 recipe) on the same data, validation and target: its staged schedule shrunk to
+    # --train-steps (compressed_schedule_flags), so its time to the reference's loss compares with r28's.
     "r2026": Preset("r2026", "cuda", 120, 1_966_080, 49_152, 10, 3.2302, staged=True),
     # A CPU smoke test of the same code path: the trainer's tiny model on data/sample/.
     "tiny": Preset("tiny", "cpu", 20, 8192, 512, 5, 7.0),
@@ -207,13 +209,13 @@ def build_parser():
 
     run = ap.add_argument_group("runs")
     run.add_argument("--preset", choices=sorted(PRESETS), default="proxy",
-                     help="'proxy': the 1xH100 reference settings (record #28's recipe, run 'r28'); 'r2026': "
-                          "the 2026 recipe (trainer --preset r2026, run 'r2026') on the same data, validation "
+                     help="'proxy': the 1xH100 reference settings (trainer --preset r28, record #28's recipe, run 'r28'); "
+                          "'r2026': the record, the 2026 recipe (run 'r2026'), on the same data, validation "
                           "and target, its staged schedule compressed to --train-steps; 'tiny': the tiny CPU "
                           "model on data/sample (default: %(default)s)")
     run.add_argument("--variant", type=parse_variant, action="append", default=[], metavar='NAME="FLAGS"',
                      help="a named set of extra trainer flags; repeat for an A/B (default: one run named after "
-                          "the recipe: 'r28', the record configuration, or 'r2026' with --preset r2026)")
+                          "the recipe: 'r28', record #28's recipe, or 'r2026' (the record) with --preset r2026)")
     run.add_argument("--repeat", type=int, default=1, metavar="K",
                      help="run every variant K times, in rounds A B A B ... (default: %(default)s)")
     run.add_argument("--nproc", type=int, default=1, metavar="N",

@@ -254,7 +254,7 @@ def test_a_shard_too_small_for_any_step_is_a_data_error(tmp_path):
 def test_warmup_samples_the_steps_around_every_stage_start_as_the_2026_script():
     r2026 = tg.parse_config(["--preset", "r2026"])
     assert tg.warmup_steps(r2026) == [0, 1, 478, 479, 480, 481, 958, 959, 960, 961, 1438, 1439, 1440, 1441]
-    assert tg.warmup_steps(tg.parse_config([])) == [0, 1, 2]  # #28: the first --warmup-steps steps
+    assert tg.warmup_steps(tg.parse_config(["--preset", "r28"])) == [0, 1, 2]  # #28: the first --warmup-steps steps
     assert tg.warmup_steps(staged_cfg("--warmup-steps", "0")) == []
     assert tg.warmup_steps(staged_cfg("--warmup-steps", "1")) == [0, 1, 2, 3, 4, 5, 6, 7]
 
@@ -277,7 +277,7 @@ class Lines:
 def test_summary_counts_the_tokens_of_each_steps_own_batch():
     cfg = tg.parse_config(["--preset", "r2026"])
     assert tg.trained_tokens(1480, cfg) == 480 * (131_072 + 262_144 + 393_216) + 40 * 393_216
-    assert tg.trained_tokens(1695, tg.parse_config([])) == 1695 * 393_216
+    assert tg.trained_tokens(1695, tg.parse_config(["--preset", "r28"])) == 1695 * 393_216
     logger = Lines()
     result = dict(train_ms=1000.0 * 100, val_losses=[(1480, 3.3, 1e5)], launch_to_first_step=None, model=None)
     tg.log_summary(logger, result, cfg, CPU, None)

@@ -1,6 +1,7 @@
-"""The record recipe: which optimizer and effective LR every parameter gets, validation's head, compiled blocks.
+"""The recipes: which optimizer and effective LR every parameter gets, validation's head, compiled blocks.
 
-The table below is written from public record #28's published script (2025-08-23, "SparseAttnGate"):
+The record is the 2026 recipe (its table: tests/test_optimizer_2026.py); `--preset r28` keeps record #28's, and
+the table below is written from public record #28's published script (2025-08-23, "SparseAttnGate"):
 Muon lr 0.05 on every hidden matrix (attention Q/K/V/O, MLP in/out, the attention gates) scaled by
 sqrt(max(1, rows/cols)) of the stored matrix; Adam lr 0.008 with multipliers x75 (token and value
 embeddings), x1 (head), x5 (scalars); betas (0.8, 0.95), eps 1e-10; no weight decay. A change to the recipe
@@ -43,8 +44,8 @@ def expected_row(name):
     return matches[0]
 
 
-def test_record_recipe_is_record_28s_per_parameter():
-    cfg, settings = applied_recipe([])
+def test_r28_preset_is_record_28s_recipe_per_parameter():
+    cfg, settings = applied_recipe(["--preset", "r28"])
     assert len(settings) == 6 + 12 + 11 * 4 + 12 * 2  # globals, x0 mixes, 11 attention layers (4 each), 12 MLPs
     for s in settings:
         optimizer, lr = expected_row(s.name)
@@ -57,7 +58,7 @@ def test_record_recipe_is_record_28s_per_parameter():
 
 
 def test_mlp_input_matrix_is_stored_so_its_shape_factor_is_one():
-    _, settings = applied_recipe([])
+    _, settings = applied_recipe(["--preset", "r28"])
     fc = next(s for s in settings if s.name == "blocks.0.mlp.fc_w")
     assert tuple(fc.param.shape) == (768, 3072) and fc.shape_factor == 1.0
     # the same shape as the MLP output matrix: one Muon group of 24 matrices, a multiple of 8 ranks
@@ -67,21 +68,29 @@ def test_mlp_input_matrix_is_stored_so_its_shape_factor_is_one():
 
 
 def test_each_deviation_from_record_28_is_a_flag():
-    _, settings = applied_recipe(["--mlp-in-lr-mult", "2", "--gates-on-adam"])
+    _, settings = applied_recipe(["--preset", "r28", "--mlp-in-lr-mult", "2", "--gates-on-adam"])
     by_name = {s.name: s for s in settings}
     assert by_name["blocks.3.mlp.fc_w"].effective_lr == pytest.approx(0.1)
     assert by_name["blocks.3.mlp.proj_w"].effective_lr == pytest.approx(0.05)
     assert (by_name["blocks.3.attn.gate_w"].optimizer, by_name["blocks.3.attn.gate_w"].effective_lr) == ("adam", pytest.approx(0.04))
-    assert tg.parse_config(["--orthogonalizer", "polar_express"]).orthogonalizer == "polar_express"
+    assert tg.parse_config(["--preset", "r28", "--orthogonalizer", "polar_express"]).orthogonalizer == "polar_express"
 
 
 def test_print_recipe_shows_the_table(capsys):
-    assert tg.main(["--print-recipe"]) == 0
+    assert tg.main(["--preset", "r28", "--print-recipe"]) == 0
     out = capsys.readouterr().out
     assert "blocks.*.mlp.fc_w" in out and "0-11" in out
     fc_line = next(line for line in out.splitlines() if line.startswith("blocks.*.mlp.fc_w"))
     assert fc_line.split()[3:] == ["muon", "0.05", "1", "0.05"]
     assert "muon: ns5" in out
+
+
+def test_the_record_prints_the_2026_table(capsys):
+    assert tg.main(["--print-recipe"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    assert rows["blocks.*.attn.qk_w"][2:8] == ["2x768x768", "muon", "0.023", "1", "0.023", "-"]
+    assert rows["bigram_embed.weight"][2:6] == ["754560x192", "adam", "0.6", "1"]
+    assert rows["muon:"][1] == "polar_express_2026,"
 
 
 def test_a_parameter_outside_the_recipe_is_refused():

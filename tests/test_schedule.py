@@ -19,8 +19,8 @@ REQUIRED_KEYS = {"step", "stage", "batch_tokens", "seq_len", "max_doc_len", "win
                  "lr_mult", "muon_momentum", "mtp_weights", "adam_step", "embed_tied", "attn_scale"}
 
 
-def record_cfg():
-    return tg.parse_config([])
+def r28_cfg():
+    return tg.parse_config(["--preset", "r28"])
 
 
 def r2026_cfg():
@@ -32,7 +32,7 @@ def run_train_gpt(*args):
 
 
 # -----------------------------------------------------------------------------
-# #28 (the record preset): the window, LR and momentum of the public script at every step
+# #28 (--preset r28): the window, LR and momentum of the public script at every step
 
 
 def r28_long_window_tokens(step: int) -> int:
@@ -46,16 +46,16 @@ def old_long_window_tokens(step: int) -> int:
     return 128 * max(1, math.ceil(1792 * step / 1695 / 128))
 
 
-def test_record_long_window_is_28s_at_every_step_and_not_the_old_formula():
-    cfg = record_cfg()
+def test_r28_long_window_is_28s_at_every_step_and_not_the_old_formula():
+    cfg = r28_cfg()
     ours = [tg.schedule_at(step, cfg).window_long_tokens for step in range(cfg.train_steps + 1)]
     assert ours == [r28_long_window_tokens(step) for step in range(1696)]
     differing = [step for step in range(1696) if ours[step] != old_long_window_tokens(step)]
     assert len(differing) == 409 and differing[0] > 0
 
 
-def test_record_short_window_is_half_the_long_one_rounded_down_and_at_least_one_block():
-    cfg = record_cfg()
+def test_r28_short_window_is_half_the_long_one_rounded_down_and_at_least_one_block():
+    cfg = r28_cfg()
     for step in range(cfg.train_steps + 1):
         schedule = tg.schedule_at(step, cfg)
         long_blocks = schedule.window_long_tokens // 128
@@ -64,8 +64,8 @@ def test_record_short_window_is_half_the_long_one_rounded_down_and_at_least_one_
     assert tg.schedule_at(300, cfg).window_short_tokens == 128  # 3 blocks -> 1 (floor, not 2)
 
 
-def test_record_lr_and_momentum_are_28s_formulas_exactly():
-    cfg = record_cfg()
+def test_r28_lr_and_momentum_are_28s_formulas_exactly():
+    cfg = r28_cfg()
     for step in range(1695):
         progress = step / 1695
         if progress < 1 - 0.45:
@@ -79,8 +79,8 @@ def test_record_lr_and_momentum_are_28s_formulas_exactly():
         assert schedule.muon_momentum == (1 - frac) * 0.85 + frac * 0.95, step
 
 
-def test_record_has_one_stage_next_token_loss_adam_every_step_untied_fixed_scale():
-    cfg = record_cfg()
+def test_r28_has_one_stage_next_token_loss_adam_every_step_untied_fixed_scale():
+    cfg = r28_cfg()
     schedules = [tg.schedule_at(step, cfg) for step in range(cfg.train_steps + 1)]
     assert {s.stage for s in schedules} == {0}
     assert {(s.batch_tokens, s.seq_len, s.max_doc_len) for s in schedules} == {(393_216, 49_152, 49_152)}
@@ -105,13 +105,13 @@ R28_PUBLIC = [  # step, lr_mult, muon_momentum, window_long_tokens
 
 
 @pytest.mark.parametrize("step,lr_mult,momentum,window_long", R28_PUBLIC)
-def test_record_matches_r28_public_numbers(step, lr_mult, momentum, window_long):
-    schedule = tg.schedule_at(step, record_cfg())
+def test_r28_matches_r28_public_numbers(step, lr_mult, momentum, window_long):
+    schedule = tg.schedule_at(step, r28_cfg())
     assert (schedule.lr_mult, schedule.muon_momentum, schedule.window_long_tokens) == (lr_mult, momentum, window_long)
 
 
-def test_record_final_validation_uses_the_window_of_step_1695():
-    cfg = record_cfg()
+def test_r28_final_validation_uses_the_window_of_step_1695():
+    cfg = r28_cfg()
     assert tg.schedule_at(1695, cfg).window_long_tokens == 1792 and tg.window_blocks(1695, cfg) == 14
 
 
@@ -144,7 +144,7 @@ def test_r2026_steps_and_stage_tokens():
     assert tg.stage_tokens(cfg) == [480 * 131_072, 480 * 262_144, 480 * 393_216, 40 * 393_216]
     assert tg.schedule_summary(cfg) == ("schedule: 1480 steps, stage tokens [62,914,560, 125,829,120, 188,743,680, "
                                         "15,728,640], total 393,216,000 tokens")
-    assert tg.schedule_summary(record_cfg()) == "schedule: 1695 steps, stage tokens [666,501,120], total 666,501,120 tokens"
+    assert tg.schedule_summary(r28_cfg()) == "schedule: 1695 steps, stage tokens [666,501,120], total 666,501,120 tokens"
 
 
 # Values of r2026.py's own TrainingSchedule, get_muon_momentum, TrainingManager.advance_schedule (+ the final
@@ -212,8 +212,8 @@ def test_stage_flags_parse_ints_floats_and_per_stage_lists():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--stage-long-window-blocks", "3,7"], "--stage-long-window-blocks: only with a staged schedule"),
-    (["--adam-odd-steps-only"], "--adam-odd-steps-only: only with a staged schedule"),
+    (["--preset", "r28", "--stage-long-window-blocks", "3,7"], "--stage-long-window-blocks: only with a staged schedule"),
+    (["--preset", "r28", "--adam-odd-steps-only"], "--adam-odd-steps-only: only with a staged schedule"),
     (["--preset", "r2026", "--stage-seq-len", "16384,32768,49152"], "--stage-seq-len: one value per stage (4 stages), got 3"),
     (["--preset", "r2026", "--stage-steps", "0,480,960,1480"], "must start at 0 and increase, below --train-steps 1480"),
     (["--preset", "r2026", "--stage-mtp-weights-end", "1,0/1/1/1"], "need the same number"),
@@ -225,8 +225,8 @@ def test_impossible_schedules_are_refused_in_one_line(argv, message):
 
 
 def test_print_schedule_prints_one_json_line_per_step():
-    assert sorted(tg.PRESETS) == ["r2026", "record", "tiny"]  # a new preset joins the list below
-    for preset, steps in [("record", 1695), ("r2026", 1480), ("tiny", 50)]:
+    assert sorted(tg.PRESETS) == ["r2026", "r28", "record", "tiny"]  # a new preset joins the list below
+    for preset, steps in [("record", 1480), ("r2026", 1480), ("r28", 1695), ("tiny", 50)]:
         result = run_train_gpt("--preset", preset, "--print-schedule")
         assert result.returncode == 0 and result.stderr == ""
         lines = [json.loads(line) for line in result.stdout.splitlines()]
@@ -246,7 +246,7 @@ def test_a_staged_schedule_the_model_cannot_follow_is_refused_in_one_line():
 
 def test_train_step_reads_lr_momentum_and_window_from_the_schedule(monkeypatch):
     """train_step must take all three from schedule_at: a schedule with odd values shows up unchanged."""
-    odd = dataclasses.replace(tg.schedule_at(5, record_cfg()), lr_mult=0.37, muon_momentum=0.61, window_long_tokens=5 * 128)
+    odd = dataclasses.replace(tg.schedule_at(5, r28_cfg()), lr_mult=0.37, muon_momentum=0.61, window_long_tokens=5 * 128)
     monkeypatch.setattr(tg, "schedule_at", lambda step, cfg: odd)
     seen = {}
 
@@ -275,7 +275,7 @@ def test_train_step_reads_lr_momentum_and_window_from_the_schedule(monkeypatch):
             seen["muon"] = (lr_mult, momentum)
 
     opt = tg.Optimizers(Adam(), Muon(), None)
-    tg.train_step(Model(), [(torch.zeros(4), torch.zeros(4))], opt, 5, record_cfg())
+    tg.train_step(Model(), [(torch.zeros(4), torch.zeros(4))], opt, 5, r28_cfg())
     assert seen == {"window": 5, "adam": 0.37, "muon": (0.37, 0.61)}
 
 

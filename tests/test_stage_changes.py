@@ -126,10 +126,10 @@ def test_model_reads_the_steps_weights_from_the_table_without_a_new_tensor():
 
 
 def test_fp8_head_scales_of_28_and_2026():
+    r28 = tg.parse_config(["--preset", "r28"])
+    assert tg.fp8_head_scales(r28, 8) == (768 ** 0.5 / 448, 2.0 ** -9, 1 / 448 / 8)  # #28's scales exactly
     record = tg.parse_config([])
-    assert tg.fp8_head_scales(record, 8) == (768 ** 0.5 / 448, 2.0 ** -9, 1 / 448 / 8)  # #28's scales exactly
-    r2026 = tg.parse_config(["--preset", "r2026"])
-    assert tg.fp8_head_scales(r2026, 2) == pytest.approx((100 / 448, 1.6 / 448, 0.75 / 448 / 2), rel=1e-15)
+    assert tg.fp8_head_scales(record, 2) == pytest.approx((100 / 448, 1.6 / 448, 0.75 / 448 / 2), rel=1e-15)
 
 
 def test_train_step_sets_the_fp8_gradient_scale_of_its_own_accumulation(monkeypatch):
@@ -167,7 +167,7 @@ def test_fp8_head_keeps_weights_within_its_range_and_saturates_beyond():
     try:
         exact = (x.float() @ w.T).float()
         outputs = {name: op(x, w, *tg.fp8_head_scales(tg.parse_config(preset), 1))[0].float()
-                   for name, preset in [("28", []), ("2026", ["--preset", "r2026"])]}
+                   for name, preset in [("28", ["--preset", "r28"]), ("2026", [])]}
     except (RuntimeError, NotImplementedError) as error:
         pytest.skip(f"torch._scaled_mm does not run on this build's CPU: {error}")
     def relative_error(out):

@@ -136,7 +136,7 @@ def test_packing_needs_several_ranks_and_leaves_the_tied_pair_alone():
 
 def fp8_backward_inputs(tokens=256, vocab=512, dim=64):
     torch.manual_seed(0)
-    x_scale, w_scale, grad_scale = tg.fp8_head_scales(tg.parse_config(["--model-dim", str(dim)]), 1)  # #28's
+    x_scale, w_scale, grad_scale = tg.fp8_head_scales(tg.parse_config(["--preset", "r28", "--model-dim", str(dim)]), 1)  # #28's
     x_f8 = (tg.rms_norm(torch.randn(tokens, dim)) / x_scale).to(torch.float8_e4m3fn)
     w_f8 = (torch.randn(vocab, dim) * 0.02 / w_scale).to(torch.float8_e4m3fn)
     grad = (torch.randn(tokens, vocab) * 1e-3).bfloat16()  # logit gradients: scaled by 448 into e5m2 range

@@ -254,7 +254,7 @@ def test_fp8_head_matches_bf16_head(device):
     w = (torch.randn(1024, 768, device=device) * 0.02).requires_grad_()
     targets = torch.randint(0, 1024, (256,), device=device)
     results = []
-    for scales in (None, tg.fp8_head_scales(tg.parse_config([]), 1)):  # bf16 path, then FP8
+    for scales in (None, tg.fp8_head_scales(tg.parse_config(["--preset", "r28"]), 1)):  # bf16 path, then FP8
         loss = tg.head_loss(x, w, targets, 30.0, scales)
         loss.backward()
         results.append((loss.item(), x.grad.float().clone(), w.grad.clone()))
@@ -389,7 +389,7 @@ def test_help_lists_every_flag_with_its_default():
     text = " ".join(result.stdout.split())
     for f in tg.dataclasses.fields(tg.Config):
         assert "--" + f.name.replace("_", "-") in text
-    assert "(default: 393216)" in text and "(default: 'ns5')" in text and "(default: 7)" in text
+    assert "(default: 393216)" in text and "(default: 'polar_express_2026')" in text and "(default: 0,480,960,1440)" in text
 
 
 def test_unknown_flag_and_impossible_values_are_refused_in_one_line(tmp_path):
@@ -402,7 +402,12 @@ def test_unknown_flag_and_impossible_values_are_refused_in_one_line(tmp_path):
 
 
 def test_world_sizes_the_batch_cannot_divide_are_refused():
-    cfg = tg.Config()
+    record = tg.Config()  # 8 sequences per step in every stage
+    assert [tg.check_config(record, w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    with pytest.raises(tg.ConfigError, match=r"stage 0: world size 16 x --stage-seq-len 16384 = 262144 tokens does not divide"):
+        tg.check_config(record, 16)
+    assert tg.check_config(tg.dataclasses.replace(record, stage_seq_len=(8192, 16384, 24576, 24576), train_seq_len=24576), 16) == 1
+    cfg = tg.parse_config(["--preset", "r28"])
     assert [tg.check_config(cfg, w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
     with pytest.raises(tg.ConfigError, match=r"world size 16 x --train-seq-len 49152 = 786432 tokens does not divide"):
         tg.check_config(cfg, 16)
@@ -427,8 +432,8 @@ def test_import_starts_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_schedules():
-    cfg = tg.Config()
+def test_r28_schedules():
+    cfg = tg.parse_config(["--preset", "r28"])
     assert tg.lr_multiplier(0, cfg) == 1.0 and tg.lr_multiplier(932, cfg) == 1.0  # flat for 55%
     assert tg.lr_multiplier(cfg.train_steps, cfg) == pytest.approx(0.1)
     assert tg.lr_multiplier(1695 - 381, cfg) == pytest.approx(0.5 + 0.5 * 0.1, abs=2e-3)  # half-way down
