@@ -864,6 +864,7 @@ class GPT(nn.Module):
         self.compute_dtype = torch.float32
         self.use_flex = False
         self.fp8_scales = None  # (input, weight, gradient) scales of the FP8 head, set by the trainer on Hopper
+        self.fused_ce = "ce" in kernel_names(cfg)  # --triton-kernels ce: the head's fused cross-entropy
         self.mtp_weight_table = None  # set by the trainer: every step's multi-token weights on the device
         self.head_loss = head_loss
         self.block_calls = [block.__call__ for block in self.blocks]
@@ -993,7 +994,7 @@ class GPT(nn.Module):
             options.update(logit_shift=self.cfg.logit_shift, logit_div=self.cfg.logit_div)
         if self.training and schedule is not None and tuple(schedule.mtp_weights) != (1.0,):
             options["mtp_weights"] = self.step_mtp_weights(schedule)
-        if "ce" in kernel_names(self.cfg):
+        if self.fused_ce:
             options["fused_ce"] = True
         return options
 
