@@ -136,6 +136,7 @@ class Config:
     seed: int = field(default=0, metadata={"help": "seed of the weight initialization"})
     device: str = field(default="cuda", metadata={"help": "cuda or cpu"})
     compile: bool = field(default=True, metadata={"help": "torch.compile each block and the head once (regional compilation); compiling always warms up >= 1 untimed step"})
+    compile_glue: bool = field(default=False, metadata={"help": "with --compile, compile the code between the compiled blocks too: the attention masks (BlockMask building), the embeddings (smear, bigram, value embeddings, norm) and the final backout and norm; the same math in fewer kernels; not yet A/B-timed on GPUs"})
     triton_kernels: str = field(default="", metadata={"help": "Triton kernels instead of their PyTorch code, comma-separated: ce (fused softcapped cross-entropy with the multi-token weights, forward and backward), symmetric (Muon's XX^T and bA+cA^2 on the tiles above the diagonal, mirrored), mlp (ReLU^2 in the epilogues of the MLP's first matmul and its backward); needs triton, on --device cpu TRITON_INTERPRET=1; not yet A/B-timed on GPUs ('': none)"})
     warmup_steps: int = field(default=3, metadata={"help": "untimed steps that compile every shape, then everything is reset"})
     run_id: str = field(default="", metadata={"help": "log name under --log-dir (default: a random uuid)"})
@@ -321,6 +322,8 @@ def check_config(cfg: Config, world_size: int) -> int:
     check_hyperparameter_ranges(cfg)
     check_run_names(cfg)
     check_triton_kernels(cfg)
+    if cfg.compile_glue and not cfg.compile:
+        raise ConfigError("--compile-glue compiles the code between the compiled blocks: it needs --compile")
     # the first stage's (a staged schedule's later stages may differ: each step takes its own from the schedule)
     batch, seq_len = per_stage(cfg.stage_batch_tokens, 0, cfg, cfg.train_batch_tokens), per_stage(cfg.stage_seq_len, 0, cfg, cfg.train_seq_len)
     return accumulation_steps(batch, seq_len, world_size)
@@ -663,7 +666,7 @@ def document_ids(input_ids: Tensor) -> Tensor:
     return (input_ids == EOT_TOKEN).cumsum(0)
 
 
-def dense_attention_mask(input_ids: Tensor, window_blocks: int) -> Tensor:
+def dense_attention_mask(input_ids: Tensor, window_blocks: int | Tensor) -> Tensor:
     """(T, T) bool: causal, same document, key block within window_blocks of the query block."""
     docs = document_ids(input_ids)
     pos = torch.arange(input_ids.numel(), device=input_ids.device)
@@ -672,21 +675,25 @@ def dense_attention_mask(input_ids: Tensor, window_blocks: int) -> Tensor:
     return causal & in_window & (docs[:, None] == docs[None, :])
 
 
-def flex_block_mask(input_ids: Tensor, window_blocks: int) -> BlockMask:
+def window_tensor(window: int | Tensor, device: torch.device) -> Tensor:
+    """A window as a 0-d device tensor, so a new window never recompiles code that reads it; filled on the
+    device: no host-to-device copy. A tensor (compiled mask building) is taken as it is."""
+    return window if isinstance(window, Tensor) else torch.full((), window, dtype=torch.int64, device=device)
+
+
+def flex_block_mask(input_ids: Tensor, window_blocks: int | Tensor) -> BlockMask:
     """The same mask as dense_attention_mask, as a FlexAttention BlockMask built from block-level facts:
     blocks inside one document are computed without a mask, blocks that straddle documents with one."""
     docs = document_ids(input_ids)
     num_blocks = input_ids.numel() // BLOCK_SIZE
     first_doc, last_doc = docs[0::BLOCK_SIZE], docs[BLOCK_SIZE - 1 :: BLOCK_SIZE]
+    window = window_tensor(window_blocks, input_ids.device)
     q_block = torch.arange(num_blocks, device=input_ids.device)[:, None]
     kv_block = q_block.T
-    visible = (q_block >= kv_block) & (q_block - kv_block < window_blocks) & (last_doc[None, :] >= first_doc[:, None])
+    visible = (q_block >= kv_block) & (q_block - kv_block < window) & (last_doc[None, :] >= first_doc[:, None])
     single_doc = first_doc == last_doc
     full = visible & (q_block > kv_block) & single_doc[:, None] & single_doc[None, :] & (first_doc[:, None] == first_doc[None, :])
     partial = visible & ~full
-
-    # A device tensor, so new window sizes never recompile; filled on the device: no host-to-device sync.
-    window = torch.full((), window_blocks, dtype=torch.int64, device=input_ids.device)
 
     def causal_same_document(b, h, q_idx, kv_idx):  # applied inside partial blocks only
         in_window = q_idx // BLOCK_SIZE - kv_idx // BLOCK_SIZE < window
@@ -700,7 +707,7 @@ def flex_block_mask(input_ids: Tensor, window_blocks: int) -> BlockMask:
     return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=BLOCK_SIZE, mask_mod=causal_same_document)
 
 
-def token_window_mask(input_ids: Tensor, window_tokens: int) -> Tensor:
+def token_window_mask(input_ids: Tensor, window_tokens: int | Tensor) -> Tensor:
     """(T, T) bool, FlashAttention-3's causal window (W, 0) per document: query i sees key j of its document when
     i - W <= j <= i, W + 1 keys with itself (2026)."""
     docs = document_ids(input_ids)
@@ -709,22 +716,22 @@ def token_window_mask(input_ids: Tensor, window_tokens: int) -> Tensor:
     return (behind >= 0) & (behind <= window_tokens) & (docs[:, None] == docs[None, :])
 
 
-def flex_token_window_mask(input_ids: Tensor, window_tokens: int) -> BlockMask:
+def flex_token_window_mask(input_ids: Tensor, window_tokens: int | Tensor) -> BlockMask:
     """token_window_mask as a FlexAttention BlockMask. A block pair is listed when some pair of its positions is
     causal and in the window and the documents could meet; it is full (no mask_mod) when every pair is, inside
     one document."""
     docs = document_ids(input_ids)
     num_blocks = input_ids.numel() // BLOCK_SIZE
     first_doc, last_doc = docs[0::BLOCK_SIZE], docs[BLOCK_SIZE - 1 :: BLOCK_SIZE]
+    window = window_tensor(window_tokens, input_ids.device)
     start = torch.arange(num_blocks, device=input_ids.device) * BLOCK_SIZE
     q_start, kv_start = start[:, None], start[None, :]
     q_end, kv_end = q_start + BLOCK_SIZE - 1, kv_start + BLOCK_SIZE - 1
-    visible = (kv_start <= q_end) & (kv_end >= q_start - window_tokens) & (last_doc[None, :] >= first_doc[:, None])
+    visible = (kv_start <= q_end) & (kv_end >= q_start - window) & (last_doc[None, :] >= first_doc[:, None])
     single_doc = first_doc == last_doc
-    full = ((kv_end <= q_start) & (kv_start >= q_end - window_tokens) & single_doc[:, None] & single_doc[None, :]
+    full = ((kv_end <= q_start) & (kv_start >= q_end - window) & single_doc[:, None] & single_doc[None, :]
             & (first_doc[:, None] == first_doc[None, :]))
     partial = visible & ~full
-    window = torch.full((), window_tokens, dtype=torch.int64, device=input_ids.device)  # no recompile per window
 
     def causal_window_same_document(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (q_idx - kv_idx <= window) & (docs[q_idx] == docs[kv_idx])
@@ -868,14 +875,20 @@ class GPT(nn.Module):
         self.mtp_weight_table = None  # set by the trainer: every step's multi-token weights on the device
         self.head_loss = head_loss
         self.block_calls = [block.__call__ for block in self.blocks]
+        self.masks_call, self.stem_call, self.final_norm_call = self.window_masks, self.stem, self.final_norm
 
     def compile_regions(self):
         """Compile one block's code (reused by every layer with the same structure) and the head, not the
-        whole model: far less compile time for the same kernels."""
+        whole model: far less compile time for the same kernels. --compile-glue: the code between them too,
+        as three small graphs of their own (masks, stem, final norm), so they add little compile time."""
         allow_block_variants(64)
         register_kernel_ops(self.cfg)  # --triton-kernels: their custom ops exist before dynamo traces calls to them
         self.block_calls = [torch.compile(block, dynamic=False) for block in self.blocks]
         self.head_loss = torch.compile(head_loss, dynamic=False)
+        if self.cfg.compile_glue:
+            self.masks_call = torch.compile(self.window_masks, dynamic=False)
+            self.stem_call = torch.compile(self.stem, dynamic=False)
+            self.final_norm_call = torch.compile(self.final_norm, dynamic=False)
 
     def value_embeds_per_layer(self, input_ids: Tensor) -> list:
         tables = [ve(input_ids).to(self.compute_dtype)[None] for ve in self.value_embeds]
@@ -902,21 +915,34 @@ class GPT(nn.Module):
                 block.attn.scale.fill_(schedule.attn_scale)
         self.yarn_windows = windows
 
-    def embeddings(self, input_ids: Tensor, schedule: StepSchedule | None) -> Tensor:
-        """(T, D) token embeddings before the norm. While the schedule ties them (2026, up to the split step) the
-        head's matrix is the embedding table, so both uses train it and embed.weight gets no gradient; the
-        trainer copies the head into it at the split. The smear gate then mixes in the previous token."""
-        if schedule is not None and schedule.embed_tied:
-            x = F.embedding(input_ids, self.lm_head_w)
-        else:
-            x = self.embed(input_ids)
-        x = x.to(self.compute_dtype)
+    def embedding_table(self, schedule: StepSchedule | None) -> Tensor:
+        """While the schedule ties them (2026, up to the split step) the head's matrix is the embedding table, so
+        both uses train it and embed.weight gets no gradient; the trainer copies the head into it at the split."""
+        return self.lm_head_w if schedule is not None and schedule.embed_tied else self.embed.weight
+
+    def embeddings(self, input_ids: Tensor, table: Tensor) -> Tensor:
+        """(T, D) token embeddings before the norm; the smear gate mixes in the previous token."""
+        x = F.embedding(input_ids, table).to(self.compute_dtype)
         if self.cfg.smear_gate:
             x = smear_previous_token(x, self.smear_gate.weight, self.smear_lambda)
         return x
 
-    def unet_layers(self, x0: Tensor, value_embeds: list, masks: list, bigrams: list) -> Tensor:
-        """#28: every block mixes x0 in; the output of layer i is added, weighted, before layer L-1-i (U-net)."""
+    def stem(self, input_ids: Tensor, table: Tensor) -> tuple:
+        """What the layers read besides the masks: (x0 the normed embedding with layer 0's bigram term, each
+        layer's value embedding or None, each layer's bigram term or None). The table is an argument, not an
+        attribute read, so tying and untying reuse one compiled graph (--compile-glue)."""
+        x0, bigrams = self.bigram_injections(input_ids, rms_norm(self.embeddings(input_ids, table)[None]))
+        return x0, self.value_embeds_per_layer(input_ids), bigrams
+
+    def final_norm(self, x: Tensor, backout: Tensor | None) -> Tensor:
+        """(T, D) the head's input: the stream, less lambda x the backout layer's output (2026), normed."""
+        if backout is not None:
+            x = x - self.backout_lambda * backout
+        return rms_norm(x[0])
+
+    def unet_layers(self, x0: Tensor, value_embeds: list, masks: list, bigrams: list) -> tuple:
+        """#28: every block mixes x0 in; the output of layer i is added, weighted, before layer L-1-i (U-net).
+        Returns (the stream, None: no backout)."""
         x = x0
         n_skip, skips = len(self.skip_weights), []
         for i, block_call in enumerate(self.block_calls):
@@ -925,12 +951,12 @@ class GPT(nn.Module):
             x = block_call(x, x0, value_embeds[i], masks[i], bigrams[i])
             if i < n_skip:
                 skips.append(x)
-        return x
+        return x, None
 
-    def scaled_layers(self, x0: Tensor, value_embeds: list, masks: list, bigrams: list) -> Tensor:
+    def scaled_layers(self, x0: Tensor, value_embeds: list, masks: list, bigrams: list) -> tuple:
         """2026: sublayers scaled by lambdas (ScaledBlock); one gated skip from layer FROM into the attention-free
-        layer TO; after backout_layer, every attention reads that layer's output instead of the current stream,
-        and lambda times it is taken out of the stream before the head."""
+        layer TO; after backout_layer, every attention reads that layer's output instead of the current stream
+        (returned with the stream: final_norm takes lambda times it out before the head)."""
         skip_from, skip_to = self.cfg.skip_connection or (-1, -1)
         skip_gate = None
         if self.cfg.skip_connection:  # sigmoid(lambda) * 2 sigmoid(W x0[:12]): (1, T, 1)
@@ -947,9 +973,7 @@ class GPT(nn.Module):
                 skip = x
             if i == self.cfg.backout_layer:
                 backout = x
-        if backout is not None:
-            x = x - self.backout_lambda * backout
-        return x
+        return x, backout
 
     def bigram_features(self, input_ids: Tensor) -> Tensor:
         """(1, T, bigram_dim): the hashed bigram row of each token times its sign pattern."""
@@ -968,12 +992,21 @@ class GPT(nn.Module):
         return x0, [None] + [self.bigram_lambdas[i] * bigram for i in range(1, self.cfg.num_layers)]
 
     def attention_masks(self, input_ids: Tensor, window_blocks: int, schedule: StepSchedule | None = None) -> list:
-        if self.cfg.token_windows:  # 2026: the schedule's windows in tokens (without one: window_blocks and half)
+        """Each layer's mask. The long and short windows: in tokens, the schedule's (2026; without one
+        window_blocks and half of it), or in blocks (#28: window_blocks and half). They go in as device
+        tensors, so a new window is new data, never a recompile of compiled mask building (--compile-glue)."""
+        if self.cfg.token_windows and schedule is not None:
+            windows = schedule.window_long_tokens, schedule.window_short_tokens
+        else:
+            windows = window_blocks, max(1, window_blocks // 2)
+            if self.cfg.token_windows:
+                windows = tuple(blocks * BLOCK_SIZE for blocks in windows)
+        return self.masks_call(input_ids, *(window_tensor(w, input_ids.device) for w in windows))
+
+    def window_masks(self, input_ids: Tensor, long_window: Tensor, short_window: Tensor) -> list:
+        """Each layer's mask for these windows (0-d tensors: tokens with --token-windows, else blocks)."""
+        if self.cfg.token_windows:
             build = flex_token_window_mask if self.use_flex else token_window_mask
-            if schedule is not None:
-                long_window, short_window = schedule.window_long_tokens, schedule.window_short_tokens
-            else:
-                long_window, short_window = window_blocks * BLOCK_SIZE, max(1, window_blocks // 2) * BLOCK_SIZE
             long_mask, short_mask = build(input_ids, long_window), build(input_ids, short_window)
             if self.cfg.paired_head_layers:  # their masks: on the doubled sequence, the window in positions
                 doubled = doubled_sequence(input_ids)
@@ -982,7 +1015,7 @@ class GPT(nn.Module):
                         else long_mask if i in self.cfg.long_window_layers else short_mask for i in range(self.cfg.num_layers)]
         else:
             build = flex_block_mask if self.use_flex else dense_attention_mask
-            long_mask, short_mask = build(input_ids, window_blocks), build(input_ids, max(1, window_blocks // 2))
+            long_mask, short_mask = build(input_ids, long_window), build(input_ids, short_window)
         return [long_mask if i in self.cfg.long_window_layers else short_mask for i in range(self.cfg.num_layers)]
 
     def head_options(self, schedule: StepSchedule | None) -> dict:
@@ -1011,10 +1044,9 @@ class GPT(nn.Module):
         if self.cfg.yarn and schedule is not None:
             self.apply_yarn(schedule)
         masks = self.attention_masks(input_ids, window_blocks, schedule)
-        value_embeds = self.value_embeds_per_layer(input_ids)
-        x0, bigrams = self.bigram_injections(input_ids, rms_norm(self.embeddings(input_ids, schedule)[None]))
+        x0, value_embeds, bigrams = self.stem_call(input_ids, self.embedding_table(schedule))
         layers = self.scaled_layers if self.cfg.residual_lambdas else self.unet_layers
-        x = rms_norm(layers(x0, value_embeds, masks, bigrams)[0])
+        x = self.final_norm_call(*layers(x0, value_embeds, masks, bigrams))
         head_options = self.head_options(schedule)
         if self.training:
             return self.head_loss(x, self.lm_head_w, targets, self.cfg.logit_cap, self.fp8_scales, **head_options)
@@ -3005,7 +3037,8 @@ def checkpoint_path(cfg: Config) -> str:
 
 # Settings that do not change the math of a step: a resumed run may change these, and nothing else.
 RESUME_MAY_CHANGE = {"train_files", "val_files", "val_every", "seed", "device", "compile", "warmup_steps", "run_id",
-                     "log_dir", "save_model", "gpu_peak_tflops", "save_every", "checkpoint_dir", "resume", "triton_kernels"}
+                     "log_dir", "save_model", "gpu_peak_tflops", "save_every", "checkpoint_dir", "resume", "triton_kernels",
+                     "compile_glue"}
 
 
 def gather_shards(shard: Tensor, comm: Comm) -> Tensor:

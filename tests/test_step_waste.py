@@ -211,15 +211,17 @@ def forbid_host_syncs(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, raiser)
 
 
-def test_no_recompiles_and_no_host_syncs_after_warmup(monkeypatch):
+@pytest.mark.parametrize("glue", [[], ["--compile-glue"]], ids=["blocks", "glue"])
+def test_no_recompiles_and_no_host_syncs_after_warmup(monkeypatch, glue):
     # The tiny preset compiled (dynamo's eager backend: the same graphs, guards and recompiles as inductor, in
     # seconds), with the FP8 head's custom op as on Hopper. Warm up as run_training does (its warm-up steps and
     # one validation, then a reset), then train through the window ramp and a validation with every recompile
-    # an error and every host-syncing Tensor method raising inside train_step.
+    # an error and every host-syncing Tensor method raising inside train_step. With --compile-glue the masks,
+    # the stem and the final norm are compiled too, and the window ramp must not recompile mask building.
     from torch._dynamo.utils import counters
     cfg = tg.parse_config(["--preset", "tiny", "--compile", "--warmup-steps", "1", "--train-steps", "8",
                            "--val-every", "4", "--val-tokens", "512", "--train-batch-tokens", "512",
-                           "--train-seq-len", "256", "--long-window-layers", "0,3"])
+                           "--train-seq-len", "256", "--long-window-layers", "0,3", *glue])
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
     torch._dynamo.reset()
