@@ -180,6 +180,29 @@ def test_2026_polar_express_uses_the_scripts_undivided_coefficients(shape):
     assert relative_error(out, polar_express_fp32(grads, tg.polar_express_coeffs())) > 0.1
 
 
+def test_bf16_products_on_a_cpu_are_the_exact_products_rounded_once(monkeypatch):
+    # The orthogonalizer's bf16 matmuls on a CPU run in fp32 and round once (a GPU's bf16 matmul: fp32
+    # accumulation); within one bf16 unit of the exact product everywhere, and mostly the exact product rounded.
+    gen = torch.Generator().manual_seed(3)
+    x, y, acc = (torch.randn(*shape, generator=gen).bfloat16() for shape in ((4, 48, 64), (4, 64, 40), (4, 48, 40)))
+    exact = x.double() @ y.double()
+    got = tg.product(x, y)
+    assert got.dtype == torch.bfloat16
+    assert (got.double() == exact.bfloat16().double()).float().mean().item() > 0.99
+    assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-30).all()
+    fused = tg.add_product(acc, x, y, beta=0.5, alpha=-1.5)  # beta acc + alpha x y rounded once, not twice
+    exact_fused = 0.5 * acc.double() - 1.5 * exact
+    assert (fused.double() == exact_fused.bfloat16().double()).float().mean().item() > 0.99
+    twice = (0.5 * acc + (-1.5 * (x @ y).double()).bfloat16()).double()  # the product rounded before the add
+    assert (twice != exact_fused.bfloat16().double()).any()  # rounding twice is seen at this size
+    # and torch's own bf16 CPU kernels agree: the orthogonalizer's output moves by bf16 noise only
+    grads = torch.randn(3, 64, 160, generator=gen)
+    emulated = tg.orthogonalize(grads, "polar_express_2026").float()
+    monkeypatch.setattr(tg, "emulate_bf16_matmul", lambda x: False)
+    native = tg.orthogonalize(grads, "polar_express_2026").float()
+    assert relative_error(emulated, native) < 0.02
+
+
 # -----------------------------------------------------------------------------
 # NorMuon: momentum, Polar Express, variance reduction, cautious decay
 
