@@ -315,11 +315,11 @@ def run_trainer(args, nproc):
 
 
 def test_staged_run_two_processes_equal_one_across_a_stage_boundary(tmp_path):
-    """#28's model on a two-stage schedule: stage 0 packs 2 sequences of 512 tokens (documents cut at 128), stage 1
-    4 of 1024 (cut at 256). 1 process: 2 then 4 accumulation steps; 2 processes: 1 then 2. The 1-process run also
+    """#28's model on a two-stage schedule: stage 0 packs 2 sequences of 256 tokens (documents cut at 128), stage 1
+    4 of 512 (cut at 256). 1 process: 2 then 4 accumulation steps; 2 processes: 1 then 2. The 1-process run also
     warms up on steps sampled around the stage start, then resets."""
-    staged = ["--stage-steps", "0,2", "--train-steps", "4", "--val-every", "2", "--stage-batch-tokens", "1024,4096",
-              "--stage-seq-len", "512,1024", "--stage-max-doc-len", "128,256", "--stage-short-window-blocks", "1,2",
+    staged = ["--stage-steps", "0,2", "--train-steps", "4", "--val-every", "2", "--stage-batch-tokens", "512,2048",
+              "--stage-seq-len", "256,512", "--stage-max-doc-len", "128,256", "--stage-short-window-blocks", "1,2",
               "--stage-long-window-blocks", "2,4", "--stage-lr-mult", "1,1.2", "--stage-mtp-weights-start", "1/1",
               "--stage-mtp-weights-end", "1/1"]
 
