@@ -15,7 +15,8 @@
 # Device call:  command "bash records/gpu_session.sh smoke", carry [".gpu"], timeout_s 590.
 # Everything lands in $OUT (the device tool's folder; logs/gpu_session/ elsewhere): PART.log, the whole console,
 # the benchmark's DATE-PART.json (GPU name, commit, figures), which belongs under records/benchmarks/ once
-# reported, and runs/: each trainer log (<run_id>.txt) and its console (<run_id>.out). Loss figures on the proxy corpus are proxy figures, never FineWeb ones.
+# reported, and runs/: each trainer log (<run_id>.txt) and its console (<run_id>.out). Loss figures on the
+# proxy corpus are proxy figures, never FineWeb ones.
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

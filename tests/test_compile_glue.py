@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from test_stage_changes import small_2026, token_ids
+from test_stage_changes import graph_counting, small_2026, token_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -136,16 +136,7 @@ def test_glue_adds_no_graph_at_the_split_the_extension_or_a_later_validation(mon
     model = perturbed_model(cfg)
     compile_with(monkeypatch, "eager")
     model.compile_regions()
-    ids = token_ids(1000)
-
-    def train(step):
-        schedule = tg.schedule_at(step, cfg)
-        model(ids[: schedule.seq_len], ids[1 : schedule.seq_len + 1], 0, schedule=schedule).backward()
-        return counters["stats"]["unique_graphs"]
-
-    def validate(step):
-        tg.evaluate(model, ids.numpy().astype("uint16"), cfg, step, tg.Comm(), torch.device("cpu"))
-        return counters["stats"]["unique_graphs"]
+    train, validate = graph_counting(model, cfg, token_ids(1000))
 
     with_tied = train(8)
     assert tg.schedule_at(8, cfg).embed_tied and not tg.schedule_at(10, cfg).embed_tied

@@ -232,14 +232,8 @@ def test_compiled_glue_on_gpu_trains_as_eager_glue(monkeypatch):
     # same model without them: the 2026 structure in 4 layers at 2,048 and 4,096 tokens, tied (stage 0,
     # multi-token weights) and untied (stage 2). The blocks and head run on dynamo's eager backend in both, so
     # only the glue is compiled by inductor (seconds, not minutes). bf16: loss within 1e-3, gradients 2e-2.
-    real_compile = torch.compile
-
-    def compile_(fn, **kwargs):
-        if "backend" not in kwargs:
-            glue = getattr(fn, "__name__", "") in ("window_masks", "stem", "final_norm")
-            kwargs["backend"] = "inductor" if glue else "eager"
-        return real_compile(fn, **kwargs)
-    monkeypatch.setattr(torch, "compile", compile_)
+    from test_compile_glue import compile_with
+    compile_with(monkeypatch, "inductor")
     device = torch.device("cuda")
     args = ["--preset", "r2026", "--device", "cuda", "--compile", "--model-dim", "256", "--num-heads", "2",
             "--head-dim", "128", "--num-layers", "4", "--no-attn-layers", "2", "--long-window-layers", "0,3",

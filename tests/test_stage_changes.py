@@ -34,6 +34,22 @@ def token_ids(n):
     return ids
 
 
+def graph_counting(model, cfg, ids):
+    """(train, validate): train(step) runs a forward and backward at that step's schedule, validate(step) a
+    validation; each returns the number of graphs dynamo has compiled so far."""
+    from torch._dynamo.utils import counters
+
+    def train(step):
+        schedule = tg.schedule_at(step, cfg)
+        model(ids[: schedule.seq_len], ids[1 : schedule.seq_len + 1], 0, schedule=schedule).backward()
+        return counters["stats"]["unique_graphs"]
+
+    def validate(step):
+        tg.evaluate(model, ids.numpy().astype("uint16"), cfg, step, tg.Comm(), torch.device("cpu"))
+        return counters["stats"]["unique_graphs"]
+    return train, validate
+
+
 def test_yarn_scale_is_one_buffer_updated_in_place_per_stage():
     cfg = small_2026()
     model = tg.GPT(cfg, 768)
@@ -81,16 +97,7 @@ def test_extension_stage_and_later_validation_reuse_every_compiled_graph(monkeyp
     real_compile = torch.compile  # the same graphs and guards as inductor's, in seconds
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
     model.compile_regions()
-    ids = token_ids(1000)
-
-    def train(step):
-        schedule = tg.schedule_at(step, cfg)
-        model(ids[: schedule.seq_len], ids[1 : schedule.seq_len + 1], 0, schedule=schedule).backward()
-        return counters["stats"]["unique_graphs"]
-
-    def validate(step):
-        tg.evaluate(model, ids.numpy().astype("uint16"), cfg, step, tg.Comm(), torch.device("cpu"))
-        return counters["stats"]["unique_graphs"]
+    train, validate = graph_counting(model, cfg, token_ids(1000))
 
     stage_2 = train(9)
     assert tg.schedule_at(13, cfg).attn_scale != tg.schedule_at(9, cfg).attn_scale
