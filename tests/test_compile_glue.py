@@ -39,19 +39,19 @@ def perturbed_model(cfg, seed=0):
 
 def test_compile_glue_needs_compile():
     with pytest.raises(tg.ConfigError, match="--compile-glue .* needs --compile"):
-        tg.check_config(tg.parse_config(["--preset", "tiny", "--compile-glue"]), 1)
+        tg.check_config(tg.parse_config(["--preset", "tiny", "--compile-glue", "--no-compile"]), 1)
     assert not tg.Config().compile_glue  # off in the record until a GPU A/B times it
 
 
-@pytest.mark.parametrize("preset", ["r2026", "tiny"])
-def test_each_glue_piece_is_one_graph_without_breaks(monkeypatch, preset):
+@pytest.mark.parametrize("step", [1, 10])
+def test_each_glue_piece_is_one_graph_without_breaks(monkeypatch, step):
     # The glue adds exactly three graphs to a training step (masks, stem, final norm): a graph break would split
-    # one into two and run the rest eagerly.
+    # one into two and run the rest eagerly. Tied with multi-token weights (stage 0) and untied (stage 2).
     from torch._dynamo.utils import counters
-    cfg = small_2026() if preset == "r2026" else tg.parse_config(["--preset", "tiny", "--long-window-layers", "0,3"])
+    cfg = small_2026()
     ids = token_ids(1000)
-    schedule = tg.schedule_at(1, cfg)
-    seq_len = schedule.seq_len or 512
+    schedule = tg.schedule_at(step, cfg)
+    seq_len = schedule.seq_len
     compile_with(monkeypatch, "eager")
     graphs = {}
     for glue in (False, True):
@@ -59,7 +59,7 @@ def test_each_glue_piece_is_one_graph_without_breaks(monkeypatch, preset):
         counters.clear()
         model = perturbed_model(tg.dataclasses.replace(cfg, compile=True, compile_glue=glue))
         model.compile_regions()
-        model(ids[:seq_len], ids[1 : seq_len + 1], 2, schedule=schedule if preset == "r2026" else None).backward()
+        model(ids[:seq_len], ids[1 : seq_len + 1], schedule).backward()
         graphs[glue] = counters["stats"]["unique_graphs"]
         assert not counters["graph_break"], dict(counters["graph_break"])
     assert graphs[True] - graphs[False] == 3
@@ -82,7 +82,7 @@ def test_compiled_glue_trains_as_eager_on_the_2026_structure(monkeypatch):
         losses, grads = [], []
         for model in (eager, compiled):
             model.zero_grad(set_to_none=True)
-            loss = model(ids[: schedule.seq_len], ids[1 : schedule.seq_len + 1], 0, schedule=schedule)
+            loss = model(ids[: schedule.seq_len], ids[1 : schedule.seq_len + 1], schedule)
             loss.backward()
             losses.append(loss.detach())
             grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
@@ -95,14 +95,13 @@ def test_compiled_glue_trains_as_eager_on_the_2026_structure(monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("token_windows", [True, False])
-def test_compiled_block_masks_are_the_eager_masks_for_every_window(monkeypatch, token_windows):
+def test_compiled_block_masks_are_the_eager_masks_for_every_window(monkeypatch):
     # FlexAttention's BlockMasks built by inductor-generated code, for several windows (0-d tensors: one graph for
     # all of them), against the eager ones: every index tensor equal, and the same attention out of them.
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
-    cfg = small_2026("--compile") if token_windows else tg.parse_config(["--preset", "tiny", "--long-window-layers", "0,3", "--compile"])
+    cfg = small_2026("--compile")
     eager = perturbed_model(cfg)
     compiled = perturbed_model(tg.dataclasses.replace(cfg, compile_glue=True))
     for model in (eager, compiled):
@@ -112,7 +111,9 @@ def test_compiled_block_masks_are_the_eager_masks_for_every_window(monkeypatch, 
     ids = token_ids(1000)[:513]
     for window_blocks in (1, 2, 3):
         graphs = counters["stats"]["unique_graphs"]
-        masks = [compiled.attention_masks(ids[:-1], window_blocks), eager.attention_masks(ids[:-1], window_blocks)]
+        schedule = tg.dataclasses.replace(tg.schedule_at(0, cfg), window_long_tokens=128 * window_blocks,
+                                          window_short_tokens=64 * window_blocks, mtp_weights=(1.0,))
+        masks = [compiled.attention_masks(ids[:-1], schedule), eager.attention_masks(ids[:-1], schedule)]
         # one graph for the first window; a new window is data, not a recompile
         assert counters["stats"]["unique_graphs"] - graphs == (window_blocks == 1)
         assert len(masks[0]) == len(masks[1]) == cfg.num_layers
@@ -121,7 +122,7 @@ def test_compiled_block_masks_are_the_eager_masks_for_every_window(monkeypatch, 
             for a, b in zip(eager_mask.as_tuple()[:-1], compiled_mask.as_tuple()[:-1]):  # all but mask_mod
                 assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
         with torch.no_grad():  # FlexAttention has no CPU backward
-            losses = [model(ids[:-1], ids[1:], window_blocks) for model in (eager, compiled)]
+            losses = [model(ids[:-1], ids[1:], schedule) for model in (eager, compiled)]
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
     torch._dynamo.reset()
 

@@ -1,5 +1,5 @@
-"""The 2026-05-20 record's model components (--preset r2026), each against an oracle written from its definition,
-and each off by default (record #28's model unchanged)."""
+"""The record's model components, each against an oracle written from its definition; each can be switched off
+for an ablation, so a test turns on only what it checks."""
 
 import os
 import sys
@@ -13,10 +13,19 @@ import train_gpt as tg  # noqa: E402
 
 
 def tiny_cfg(*extra):
-    """A CPU-sized model: 4 layers of width 64, 2 heads of 32, no attention in layer 2."""
+    """A CPU-sized model: 4 layers of width 64, 2 heads of 32, no attention in layer 2, long windows on 0 and 3;
+    every component that an ablation flag switches off is off, so each test turns on what it checks."""
     return tg.parse_config(["--preset", "tiny", "--num-layers", "4", "--model-dim", "64", "--num-heads", "2",
                             "--head-dim", "32", "--no-attn-layers", "2", "--long-window-layers", "0,3",
-                            "--num-value-embeds", "1", "--train-seq-len", "256", "--val-seq-len", "256", *extra])
+                            "--paired-head-layers", "", "--value-embed-layers", "", "--skip-connection", "",
+                            "--backout-layer", "-1", "--bigram-rows", "0", "--no-smear-gate", "--no-key-offset",
+                            "--val-seq-len", "256", *extra])
+
+
+def at(cfg, long_tokens=256, short_tokens=128, mtp_weights=(1.0,), tied=True, step=0):
+    """Step `step`'s schedule with these windows (tokens), multi-token weights and tying."""
+    return tg.dataclasses.replace(tg.schedule_at(step, cfg), window_long_tokens=long_tokens,
+                                  window_short_tokens=short_tokens, mtp_weights=mtp_weights, embed_tied=tied)
 
 
 def token_ids(n, seed=0, high=50304, bos_at=()):
@@ -67,9 +76,10 @@ def test_bigram_sign_table_is_a_fixed_buffer_of_plus_minus_one_from_the_seed():
     assert torch.count_nonzero(a.bigram_embed.weight) == 0 and a.bigram_lambdas.tolist() == pytest.approx([0.05] * 4)
 
 
-def test_bigram_off_by_default():
+def test_bigram_rows_zero_removes_the_table():
     names = dict(tg.GPT(tiny_cfg(), 256).named_parameters())
     assert not any("bigram" in name for name in names)
+    assert any("bigram" in name for name in dict(tg.GPT(tg.parse_config(["--preset", "tiny"]), 256).named_parameters()))
 
 
 def test_bigram_terms_reach_layer_0_through_x0_and_later_attention_layers_after_attention():
@@ -87,13 +97,13 @@ def test_bigram_terms_reach_layer_0_through_x0_and_later_attention_layers_after_
     inputs = []
 
     def recording(block):
-        def call(x, x0, value_embed, mask, bigram):
+        def call(x, x0, attn_input, value_embed, mask, bigram, *lambdas_and_rope):
             inputs.append((x, x0, bigram))
-            return block(x, x0, value_embed, mask, bigram)
+            return block(x, x0, attn_input, value_embed, mask, bigram, *lambdas_and_rope)
         return call
 
     model.block_calls = [recording(block) for block in model.blocks]
-    model(ids[:-1].contiguous(), ids[1:].long(), 2)
+    model(ids[:-1].contiguous(), ids[1:].long(), at(cfg))
     ids = ids[:-1]
     # oracle: table row of the hash times the sign row of the XOR, on the first 16 of 64 channels
     rows, signs = tg.bigram_hash(ids, 101), tg.bigram_sign_index(ids, 64)
@@ -110,15 +120,17 @@ def test_bigram_terms_reach_layer_0_through_x0_and_later_attention_layers_after_
     # inside a block: added right after the attention output, before the MLP; not at all without attention
     block = model.blocks[1]
     x = torch.randn(1, 255, 64)
-    mask = tg.dense_attention_mask(ids, 2)
+    mask = tg.token_window_mask(ids, 128)
     term = 0.3 * torch.randn(1, 255, 16)
-    h = block.x0_mix[0] * x + block.x0_mix[1] * embedded
-    h = h + block.attn(tg.rms_norm(h), None, mask)
+    resid, post, x0_lambda = torch.tensor([0.9, 1.1]), torch.tensor([1.2, 0.8]), torch.tensor(0.3)
+    rope = model.rotary.cos, model.rotary.sin
+    h = resid[0] * x + post[0] * block.attn(tg.rms_norm(x), None, mask, *rope) + x0_lambda * embedded
     h = h + F.pad(term, (0, 48))
-    expected = h + block.mlp(tg.rms_norm(h))
-    torch.testing.assert_close(block(x, embedded, None, mask, term), expected)
+    expected = resid[1] * h + post[1] * block.mlp(tg.rms_norm(h))
+    torch.testing.assert_close(block(x, embedded, x, None, mask, term, resid, post, x0_lambda, *rope), expected)
     no_attn = model.blocks[2]
-    torch.testing.assert_close(no_attn(x, embedded, None, mask, term), no_attn(x, embedded, None, mask, None))
+    torch.testing.assert_close(no_attn(x, embedded, x, None, mask, term, resid, post, x0_lambda, *rope),
+                               no_attn(x, embedded, x, None, mask, None, resid, post, x0_lambda, *rope))
 
 
 def test_bigram_gradient_reaches_exactly_the_hashed_rows():
@@ -128,7 +140,7 @@ def test_bigram_gradient_reaches_exactly_the_hashed_rows():
     with torch.no_grad():
         model.lm_head_w.normal_(0, 0.02)
     ids = token_ids(257, bos_at=[0])
-    model(ids[:-1].contiguous(), ids[1:].long(), 2).backward()
+    model(ids[:-1].contiguous(), ids[1:].long(), at(cfg)).backward()
     touched = set(torch.nonzero(model.bigram_embed.weight.grad.abs().sum(-1)).flatten().tolist())
     assert touched == set(tg.bigram_hash(ids[:-1], 4099).tolist())
 
@@ -157,7 +169,7 @@ def test_multi_token_loss_is_the_weighted_sum_of_shifted_cross_entropies(weights
     assert got.item() == pytest.approx(naive_multi_token_loss(logits, targets, weights).item(), rel=1e-5)
 
 
-def test_head_squash_2026_and_28():
+def test_head_squash():
     torch.manual_seed(0)
     x, w = torch.randn(16, 32), torch.randn(40, 32) * 0.3
     targets = torch.randint(0, 40, (16,))
@@ -165,9 +177,6 @@ def test_head_squash_2026_and_28():
     squashed_2026 = 23 * torch.sigmoid((u + 5) / 7.5)
     got = tg.head_loss(x, w, targets, 23.0, None, logit_shift=5.0, logit_div=7.5)
     assert got.item() == pytest.approx(F.cross_entropy(squashed_2026, targets, reduction="sum").item(), rel=1e-5)
-    squashed_28 = 30 * torch.sigmoid(u / 7.5)  # the defaults: #28's 30*sigmoid(z/7.5)
-    assert tg.head_loss(x, w, targets, 30.0, None).item() == pytest.approx(
-        F.cross_entropy(squashed_28, targets, reduction="sum").item(), rel=1e-5)
     weights = (1.0, 0.5, 0.25)
     got = tg.head_loss(x, w, targets, 23.0, None, torch.tensor(weights), 5.0, 7.5)
     assert got.item() == pytest.approx(naive_multi_token_loss(squashed_2026, targets, weights).item(), rel=1e-5)
@@ -181,7 +190,7 @@ def test_model_uses_the_schedules_mtp_weights_in_training_only():
         model.lm_head_w.normal_(0, 0.05)
     ids = token_ids(257, bos_at=[0, 50])
     inputs, targets = ids[:-1].contiguous(), ids[1:].long()
-    schedule = tg.dataclasses.replace(tg.schedule_at(0, cfg), mtp_weights=(1.0, 0.5, 0.25))
+    schedule = at(cfg, mtp_weights=(1.0, 0.5, 0.25))
     calls = []
 
     def spy(*args, **options):
@@ -189,16 +198,14 @@ def test_model_uses_the_schedules_mtp_weights_in_training_only():
         return tg.head_loss(*args, **options)
 
     model.head_loss = spy
-    mtp_loss = model(inputs, targets, 2, schedule)
+    mtp_loss = model(inputs, targets, schedule)
     assert calls[0]["mtp_weights"].tolist() == [1.0, 0.5, 0.25]
     assert (calls[0]["logit_shift"], calls[0]["logit_div"]) == (5.0, 7.5)
-    next_token_loss = model(inputs, targets, 2)  # no schedule: next token only
+    next_token_loss = model(inputs, targets, at(cfg))  # the next token only
     assert "mtp_weights" not in calls[1] and mtp_loss > next_token_loss
-    next_token_too = model(inputs, targets, 2, tg.dataclasses.replace(schedule, mtp_weights=(1.0,)))
-    assert next_token_too.item() == next_token_loss.item()
     model.eval()
     with torch.no_grad():
-        assert model(inputs, targets, 2, schedule).item() == pytest.approx(next_token_loss.item(), rel=1e-6)
+        assert model(inputs, targets, schedule).item() == pytest.approx(next_token_loss.item(), rel=1e-6)
     assert "mtp_weights" not in calls[-1]  # validation scores the next token only, as the 2026 script
 
 
@@ -210,7 +217,7 @@ def structure_cfg(*extra):
     """7 layers, no attention in 3; the skip 1 -> 3, backout of layer 4 (layer 6 is the first whose attention input
     it changes), value embeddings on 1, 5, 6."""
     return tiny_cfg("--num-layers", "7", "--no-attn-layers", "3", "--long-window-layers", "2,6",
-                    "--residual-lambdas", "--value-embed-layers", "1,5,6", "--smear-gate", "--skip-connection", "1,3",
+                    "--value-embed-layers", "1,5,6", "--smear-gate", "--skip-connection", "1,3",
                     "--backout-layer", "4", "--head-init-std", "0.02", "--bigram-rows", "97", "--bigram-dim", "16",
                     "--bigram-sign-rows", "64", "--logit-cap", "23", "--logit-shift", "5", "--logit-div", "7.5", *extra)
 
@@ -227,13 +234,22 @@ def randomized_model(cfg, seed=0):
     return model
 
 
-def naive_attention(attn, x, value_embed, mask):
+def naive_rotate(vec, position, rotary):
+    """RoPE of one (D,) vector at one position, from its definition: the halves rotated by the table's angles."""
+    half = vec.size(-1) // 2
+    cos, sin = rotary.cos[position], rotary.sin[position]
+    x1, x2 = vec[:half], vec[half:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin])
+
+
+def naive_attention(attn, x, value_embed, mask, rotary):
     """From the definitions, one (T, D) sequence: SA-lambda-scaled QKV, normed and rotated Q, K; V plus the gated
     value embedding; softmax attention under the mask; sigmoid output gate per head; scaled output matrix."""
     T, H, Dh = x.size(0), attn.num_heads, attn.head_dim
-    w = attn.sa_lambdas[0] * attn.qkv_w
+    w = attn.sa_lambdas[0] * torch.cat([attn.qk_w, attn.v_w[None]])
     q, k, v = ((x @ w[j].T).view(T, H, Dh) for j in range(3))
-    q, k = (attn.rotary(tg.rms_norm(t)[None])[0] for t in (q, k))
+    q, k = (torch.stack([torch.stack([naive_rotate(tg.rms_norm(t[i, h]), i, rotary) for h in range(H)]) for i in range(T)])
+            for t in (q, k))
     if value_embed is not None:
         gate = 2 * torch.sigmoid(torch.cat([x[:, :6], value_embed[:, :6]], -1) @ attn.value_gate_w.T)  # (T, H)
         v = v + gate[..., None] * value_embed.view(T, H, Dh)
@@ -243,7 +259,7 @@ def naive_attention(attn, x, value_embed, mask):
     return y.reshape(T, -1) @ (attn.sa_lambdas[1] * attn.proj_w).T
 
 
-def naive_2026_loss(model, ids, targets, window_blocks, mtp_weights, tied):
+def naive_2026_loss(model, ids, targets, windows, mtp_weights, tied):
     cfg = model.cfg
     table = model.lm_head_w if tied else model.embed.weight
     e = table[ids.long()]
@@ -254,7 +270,7 @@ def naive_2026_loss(model, ids, targets, window_blocks, mtp_weights, tied):
     with_bigram = lambda x, lam: torch.cat([x[:, :16] + lam * bigram, x[:, 16:]], -1)  # noqa: E731
     x0 = with_bigram(tg.rms_norm(torch.stack(rows)), model.bigram_lambdas[0])
     skip_gate = torch.sigmoid(model.skip_lambda) * 2 * torch.sigmoid(x0[:, :12] @ model.skip_gate.weight.T)
-    long_mask, short_mask = (tg.dense_attention_mask(ids, w) for w in (window_blocks, window_blocks // 2))
+    long_mask, short_mask = (naive_token_window(ids, w) for w in windows)
     value_tables = dict(zip(cfg.value_embed_layers, model.value_embeds))
     x, skip, backout = x0, None, None
     for i, block in enumerate(model.blocks):
@@ -264,7 +280,7 @@ def naive_2026_loss(model, ids, targets, window_blocks, mtp_weights, tied):
         if block.attn is not None:
             ve = value_tables[i].weight[ids.long()] if i in value_tables else None
             mask = long_mask if i in cfg.long_window_layers else short_mask
-            a = naive_attention(block.attn, tg.rms_norm(x if backout is None else backout), ve, mask)
+            a = naive_attention(block.attn, tg.rms_norm(x if backout is None else backout), ve, mask, model.rotary)
             x = resid[0] * x + post[0] * a + model.x0_lambdas[i] * x0
             if i > 0:
                 x = with_bigram(x, model.bigram_lambdas[i])
@@ -285,7 +301,7 @@ def test_2026_residual_structure_matches_a_naive_forward(tied):
     model = randomized_model(cfg)
     ids = token_ids(257, high=512, bos_at=[0, 70, 200])
     inputs, targets = ids[:-1].contiguous(), ids[1:].long()
-    schedule = tg.dataclasses.replace(tg.schedule_at(0, cfg), mtp_weights=(1.0, 0.5), embed_tied=tied)
+    schedule = at(cfg, 300, 140, mtp_weights=(1.0, 0.5), tied=tied)
     final_states = []
 
     def spy(x, *args, **options):
@@ -293,8 +309,8 @@ def test_2026_residual_structure_matches_a_naive_forward(tied):
         return tg.head_loss(x, *args, **options)
 
     model.head_loss = spy
-    got = model(inputs, targets, 4, schedule)
-    expected_x, expected_loss = naive_2026_loss(model, inputs, targets, 4, (1.0, 0.5), tied)
+    got = model(inputs, targets, schedule)
+    expected_x, expected_loss = naive_2026_loss(model, inputs, targets, (300, 140), (1.0, 0.5), tied)
     torch.testing.assert_close(final_states[0], expected_x, rtol=1e-4, atol=1e-5)  # the stream before the head
     assert got.item() == pytest.approx(expected_loss.item(), rel=1e-5)
 
@@ -307,8 +323,6 @@ def test_2026_inits_and_parameters():
     assert not model.smear_gate.weight.any() and not model.skip_gate.weight.any()
     assert torch.equal(model.embed.weight, model.lm_head_w) and 0.015 < model.lm_head_w.std().item() < 0.025
     assert 0.008 < model.value_embeds[0].weight.std().item() < 0.012
-    names = dict(model.named_parameters())
-    assert "skip_weights" not in names and not any("x0_mix" in n or "value_mix" in n for n in names)
     assert [i for i, b in enumerate(model.blocks) if b.attn is not None and b.attn.value_gate_w is not None] == [1, 5, 6]
     assert all(b.attn.sa_lambdas.tolist() == [0.5, 1.0] for b in model.blocks if b.attn is not None)
 
@@ -317,8 +331,7 @@ def test_tied_embedding_trains_the_head_matrix_only():
     cfg = structure_cfg()
     model = randomized_model(cfg)
     ids = token_ids(257, high=512, bos_at=[0])
-    schedule = tg.dataclasses.replace(tg.schedule_at(0, cfg), embed_tied=True)
-    model(ids[:-1].contiguous(), ids[1:].long(), 2, schedule).backward()
+    model(ids[:-1].contiguous(), ids[1:].long(), at(cfg, tied=True)).backward()
     assert model.embed.weight.grad is None and model.lm_head_w.grad is not None
 
 
@@ -369,19 +382,17 @@ def test_flex_token_window_mask_matches_the_dense_mask(window):
 
 
 def test_model_uses_the_schedules_token_windows():
-    cfg = tiny_cfg("--token-windows")
+    cfg = tiny_cfg()
     model = tg.GPT(cfg, 256)
     ids = token_ids(256, bos_at=[0, 100])
-    schedule = tg.dataclasses.replace(tg.schedule_at(0, cfg), window_short_tokens=50, window_long_tokens=130)
-    masks = model.attention_masks(ids, 2, schedule)
+    masks = model.attention_masks(ids, at(cfg, 130, 50))
     assert torch.equal(masks[0], naive_token_window(ids, 130)) and torch.equal(masks[1], naive_token_window(ids, 50))
-    assert torch.equal(model.attention_masks(ids, 2)[1], naive_token_window(ids, 128))  # no schedule: half of 2 blocks
 
 
 def test_key_offset_shifts_the_position_free_dims_of_keys_only():
     k = torch.randn(1, 10, 2, 16)
     got = tg.offset_position_free_dims(k)
-    rotary = tg.Rotary(16, 10)
+    rotary = tg.Rotary(16, 10)  # the model's table, one for all layers
     free = (rotary.sin == 0).all(0).repeat(2)  # dims RoPE never rotates (its tables cover each half)
     assert free.tolist() == [False] * 4 + [True] * 4 + [False] * 4 + [True] * 4
     torch.testing.assert_close(got[:, 1:, :, free], k[:, :-1, :, free])  # one token later, not a cascade
@@ -422,34 +433,32 @@ def test_yarn_frequencies_match_the_definition():
 
 def test_model_applies_yarn_per_stage_with_the_schedules_scale():
     cfg = tg.parse_config(["--preset", "r2026", "--model-dim", "64", "--num-heads", "2", "--head-dim", "32",
-                           "--bigram-rows", "97", "--bigram-dim", "16", "--bigram-sign-rows", "64",
-                           "--train-seq-len", "256", "--val-seq-len", "256"])
+                           "--bigram-rows", "97", "--bigram-dim", "16", "--bigram-sign-rows", "64", "--val-seq-len", "256"])
     model = tg.GPT(cfg, 256)
+    assert model.rotary.cos.size(0) == 512  # one table for all layers: the paired layers' doubled length
     ids = token_ids(256, bos_at=[0, 100])
     for step, windows in [(1000, [384, 896, 1408]), (0, [384]), (1479, [384, 896, 1408, 1664]), (1480, [384, 896, 1408, 1664])]:
         schedule = tg.schedule_at(step, cfg)
         with torch.no_grad():
-            model(ids, ids.long(), 2, schedule)
+            model(ids, ids.long(), schedule)
         freqs = torch.tensor(naive_yarn(tg.rotary_frequencies(32), windows))
-        for block in model.blocks:
-            if block.attn is not None:  # paired-head layers' tables cover twice the positions
-                expected = torch.outer(torch.arange(float(block.attn.rotary.cos.size(0))), freqs)
-                torch.testing.assert_close(block.attn.rotary.cos, expected.cos(), atol=1e-5, rtol=1e-5)
-                torch.testing.assert_close(block.attn.rotary.sin, expected.sin(), atol=1e-5, rtol=1e-5)
-                assert block.attn.scale == schedule.attn_scale
+        expected = torch.outer(torch.arange(512.0), freqs)
+        torch.testing.assert_close(model.rotary.cos, expected.cos(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.rotary.sin, expected.sin(), atol=1e-5, rtol=1e-5)
+        assert all(block.attn.scale == schedule.attn_scale for block in model.blocks if block.attn is not None)
 
 
 # -----------------------------------------------------------------------------
 # Paired-head attention
 
 
-def naive_paired_attention(attn, x, value_embed, ids, window):
+def naive_paired_attention(attn, x, value_embed, ids, window, rotary):
     """Head h of token t sits at position P = 2t + h // (H/2) in slot h % (H/2) and is rotated at 2t + h % 2 (the
     2026 script's quirk); a query sees the keys of its slot at positions P - window .. P of its document."""
     T, H, Dh = x.size(0), attn.num_heads, attn.head_dim
-    w = attn.sa_lambdas[0] * attn.qkv_w
+    w = attn.sa_lambdas[0] * torch.cat([attn.qk_w, attn.v_w[None]])
     q, k, v = ((x @ w[j].T).view(T, H, Dh) for j in range(3))
-    rot = lambda t, h, vec: attn.rotary.rotate_at(vec[None, None, None], torch.tensor([[2 * t + h % 2]]))[0, 0, 0]  # noqa: E731
+    rot = lambda t, h, vec: naive_rotate(vec, 2 * t + h % 2, rotary)  # noqa: E731
     q = torch.stack([torch.stack([rot(t, h, tg.rms_norm(q[t, h])) for h in range(H)]) for t in range(T)])
     k = torch.stack([torch.stack([rot(t, h, tg.rms_norm(k[t, h])) for h in range(H)]) for t in range(T)])
     if value_embed is not None:
@@ -470,8 +479,7 @@ def naive_paired_attention(attn, x, value_embed, ids, window):
 
 
 def test_paired_head_attention_matches_the_definition():
-    cfg = tiny_cfg("--num-heads", "4", "--head-dim", "16", "--residual-lambdas", "--token-windows",
-                   "--paired-head-layers", "0,1", "--value-embed-layers", "1")
+    cfg = tiny_cfg("--num-heads", "4", "--head-dim", "16", "--paired-head-layers", "0,1", "--value-embed-layers", "1")
     model = randomized_model(cfg)
     ids = token_ids(48, bos_at=[0, 20])
     x = tg.rms_norm(torch.randn(48, 64))
@@ -480,26 +488,26 @@ def test_paired_head_attention_matches_the_definition():
         attn = model.blocks[layer].attn
         window = 7
         mask = tg.token_window_mask(tg.doubled_sequence(ids), window)
-        got = attn(x[None], None if value_embed is None else value_embed[None], mask)[0]
-        torch.testing.assert_close(got, naive_paired_attention(attn, x, value_embed, ids, window), atol=1e-5, rtol=1e-4)
+        got = attn(x[None], None if value_embed is None else value_embed[None], mask, model.rotary.cos, model.rotary.sin)[0]
+        expected = naive_paired_attention(attn, x, value_embed, ids, window, model.rotary)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_model_builds_paired_masks_on_the_doubled_sequence():
-    cfg = tiny_cfg("--num-heads", "4", "--head-dim", "16", "--token-windows", "--paired-head-layers", "1")
+    cfg = tiny_cfg("--num-heads", "4", "--head-dim", "16", "--paired-head-layers", "1")
     model = tg.GPT(cfg, 256)
     ids = token_ids(128, bos_at=[0, 33])
-    schedule = tg.dataclasses.replace(tg.schedule_at(0, cfg), window_short_tokens=9, window_long_tokens=40)
-    masks = model.attention_masks(ids, 2, schedule)
+    masks = model.attention_masks(ids, at(cfg, 40, 9))
     assert masks[1].shape == (256, 256) and masks[0].shape == (128, 128)
     doubled = naive_token_window(tg.doubled_sequence(ids), 9)
     assert torch.equal(masks[1], doubled) and doubled[67, 66] and not doubled[66, 65]  # document 2 starts at 2*33
 
 
 # -----------------------------------------------------------------------------
-# The whole 2026 recipe trains: schedule, staged loader, model and optimizer wired together
+# The whole recipe trains: schedule, staged loader, model and optimizer wired together
 
 
-def test_the_2026_preset_trains_across_stages_and_the_split_step(tmp_path):
+def test_the_record_preset_trains_across_stages_and_the_split_step(tmp_path):
     # The 2026 preset at CPU widths: 3 stages of 2 steps and 1 extension step, 2 sequences of 128 tokens a step,
     # then 1 of 256, documents cut at 128 / 256, the embedding split at step 5 (first odd step of stage 2). Every
     # stage's MTP weights, YaRN scale and windows, Adam's odd steps and the untie run; the loss must fall.
@@ -514,8 +522,7 @@ def test_the_2026_preset_trains_across_stages_and_the_split_step(tmp_path):
             "--val-files", str(repo / "data/sample/sample_val_000000.bin"), "--val-tokens", "512", "--val-seq-len", "256",
             "--val-every", "0", "--train-steps", "7", "--extension-steps", "1", "--stage-steps", "0,2,4,6",
             "--stage-batch-tokens", "256,256,256,256", "--stage-seq-len", "128,256,256,256",
-            "--stage-max-doc-len", "128,256,256,256", "--train-batch-tokens", "256", "--train-seq-len", "256",
-            "--model-dim", "64", "--num-heads", "2", "--head-dim", "32", "--bigram-rows", "1000", "--bigram-dim", "16",
+            "--stage-max-doc-len", "128,256,256,256", "--model-dim", "64", "--num-heads", "2", "--head-dim", "32", "--bigram-rows", "1000", "--bigram-dim", "16",
             "--adam-lr", "0.05", "--muon-lr", "0.05", "--log-dir", str(tmp_path), "--run-id", "r2026"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # small matrices: a second thread mostly waits (and 2 cores are shared)
     done = subprocess.run([sys.executable, str(repo / "train_gpt.py"), *args], capture_output=True, text=True,

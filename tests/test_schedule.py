@@ -1,9 +1,8 @@
-"""The schedule (schedule_at and --print-schedule): #28's record recipe exactly, the 2026 recipe's stages, and the
-numbers the public scripts' own schedule code gives at key steps (copied from a run of that code)."""
+"""The schedule (schedule_at and --print-schedule): the 2026 recipe's stages and the numbers the public script's
+own schedule code gives at key steps (copied from a run of that code), and the tiny preset's shape."""
 
 import dataclasses
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +18,6 @@ REQUIRED_KEYS = {"step", "stage", "batch_tokens", "seq_len", "max_doc_len", "win
                  "lr_mult", "muon_momentum", "mtp_weights", "adam_step", "embed_tied", "attn_scale"}
 
 
-def r28_cfg():
-    return tg.parse_config(["--preset", "r28"])
-
-
 def r2026_cfg():
     return tg.parse_config(["--preset", "r2026"])
 
@@ -32,96 +27,19 @@ def run_train_gpt(*args):
 
 
 # -----------------------------------------------------------------------------
-# #28 (--preset r28): the window, LR and momentum of the public script at every step
+# The tiny preset: the record's schedule shape at CPU size
 
 
-def r28_long_window_tokens(step: int) -> int:
-    """#28's published definition: the next multiple of 128 of 1728 x progress (at least 128)."""
-    wanted = 1728 * (step / 1695)
-    return max(128, 128 * math.ceil(wanted / 128))
-
-
-def old_long_window_tokens(step: int) -> int:
-    """What this repository used before: ceil(1792 x progress / 128) blocks."""
-    return 128 * max(1, math.ceil(1792 * step / 1695 / 128))
-
-
-def test_r28_long_window_is_28s_at_every_step_and_not_the_old_formula():
-    cfg = r28_cfg()
-    ours = [tg.schedule_at(step, cfg).window_long_tokens for step in range(cfg.train_steps + 1)]
-    assert ours == [r28_long_window_tokens(step) for step in range(1696)]
-    differing = [step for step in range(1696) if ours[step] != old_long_window_tokens(step)]
-    assert len(differing) == 409 and differing[0] > 0
-
-
-def test_r28_short_window_is_half_the_long_one_rounded_down_and_at_least_one_block():
-    cfg = r28_cfg()
-    for step in range(cfg.train_steps + 1):
-        schedule = tg.schedule_at(step, cfg)
-        long_blocks = schedule.window_long_tokens // 128
-        assert schedule.window_short_tokens == 128 * max(1, long_blocks // 2)
-    assert tg.schedule_at(1694, cfg).window_short_tokens == 896  # 14 blocks -> 7
-    assert tg.schedule_at(300, cfg).window_short_tokens == 128  # 3 blocks -> 1 (floor, not 2)
-
-
-def test_r28_lr_and_momentum_are_28s_formulas_exactly():
-    cfg = r28_cfg()
-    for step in range(1695):
-        progress = step / 1695
-        if progress < 1 - 0.45:
-            lr = 1.0
-        else:
-            still = (1 - progress) / 0.45
-            lr = still * 1.0 + (1 - still) * 0.1
-        frac = min(step / 300, 1)
-        schedule = tg.schedule_at(step, cfg)
-        assert schedule.lr_mult == lr, step
-        assert schedule.muon_momentum == (1 - frac) * 0.85 + frac * 0.95, step
-
-
-def test_r28_has_one_stage_next_token_loss_adam_every_step_untied_fixed_scale():
-    cfg = r28_cfg()
-    schedules = [tg.schedule_at(step, cfg) for step in range(cfg.train_steps + 1)]
-    assert {s.stage for s in schedules} == {0}
-    assert {(s.batch_tokens, s.seq_len, s.max_doc_len) for s in schedules} == {(393_216, 49_152, 49_152)}
-    assert {s.mtp_weights for s in schedules} == {(1.0,)}
-    assert all(s.adam_step and s.trains for s in schedules[:-1]) and not schedules[-1].adam_step and not schedules[-1].trains
-    assert not any(s.embed_tied for s in schedules) and {s.attn_scale for s in schedules} == {0.12}
-
-
-# Values of r28.py's get_lr, its momentum lines and get_window_size_blocks, run in scratch (long window in tokens).
-R28_PUBLIC = [  # step, lr_mult, muon_momentum, window_long_tokens
-    (0, 1.0, 0.85, 128),
-    (125, 1.0, 0.8916666666666666, 128),
-    (126, 1.0, 0.892, 256),
-    (150, 1.0, 0.8999999999999999, 256),
-    (299, 1.0, 0.9496666666666667, 384),
-    (932, 1.0, 0.95, 1024),
-    (933, 0.9991150442477875, 0.95, 1024),
-    (1000, 0.9200589970501475, 0.95, 1024),
-    (1314, 0.5495575221238939, 0.95, 1408),
-    (1694, 0.10117994100294984, 0.95, 1792),
-]
-
-
-@pytest.mark.parametrize("step,lr_mult,momentum,window_long", R28_PUBLIC)
-def test_r28_matches_r28_public_numbers(step, lr_mult, momentum, window_long):
-    schedule = tg.schedule_at(step, r28_cfg())
-    assert (schedule.lr_mult, schedule.muon_momentum, schedule.window_long_tokens) == (lr_mult, momentum, window_long)
-
-
-def test_r28_final_validation_uses_the_window_of_step_1695():
-    cfg = r28_cfg()
-    assert tg.schedule_at(1695, cfg).window_long_tokens == 1792 and tg.window_blocks(1695, cfg) == 14
-
-
-def test_tiny_preset_ramps_its_window_the_same_way():
+def test_tiny_preset_has_the_records_stages_split_and_extension():
     cfg = tg.parse_config(["--preset", "tiny"])
-    windows = [tg.schedule_at(step, cfg).window_long_tokens for step in range(cfg.train_steps + 1)]
-    assert windows[0] == 128 and windows[-1] == cfg.max_window_tokens == 512
-    assert windows == sorted(windows) and set(windows) == {128, 256, 384, 512}
-    # (512 - 64) x progress, rounded up to blocks: 3 blocks from step 29 (259.8 tokens), 4 from step 43 (385.3)
-    assert (windows[28], windows[29], windows[42], windows[43]) == (256, 384, 384, 512)
+    schedules = [tg.schedule_at(step, cfg) for step in range(cfg.train_steps + 1)]
+    assert [s.stage for s in schedules].count(3) == 5  # the 4 extension steps and the final validation
+    assert {s.stage: s.batch_tokens // s.seq_len for s in schedules} == {0: 2, 1: 2, 2: 2, 3: 2}  # 2 sequences a step
+    assert tg.embed_split_step(cfg) == 31 and [s.step for s in schedules if s.embed_tied] == list(range(32))
+    assert [s.mtp_weights for s in schedules[:1]] == [(1.0, 0.5, 0.25)] and schedules[-1].mtp_weights == (1.0,)
+    assert schedules[-1].window_long_tokens == 6 * 128  # the final validation's wider window
+    scales = sorted({s.attn_scale for s in schedules})
+    assert len(scales) == 4 and scales[0] == 0.1  # YaRN grows it at each of the 3 window changes
 
 
 # -----------------------------------------------------------------------------
@@ -144,7 +62,6 @@ def test_r2026_steps_and_stage_tokens():
     assert tg.stage_tokens(cfg) == [480 * 131_072, 480 * 262_144, 480 * 393_216, 40 * 393_216]
     assert tg.schedule_summary(cfg) == ("schedule: 1480 steps, stage tokens [62,914,560, 125,829,120, 188,743,680, "
                                         "15,728,640], total 393,216,000 tokens")
-    assert tg.schedule_summary(r28_cfg()) == "schedule: 1695 steps, stage tokens [666,501,120], total 666,501,120 tokens"
 
 
 # Values of r2026.py's own TrainingSchedule, get_muon_momentum, TrainingManager.advance_schedule (+ the final
@@ -212,8 +129,7 @@ def test_stage_flags_parse_ints_floats_and_per_stage_lists():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--preset", "r28", "--stage-long-window-blocks", "3,7"], "--stage-long-window-blocks: only with a staged schedule"),
-    (["--preset", "r28", "--adam-odd-steps-only"], "--adam-odd-steps-only: only with a staged schedule"),
+    (["--stage-steps", ""], "--stage-steps : must start at 0 and increase"),
     (["--preset", "r2026", "--stage-seq-len", "16384,32768,49152"], "--stage-seq-len: one value per stage (4 stages), got 3"),
     (["--preset", "r2026", "--stage-steps", "0,480,960,1480"], "must start at 0 and increase, below --train-steps 1480"),
     (["--preset", "r2026", "--stage-mtp-weights-end", "1,0/1/1/1"], "need the same number"),
@@ -225,8 +141,8 @@ def test_impossible_schedules_are_refused_in_one_line(argv, message):
 
 
 def test_print_schedule_prints_one_json_line_per_step():
-    assert sorted(tg.PRESETS) == ["r2026", "r28", "record", "tiny"]  # a new preset joins the list below
-    for preset, steps in [("record", 1480), ("r2026", 1480), ("r28", 1695), ("tiny", 50)]:
+    assert sorted(tg.PRESETS) == ["r2026", "record", "tiny"]  # a new preset joins the list below
+    for preset, steps in [("record", 1480), ("r2026", 1480), ("tiny", 50)]:
         result = run_train_gpt("--preset", preset, "--print-schedule")
         assert result.returncode == 0 and result.stderr == ""
         lines = [json.loads(line) for line in result.stdout.splitlines()]
@@ -236,17 +152,17 @@ def test_print_schedule_prints_one_json_line_per_step():
         assert lines == [json.loads(json.dumps(dataclasses.asdict(tg.schedule_at(s, cfg)))) for s in range(steps + 1)]
 
 
-def test_a_staged_schedule_the_model_cannot_follow_is_refused_in_one_line():
-    # The 2026 schedule's growing attention scale needs the 2026 model's YaRN: without it, one line.
-    result = run_train_gpt("--preset", "r2026", "--device", "cpu", "--no-yarn")
+def test_a_schedule_the_model_cannot_follow_is_refused_in_one_line():
+    # The schedule's growing attention scale needs the model's YaRN: without it, one line.
+    result = run_train_gpt("--device", "cpu", "--no-yarn")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1
-    assert "cannot train with this model" in result.stderr and "--attn-scale-log-growth (needs --yarn)" in result.stderr
+    assert "--attn-scale-log-growth grows the attention scale" in result.stderr and "needs --yarn" in result.stderr
 
 
 def test_train_step_reads_lr_momentum_and_window_from_the_schedule(monkeypatch):
     """train_step must take all three from schedule_at: a schedule with odd values shows up unchanged."""
-    odd = dataclasses.replace(tg.schedule_at(5, r28_cfg()), lr_mult=0.37, muon_momentum=0.61, window_long_tokens=5 * 128)
+    odd = dataclasses.replace(tg.schedule_at(5, r2026_cfg()), lr_mult=0.37, muon_momentum=0.61, window_long_tokens=5 * 128)
     monkeypatch.setattr(tg, "schedule_at", lambda step, cfg: odd)
     seen = {}
 
@@ -256,8 +172,8 @@ def test_train_step_reads_lr_momentum_and_window_from_the_schedule(monkeypatch):
             self.w = torch.nn.Parameter(torch.ones(()))
             self.fp8_scales = None  # the bf16 head, as GPT on a CPU
 
-        def forward(self, inputs, targets, window, schedule=None):
-            seen["window"] = window
+        def forward(self, inputs, targets, schedule):
+            seen["window"] = schedule.window_long_tokens // 128
             return self.w * 2
 
     class Adam:
@@ -275,7 +191,7 @@ def test_train_step_reads_lr_momentum_and_window_from_the_schedule(monkeypatch):
             seen["muon"] = (lr_mult, momentum)
 
     opt = tg.Optimizers(Adam(), Muon(), None)
-    tg.train_step(Model(), [(torch.zeros(4), torch.zeros(4))], opt, 5, r28_cfg())
+    tg.train_step(Model(), [(torch.zeros(4), torch.zeros(4))], opt, 5, r2026_cfg())
     assert seen == {"window": 5, "adam": 0.37, "muon": (0.37, 0.61)}
 
 

@@ -24,6 +24,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def two_layer_cfg(*extra):
+    """The tiny preset cut to 2 layers (both with attention, value embeddings on layer 0), the rest as in it."""
+    return tg.parse_config(["--preset", "tiny", "--num-layers", "2", "--no-attn-layers", "", "--long-window-layers", "0",
+                            "--paired-head-layers", "", "--value-embed-layers", "0", "--skip-connection", "",
+                            "--backout-layer", "-1", *extra])
+
+
 def token_ids(n, bos_at):
     ids = torch.randint(0, 50000, (n,), generator=torch.Generator().manual_seed(0))
     ids[list(bos_at)] = tg.EOT_TOKEN
@@ -56,7 +63,7 @@ def _packing_worker(rank, world_size, port, out_dir):
     results = {}
     for pack in (False, True):
         params = _adam_params()
-        adam = tg.DistributedAdam([(p, 0.01 * (i + 1)) for i, p in enumerate(params)], (0.8, 0.95), 1e-10, comm,
+        adam = tg.DistributedAdam([(p, 0.01 * (i + 1), (0.8, 0.95), 0.0) for i, p in enumerate(params)], 1e-10, comm,
                                   pack_small=pack)
         calls = []
         all_reduce = comm.all_reduce_mean
@@ -71,8 +78,8 @@ def _packing_worker(rank, world_size, port, out_dir):
         results[pack] = dict(params=[p.detach().clone() for p in params], calls=calls,
                              packs=[[tuple(params[i].shape) for i in pack_["members"]] for pack_ in adam.packs])
     # Adam's gathers overlap Muon: step_optimizers queues Muon's step before it waits for Adam's all-gathers,
-    # and ends with the same weights as the old order (Adam's step with its wait, then Muon's)
-    cfg = tg.parse_config(["--preset", "tiny", "--num-layers", "2", "--num-value-embeds", "1", "--long-window-layers", "0"])
+    # and ends with the same weights as the old order (Adam's step with its wait, then Muon's); Adam every step
+    cfg = two_layer_cfg("--no-adam-odd-steps-only", "--embed-split-stage", "0")
     ids = token_ids(1025, [0, 300, 700])[rank * 512: rank * 512 + 513]
     weights, order = {}, []
     for overlapped in (False, True):
@@ -80,8 +87,8 @@ def _packing_worker(rank, world_size, port, out_dir):
         model = tg.GPT(cfg, 512)
         opt = tg.build_optimizers(model, cfg, comm)
         for step in range(3):
-            model(ids[:-1], ids[1:], 2).backward()
             schedule = tg.schedule_at(step, cfg)
+            model(ids[:-1], ids[1:], schedule).backward()
             if overlapped:
                 finish, muon_step = opt.adam.finish_step, opt.muon.step
                 opt.adam.finish_step = lambda: order.append("adam gathers waited") or finish()
@@ -120,12 +127,12 @@ def test_packed_adam_all_reduce_and_overlapped_gathers_are_bit_identical(tmp_pat
 
 def test_packing_needs_several_ranks_and_leaves_the_tied_pair_alone():
     params = _adam_params()
-    adam = tg.DistributedAdam([(p, 0.01) for p in params], (0.8, 0.95), 1e-10, tg.Comm())
+    adam = tg.DistributedAdam([(p, 0.01, (0.8, 0.95), 0.0) for p in params], 1e-10, tg.Comm())
     assert adam.packs == []  # one rank: nothing to reduce, nothing to pack
-    adam = tg.DistributedAdam([(p, 0.01) for p in params], (0.8, 0.95), 1e-10, tg.Comm(0, 2))
+    adam = tg.DistributedAdam([(p, 0.01, (0.8, 0.95), 0.0) for p in params], 1e-10, tg.Comm(0, 2))
     assert len(adam.packs) == 2
     head, embed = torch.nn.Parameter(torch.randn(2, 3)), torch.nn.Parameter(torch.randn(3, 2))
-    adam = tg.DistributedAdam([(head, 0.01), (embed, 0.01)], (0.8, 0.95), 1e-10, tg.Comm(0, 2))
+    adam = tg.DistributedAdam([(head, 0.01, (0.8, 0.95), 0.0), (embed, 0.01, (0.8, 0.95), 0.0)], 1e-10, tg.Comm(0, 2))
     with pytest.raises(ValueError, match="packed"):
         adam.tie(head, embed)  # a pair small enough to be packed cannot be tied
 
@@ -136,7 +143,8 @@ def test_packing_needs_several_ranks_and_leaves_the_tied_pair_alone():
 
 def fp8_backward_inputs(tokens=256, vocab=512, dim=64):
     torch.manual_seed(0)
-    x_scale, w_scale, grad_scale = tg.fp8_head_scales(tg.parse_config(["--preset", "r28", "--model-dim", str(dim)]), 1)  # #28's
+    x_scale, w_scale, grad_scale = tg.fp8_head_scales(tg.parse_config(["--fp8-x-max", str(dim ** 0.5), "--fp8-w-max", "0.875",
+                                                                       "--fp8-grad-max", "1"]), 1)  # #28's
     x_f8 = (tg.rms_norm(torch.randn(tokens, dim)) / x_scale).to(torch.float8_e4m3fn)
     w_f8 = (torch.randn(vocab, dim) * 0.02 / w_scale).to(torch.float8_e4m3fn)
     grad = (torch.randn(tokens, vocab) * 1e-3).bfloat16()  # logit gradients: scaled by 448 into e5m2 range
@@ -213,21 +221,22 @@ def forbid_host_syncs(monkeypatch):
 
 @pytest.mark.parametrize("glue", [[], ["--compile-glue"]], ids=["blocks", "glue"])
 def test_no_recompiles_and_no_host_syncs_after_warmup(monkeypatch, glue):
-    # The tiny preset compiled (dynamo's eager backend: the same graphs, guards and recompiles as inductor, in
-    # seconds), with the FP8 head's custom op as on Hopper. Warm up as run_training does (its warm-up steps and
-    # one validation, then a reset), then train through the window ramp and a validation with every recompile
-    # an error and every host-syncing Tensor method raising inside train_step. With --compile-glue the masks,
-    # the stem and the final norm are compiled too, and the window ramp must not recompile mask building.
+    # The tiny preset (the record's structure) compiled (dynamo's eager backend: the same graphs, guards and
+    # recompiles as inductor, in seconds), with the FP8 head's custom op as on Hopper, its schedule compressed to
+    # 8 steps: 4 stages, the split at step 5, the extension. Warm up as run_training does (its warm-up steps around
+    # every stage start and one validation, then a reset), then train through every stage and the final
+    # validation with every recompile an error and every host-syncing Tensor method raising inside train_step.
+    # With --compile-glue the masks, the stem and the final norm are compiled too: new windows must not recompile.
     from torch._dynamo.utils import counters
     cfg = tg.parse_config(["--preset", "tiny", "--compile", "--warmup-steps", "1", "--train-steps", "8",
-                           "--val-every", "4", "--val-tokens", "512", "--train-batch-tokens", "512",
-                           "--train-seq-len", "256", "--long-window-layers", "0,3", *glue])
+                           "--stage-steps", "0,2,4,6", "--extension-steps", "2", "--muon-momentum-warmup-steps", "2",
+                           "--muon-momentum-cooldown-steps", "1", "--val-every", "4", "--val-tokens", "512", *glue])
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
     torch._dynamo.reset()
     counters.clear()
     device = torch.device("cpu")
-    model = tg.build_model(cfg, device, tg.accumulation_steps(cfg.train_batch_tokens, cfg.train_seq_len, 1), None)
+    model = tg.build_model(cfg, device, 2, None)
     model.fp8_scales = tg.fp8_head_scales(cfg, 2)  # the custom op inside the compiled head, as on Hopper
     tg.fp8_linear_op()
     val_tokens = tg.load_val_tokens(tg.resolve_files(cfg.val_files, "--val-files"), cfg.val_tokens, cfg.vocab_size)
@@ -261,14 +270,14 @@ def test_no_recompiles_and_no_host_syncs_after_warmup(monkeypatch, glue):
             assert torch.isfinite(loss)
     loader.close()
     opt.close()
-    assert len(windows) > 1  # the window ramp ran: a new window must not recompile
+    assert len(windows) == 4  # every stage's window ran: a new window must not recompile
     assert counters["stats"]["unique_graphs"] == graphs
     torch._dynamo.reset()
 
 
 def test_the_host_sync_check_catches_an_item_in_the_step(monkeypatch):
     # The check above can fail: a train_step that reads its loss on the host is caught.
-    cfg = tg.parse_config(["--preset", "tiny", "--train-batch-tokens", "512", "--train-seq-len", "512"])
+    cfg = tg.parse_config(["--preset", "tiny"])
     torch.manual_seed(0)
     model = tg.GPT(cfg, 512)
     opt = tg.build_optimizers(model, cfg, tg.Comm())
@@ -286,11 +295,11 @@ def test_the_host_sync_check_catches_an_item_in_the_step(monkeypatch):
 
 def test_bf16_embeddings_flag_halves_the_table_bytes_and_keeps_the_forward():
     cfg = tg.parse_config(["--preset", "tiny", "--device", "cpu"])
-    assert not cfg.bf16_embeddings  # the default keeps fp32 tables (the math the #28 comparison checks)
+    assert not cfg.bf16_embeddings  # the default keeps fp32 tables
     default = tg.build_model(cfg, torch.device("cpu"), 1, None)
     bf16 = tg.build_model(tg.dataclasses.replace(cfg, bf16_embeddings=True), torch.device("cpu"), 1, None)
     tables = [n for n, m in bf16.named_modules() if isinstance(m, torch.nn.Embedding)]
-    assert tables == ["embed", "value_embeds.0", "value_embeds.1"]
+    assert tables == ["embed", "value_embeds.0", "value_embeds.1", "value_embeds.2", "bigram_embed"]
     for name, p in bf16.named_parameters():
         is_table = name.split(".weight")[0] in tables
         assert p.dtype == (torch.bfloat16 if is_table else torch.float32), name
@@ -308,13 +317,13 @@ def test_bf16_embeddings_flag_halves_the_table_bytes_and_keeps_the_forward():
         for model in (default, bf16):
             model.lm_head_w.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
             model.compute_dtype = torch.bfloat16
-        losses = [model(ids[:256], ids[1:257], 2) for model in (default, bf16)]
+        losses = [model(ids[:256], ids[1:257], tg.schedule_at(40, cfg)) for model in (default, bf16)]  # untied
     assert torch.equal(losses[0], losses[1])
 
 
 def test_the_recompile_check_catches_a_recompile(monkeypatch):
     # The check above can fail: a compiled block whose constant changes after the warm-up recompiles, an error.
-    cfg = tg.parse_config(["--preset", "tiny", "--num-layers", "2", "--num-value-embeds", "1", "--long-window-layers", "0"])
+    cfg = two_layer_cfg()
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
     torch._dynamo.reset()
@@ -322,10 +331,11 @@ def test_the_recompile_check_catches_a_recompile(monkeypatch):
     model = tg.GPT(cfg, 512)
     model.compile_regions()
     ids = token_ids(257, [0, 100])
-    model(ids[:-1], ids[1:], 2)
+    schedule = tg.schedule_at(0, cfg)
+    model(ids[:-1], ids[1:], schedule)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        model(ids[:-1], ids[1:], 2)  # the same variants: fine
-        model.blocks[1].attn.scale = 0.2  # a new constant compiled into the block
+        model(ids[:-1], ids[1:], schedule)  # the same variants: fine
+        model.blocks[1].attn.key_offset = True  # a new constant compiled into the block
         with pytest.raises(Exception, match="[Rr]ecompil"):
-            model(ids[:-1], ids[1:], 2)
+            model(ids[:-1], ids[1:], schedule)
     torch._dynamo.reset()
