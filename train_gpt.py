@@ -54,30 +54,27 @@ class Config:
     train_files: str = field(default="data/fineweb10B/fineweb_train_*.bin", metadata={"help": "glob of training shards, read in sorted order"})
     val_files: str = field(default="data/fineweb10B/fineweb_val_*.bin", metadata={"help": "glob of validation shards"})
     val_tokens: int = field(default=10_485_760, metadata={"help": "validate on exactly the first N tokens of the val files"})
-    val_seq_len: int = field(default=262_144, metadata={"help": "tokens per validation sequence, dealt round-robin to the processes (record #28: 262,144)"})
+    val_seq_len: int = field(default=262_144, metadata={"help": "tokens per validation sequence, dealt round-robin to the processes"})
     val_every: int = field(default=250, metadata={"help": "validate every N steps (0: only at the start and the end)"})
-    # batch and schedule
-    train_batch_tokens: int = field(default=393_216, metadata={"help": "tokens per optimizer step, over all processes and accumulation steps"})
-    train_seq_len: int = field(default=49_152, metadata={"help": "tokens per training sequence = per process per accumulation step"})
-    train_steps: int = field(default=1480, metadata={"help": "optimizer steps; the LR and attention-window schedules scale with it"})
-    cooldown_frac: float = field(default=0.6, metadata={"help": "fraction of steps over which the LR decays linearly"})
-    final_lr_frac: float = field(default=0.15, metadata={"help": "LR multiplier at the last step"})
-    # schedule stages (the 2026 recipe): empty --stage-steps = one stage whose long window ramps up linearly (#28)
-    stage_steps: tuple = field(default=(0, 480, 960, 1440), metadata={"help": "first step of each stage, from 0; the last stage runs to --train-steps ('' = one stage, #28's window ramp)"})
+    # schedule: stages of their own batch, sequence length, windows, LR and multi-token weights, then an extension
+    train_steps: int = field(default=1480, metadata={"help": "optimizer steps, the extension included"})
+    stage_steps: tuple = field(default=(0, 480, 960, 1440), metadata={"help": "first step of each stage, from 0; the last stage runs to --train-steps"})
     extension_steps: int = field(default=40, metadata={"help": "steps after the scheduled ones, at the final LR: the LR cooldown ends at --train-steps minus this"})
+    cooldown_frac: float = field(default=0.6, metadata={"help": "fraction of the scheduled steps over which the LR decays linearly to --final-lr-frac"})
+    final_lr_frac: float = field(default=0.15, metadata={"help": "LR multiplier at the end of the cooldown"})
     stage_batch_tokens: tuple = field(default=(131_072, 262_144, 393_216, 393_216), metadata={"help": "per stage: tokens per optimizer step, over all processes"})
     stage_seq_len: tuple = field(default=(16_384, 32_768, 49_152, 49_152), metadata={"help": "per stage: tokens per training sequence (per process per accumulation step)"})
     stage_max_doc_len: tuple = field(default=(896, 2048, 2048, 2048), metadata={"help": "per stage: longest document in a training sequence; longer ones are cut"})
     stage_short_window_blocks: tuple = field(default=(1, 3, 5, 6), metadata={"help": "per stage: short attention window in 128-token blocks"})
     stage_long_window_blocks: tuple = field(default=(3, 7, 11, 13), metadata={"help": "per stage: long attention window in 128-token blocks"})
-    final_long_window_blocks: int = field(default=20, metadata={"help": "long window of the final validation, in 128-token blocks (0: the schedule's own)"})
+    final_long_window_blocks: int = field(default=20, metadata={"help": "long window of the final validation, in 128-token blocks (0: the last stage's)"})
     stage_lr_mult: tuple = field(default=(1.0, 1.52, 1.73, 1.73), metadata={"help": "per stage: LR multiplier until the cooldown takes it to --final-lr-frac", "parse": "floats"})
     stage_mtp_weights_start: tuple = field(default=((1.0, 0.5, 0.25), (1.0, 0.5), (1.0,), (1.0,)), metadata={"help": "per stage: multi-token prediction weights (next token first) at the stage's start, stages separated by '/'", "parse": "float_lists"})
     stage_mtp_weights_end: tuple = field(default=((1.0, 0.5, 0.0), (1.0, 0.0), (1.0,), (1.0,)), metadata={"help": "per stage: the same weights at the stage's end (linear in between), stages separated by '/'", "parse": "float_lists"})
     muon_momentum_cooldown_steps: int = field(default=50, metadata={"help": "last steps over which Muon momentum returns from final to start"})
-    adam_odd_steps_only: bool = field(default=True, metadata={"help": "Adam steps on odd steps only; even steps' gradients accumulate into them (staged schedule)"})
-    embed_split_stage: int = field(default=2, metadata={"help": "embedding tied to the head until the first odd step of this stage, untied after it (0: never tied; staged schedule)"})
-    attn_scale_log_growth: float = field(default=0.2, metadata={"help": "YaRN: at each long-window change attn scale *= 1 + c*ln(new/old) (0: fixed; staged schedule)"})
+    adam_odd_steps_only: bool = field(default=True, metadata={"help": "Adam steps on odd steps only; even steps' gradients accumulate into them (off: Adam every step)"})
+    embed_split_stage: int = field(default=2, metadata={"help": "embedding tied to the head until the first odd step of this stage, untied after it (0: never tied)"})
+    attn_scale_log_growth: float = field(default=0.2, metadata={"help": "YaRN: at each long-window change attn scale *= 1 + c*ln(new/old) (0: fixed)"})
     # model
     vocab_size: int = field(default=50304, metadata={"help": "GPT-2's 50257 tokens padded to a multiple of 128"})
     num_layers: int = field(default=11, metadata={"help": "transformer blocks"})
@@ -85,111 +82,81 @@ class Config:
     num_heads: int = field(default=6, metadata={"help": "attention heads (num_heads * head_dim = model_dim)"})
     head_dim: int = field(default=128, metadata={"help": "width of one attention head"})
     mlp_ratio: int = field(default=4, metadata={"help": "MLP hidden width / model_dim"})
-    num_value_embeds: int = field(default=3, metadata={"help": "value-embedding tables, used by the first and the last N layers"})
     no_attn_layers: tuple = field(default=(6,), metadata={"help": "layers without attention (comma-separated, '' for none)"})
-    long_window_layers: tuple = field(default=(3, 10), metadata={"help": "layers with the long window; the rest use half of it"})
-    max_window_tokens: int = field(default=1792, metadata={"help": "final long attention window; it grows linearly from 128 over the run"})
-    attn_scale: float = field(default=0.1, metadata={"help": "fixed softmax scale of attention (QK-normed)"})
-    attn_gate_dim: int = field(default=12, metadata={"help": "residual channels read by the per-head output gate"})
+    long_window_layers: tuple = field(default=(3, 10), metadata={"help": "layers with the long window; the rest have the short one"})
+    attn_scale: float = field(default=0.1, metadata={"help": "softmax scale of attention (QK-normed) in the first stage; YaRN grows it"})
+    attn_gate_dim: int = field(default=12, metadata={"help": "residual channels read by the per-head output, value and smear/skip gates"})
     logit_cap: float = field(default=23.0, metadata={"help": "logits squashed to (0, cap) by cap*sigmoid((z + shift)/div)"})
-    logit_shift: float = field(default=5.0, metadata={"help": "head logits cap*sigmoid((z + shift)/div): the shift (2026: 5)"})
-    logit_div: float = field(default=7.5, metadata={"help": "head logits cap*sigmoid((z + shift)/div): the divisor (0: cap/4, slope 1 at 0 as in #28; 2026: 7.5)"})
-    bigram_rows: int = field(default=754_560, metadata={"help": "rows of the bigram hash embedding (0: none, as #28; 2026: 754,560 = 15 x 50304)"})
+    logit_shift: float = field(default=5.0, metadata={"help": "head logits cap*sigmoid((z + shift)/div): the shift"})
+    logit_div: float = field(default=7.5, metadata={"help": "head logits cap*sigmoid((z + shift)/div): the divisor"})
+    bigram_rows: int = field(default=754_560, metadata={"help": "rows of the bigram hash embedding (0: none, an ablation; 754,560 = 15 x 50304)"})
     bigram_dim: int = field(default=192, metadata={"help": "width of the bigram hash embedding: added to the first N residual channels"})
     bigram_sign_rows: int = field(default=8192, metadata={"help": "rows of the fixed random +-1 sign table of the bigram embedding"})
-    residual_lambdas: bool = field(default=True, metadata={"help": "2026 residual: each sublayer x <- resid*x + post*f(norm(x)), x0 injected after attention, V and O scaled by per-layer SA lambdas; replaces #28's x0 mix, value mix and U-net skips"})
-    value_embed_layers: tuple = field(default=(1, 2, 8, 9, 10), metadata={"help": "2026: layers with their own value-embedding table, mixed into V by per-head gates 2*sigmoid(W [x, ve][:12]) ('': #28's tables on the first and last --num-value-embeds layers)"})
-    smear_gate: bool = field(default=True, metadata={"help": "2026: each token's embedding adds the previous token's, times lambda*sigmoid(W x[:12]) (both start at 0)"})
-    skip_connection: tuple = field(default=(3, 6), metadata={"help": "2026 FROM,TO (3,6): layer FROM's output added before layer TO (which has no attention), gated by sigmoid(lambda)*2*sigmoid(W x0[:12])"})
-    backout_layer: int = field(default=7, metadata={"help": "2026 (7): this layer's output is the attention input of every later layer, and lambda times it is subtracted before the head (-1: none)"})
-    token_windows: bool = field(default=True, metadata={"help": "2026: attention windows in tokens with FlashAttention-3 semantics (query i sees keys i-W..i of its document), short and long from the schedule; off: #28's 128-token blocks"})
-    key_offset: bool = field(default=True, metadata={"help": "2026: on the long-window layers each key's position-free (zero-frequency RoPE) dims are taken from the previous token"})
-    paired_head_layers: tuple = field(default=(0, 2, 5, 9), metadata={"help": "2026 (0,2,5,9): layers whose heads attend in pairs over a sequence twice as long (needs --token-windows)"})
-    split_qk_v: bool = field(default=True, metadata={"help": "2026: store Q,K as qk_w (2, hidden, dim) and V as v_w apart (the 2026 optimizer groups Q/K by head pairs, V whole); the same product"})
-    yarn: bool = field(default=True, metadata={"help": "2026 YaRN: at each long-window change between stages the RoPE frequencies are rescaled (ramp alpha 1, beta 32) and attention takes the schedule's scale"})
-    head_init_std: float = field(default=0.005, metadata={"help": "head initialized N(0, std), the embedding a copy of it (2026: 0.005, tied at first; 0: zero head, as #28)"})
+    value_embed_layers: tuple = field(default=(1, 2, 8, 9, 10), metadata={"help": "layers with their own value-embedding table, mixed into V by per-head gates 2*sigmoid(W [x, ve][:12]) ('': none, an ablation)"})
+    smear_gate: bool = field(default=True, metadata={"help": "each token's embedding adds the previous token's, times lambda*sigmoid(W x[:12]) (both start at 0); off: an ablation"})
+    skip_connection: tuple = field(default=(3, 6), metadata={"help": "FROM,TO: layer FROM's output added before layer TO (which has no attention), gated by sigmoid(lambda)*2*sigmoid(W x0[:12]) ('': none, an ablation)"})
+    backout_layer: int = field(default=7, metadata={"help": "this layer's output is the attention input of every later layer, and lambda times it is subtracted before the head (-1: none, an ablation)"})
+    key_offset: bool = field(default=True, metadata={"help": "on the long-window layers each key's position-free (zero-frequency RoPE) dims are taken from the previous token; off: an ablation"})
+    paired_head_layers: tuple = field(default=(0, 2, 5, 9), metadata={"help": "layers whose heads attend in pairs over a sequence twice as long ('': none, an ablation)"})
+    yarn: bool = field(default=True, metadata={"help": "YaRN: at each long-window change between stages the RoPE frequencies are rescaled (ramp alpha 1, beta 32) and attention takes the schedule's scale; off: an ablation"})
+    head_init_std: float = field(default=0.005, metadata={"help": "head initialized N(0, std), the embedding a copy of it (tied at first)"})
     fp8_head: bool = field(default=True, metadata={"help": "FP8 lm_head matmul where supported (Hopper); bf16 elsewhere"})
-    fp8_x_max: float = field(default=100.0, metadata={"help": "FP8 head: largest |input| kept, its scale is this/448 (0: sqrt(model_dim), which rms-normed rows never exceed, as #28; 2026: 100)"})
-    fp8_w_max: float = field(default=1.6, metadata={"help": "FP8 head: largest |weight| kept, larger ones saturate; its scale is this/448 (#28: 0.875 = 448 x 2^-9; 2026: 1.6)"})
-    fp8_grad_max: float = field(default=0.75, metadata={"help": "FP8 head backward: the output gradient's scale is this/448/accumulation steps (#28: 1; 2026: 0.75)"})
-    bf16_embeddings: bool = field(default=False, metadata={"help": "store the embedding tables in bf16, as #28 and the 2026 script do: half the bytes in their reduce-scatters and all-gathers; Adam's moments stay fp32 (the 2026 script's; #28 keeps them bf16), so this is not the default's math"})
-    # optimizer
-    muon_lr: float = field(default=0.023, metadata={"help": "Muon learning rate (hidden matrices)"})
+    fp8_x_max: float = field(default=100.0, metadata={"help": "FP8 head: largest |input| kept, its scale is this/448"})
+    fp8_w_max: float = field(default=1.6, metadata={"help": "FP8 head: largest |weight| kept, larger ones saturate; its scale is this/448"})
+    fp8_grad_max: float = field(default=0.75, metadata={"help": "FP8 head backward: the output gradient's scale is this/448/accumulation steps"})
+    bf16_embeddings: bool = field(default=False, metadata={"help": "store the embedding tables in bf16, as the 2026 script does: half the bytes in their reduce-scatters and all-gathers; Adam's moments stay fp32"})
+    # optimizer: the per-parameter table is recipe(); these are its base values
+    muon_lr: float = field(default=0.023, metadata={"help": "Muon base learning rate (hidden matrices; the table adds shape factors)"})
     muon_momentum: float = field(default=0.95, metadata={"help": "Muon Nesterov momentum after warm-up"})
     muon_momentum_start: float = field(default=0.85, metadata={"help": "Muon momentum at step 0"})
     muon_momentum_warmup_steps: int = field(default=300, metadata={"help": "steps to move Muon momentum from start to final"})
-    orthogonalizer: str = field(default='polar_express_2026', metadata={"help": "Muon's orthogonalization: ns5 (record #28) or polar_express (larger updates, untested on GPU)"})
-    mlp_in_lr_mult: float = field(default=1.0, metadata={"help": "extra Muon LR multiplier of the MLP input matrix (record #28: 1; 2 reproduces sqrt(3072/768) of a fan_out x fan_in layout)"})
-    gates_on_adam: bool = field(default=False, metadata={"help": "train the attention output gates with Adam at the scalar LR instead of Muon (record #28: Muon)"})
-    normuon_beta2: float = field(default=0.9, metadata={"help": "NorMuon: EMA of each output row's squared update, rows evened out (0: plain Muon; paper: 0.95)"})
-    adam_lr: float = field(default=0.008, metadata={"help": "Adam base learning rate (lm_head)"})
-    adam_beta1: float = field(default=0.8, metadata={"help": "Adam beta1"})
-    adam_beta2: float = field(default=0.95, metadata={"help": "Adam beta2"})
+    orthogonalizer: str = field(default="polar_express_2026", metadata={"help": "Muon's orthogonalization: polar_express_2026 (the 2026 script's five Polar Express steps) or polar_express (each step but the last shrunk by 1.02, an ablation)"})
+    normuon_beta2: float = field(default=0.9, metadata={"help": "NorMuon: EMA of the squared update along each matrix's smaller dimension, evened out (0: plain Muon)"})
+    adam_lr: float = field(default=0.008, metadata={"help": "Adam base learning rate (the table multiplies it per parameter)"})
     adam_eps: float = field(default=1e-10, metadata={"help": "Adam epsilon"})
-    embed_lr_mult: float = field(default=75.0, metadata={"help": "Adam LR multiplier of the token and value embeddings"})
-    scalar_lr_mult: float = field(default=5.0, metadata={"help": "Adam LR multiplier of scalars and gates"})
-    optimizer_recipe: str = field(default='r2026', metadata={"help": "recipe table: r28 (record #28) or r2026 (the 2026-05-20 record's NorMuon + Adam table)"})
-    muon_weight_decay: float = field(default=1.2, metadata={"help": "cautious weight decay of Muon matrices, times base LR x effective LR (2026: 1.2)"})
-    adam_weight_decay: float = field(default=0.005, metadata={"help": "cautious weight decay of Adam tensors, times effective LR squared (2026: 0.005)"})
-    normuon_stats: str = field(default='larger_dim', metadata={"help": "NorMuon second moment per: row (one per output row) or larger_dim (2026: per row of a tall, per column of a wide matrix)"})
+    muon_weight_decay: float = field(default=1.2, metadata={"help": "cautious weight decay of Muon matrices, times base LR x effective LR"})
+    adam_weight_decay: float = field(default=0.005, metadata={"help": "cautious weight decay of Adam tensors (times the table's multiplier), times effective LR squared"})
     # run
     seed: int = field(default=0, metadata={"help": "seed of the weight initialization"})
     device: str = field(default="cuda", metadata={"help": "cuda or cpu"})
     compile: bool = field(default=True, metadata={"help": "torch.compile each block and the head once (regional compilation); compiling always warms up >= 1 untimed step"})
     compile_glue: bool = field(default=False, metadata={"help": "with --compile, compile the code between the compiled blocks too: the attention masks (BlockMask building), the embeddings (smear, bigram, value embeddings, norm) and the final backout and norm; the same math in fewer kernels; not yet A/B-timed on GPUs"})
     triton_kernels: str = field(default="", metadata={"help": "Triton kernels instead of their PyTorch code, comma-separated: ce (fused softcapped cross-entropy with the multi-token weights, forward and backward), symmetric (Muon's XX^T and bA+cA^2 on the tiles above the diagonal, mirrored), mlp (ReLU^2 in the epilogues of the MLP's first matmul and its backward); needs triton, on --device cpu TRITON_INTERPRET=1; not yet A/B-timed on GPUs ('': none)"})
-    warmup_steps: int = field(default=3, metadata={"help": "untimed steps that compile every shape, then everything is reset"})
-    run_id: str = field(default="", metadata={"help": "log name under --log-dir (default: a random uuid)"})
+    warmup_steps: int = field(default=3, metadata={"help": "untimed steps that compile every shape, then everything is reset (0: none)"})
+    run_id: str = field(default="", metadata={"help": "log name under --log-dir ('': a random uuid)"})
     log_dir: str = field(default="logs", metadata={"help": "folder of the run logs"})
     save_model: str = field(default="", metadata={"help": "write the final weights to this path (rank 0)"})
     gpu_peak_tflops: float = field(default=800.0, metadata={"help": "dense bf16 peak per GPU, for the MFU figure (H100 measured: ~800)"})
     save_every: int = field(default=0, metadata={"help": "every N steps write a checkpoint to --checkpoint-dir/<run_id>.pt, off the clock (0: never)"})
     checkpoint_dir: str = field(default="checkpoints", metadata={"help": "folder of the --save-every checkpoints (one file per run, replaced atomically)"})
     resume: str = field(default="", metadata={"help": "continue from this checkpoint: weights, optimizer, data position and clock (same settings)"})
-    align_to_bos: bool = field(default=True, metadata={"help": "start each training window at a document start (FineWeb); --no-align-to-bos: consecutive slices of the stream"})
 
 
 # The defaults above, the record, are the 2026-05-20 public record's recipe ("BigramsSignTrick": 1480 steps, about
 # 393M tokens to 3.28), compared whole with its published script on CPU in fp32 (loss, every gradient, optimizer
 # steps and schedules at rounding level). Three equal stages of 480 steps, then 40 extension steps at the final LR
-# and windows; 8 sequences per step in every stage (train_batch_tokens and train_seq_len are the last stages').
-# The LR grows with the batch ((16/8)^0.6, (24/8)^0.5) and from step 576 (40% of 1440) cools down linearly from
-# the stage's multiplier to 0.15 at step 1440, so the extension's 1.73 is never used. The split step is 961: odd,
-# so Adam steps on it. Its FP8 head keeps weights up to 1.6 (#28: 0.875).
+# and windows; 8 sequences per step in every stage. The LR grows with the batch ((16/8)^0.6, (24/8)^0.5) and from
+# step 576 (40% of 1440) cools down linearly from the stage's multiplier to 0.15 at step 1440, so the extension's
+# 1.73 is never used. The split step is 961: odd, so Adam steps on it.
 #
-# `--preset r28`: public record #28's recipe (2025-08-23, 1695 steps x 393,216 tokens), the side-by-side yardstick
-# against the public #28 script. `--preset tiny`: #28's structure, small enough to train on a CPU in about a minute
-# on data/sample/.
-RECORD_28 = dict(
-    # schedule: one stage whose long window ramps up linearly (no --stage-* tables), Adam every step, nothing tied
-    train_steps=1695, val_every=125, cooldown_frac=0.45, final_lr_frac=0.1, extension_steps=0,
-    stage_steps=(), stage_batch_tokens=(), stage_seq_len=(), stage_max_doc_len=(), stage_short_window_blocks=(),
-    stage_long_window_blocks=(), final_long_window_blocks=0, stage_lr_mult=(), stage_mtp_weights_start=(),
-    stage_mtp_weights_end=(), muon_momentum_cooldown_steps=0, adam_odd_steps_only=False, embed_split_stage=0,
-    attn_scale=0.12, attn_scale_log_growth=0.0,
-    # model: 12 layers with U-net skips, x0 and value mixes, 3 value-embedding tables, windows in 128-token blocks
-    num_layers=12, no_attn_layers=(7,), long_window_layers=(0, 4, 7, 11), value_embed_layers=(), bigram_rows=0,
-    residual_lambdas=False, smear_gate=False, skip_connection=(), backout_layer=-1, token_windows=False,
-    key_offset=False, yarn=False, paired_head_layers=(), split_qk_v=False, head_init_std=0.0,
-    logit_cap=30.0, logit_shift=0.0, logit_div=0.0, fp8_x_max=0.0, fp8_w_max=0.875, fp8_grad_max=1.0,
-    # optimizer: Muon (Newton-Schulz) and Adam as recipe_r28's table, no weight decay
-    optimizer_recipe="r28", orthogonalizer="ns5", muon_lr=0.05, normuon_beta2=0.0, normuon_stats="row",
-    muon_weight_decay=0.0, adam_weight_decay=0.0,
+# `--preset tiny` is the same model and schedule shape at CPU size, on data/sample/: every component on (paired
+# heads, key offset, bigram hash, value embeddings, smear, skip, backout, multi-token weights, the split), two
+# sequences per step in every stage, 50 steps.
+TINY = dict(
+    train_files="data/sample/sample_train_*.bin", val_files="data/sample/sample_val_*.bin",
+    val_tokens=8192, val_seq_len=512, val_every=25,
+    train_steps=50, extension_steps=4, stage_steps=(0, 15, 30, 46),
+    stage_batch_tokens=(512, 768, 1024, 1024), stage_seq_len=(256, 384, 512, 512), stage_max_doc_len=(128, 256, 256, 256),
+    stage_short_window_blocks=(1, 1, 2, 2), stage_long_window_blocks=(2, 3, 4, 5), final_long_window_blocks=6,
+    muon_momentum_warmup_steps=10, muon_momentum_cooldown_steps=5,
+    # 6 layers in the record's pattern: paired heads first, no attention in the skip's target, backout after it
+    num_layers=6, model_dim=128, num_heads=2, head_dim=64, no_attn_layers=(3,), long_window_layers=(2, 5),
+    paired_head_layers=(0, 4), value_embed_layers=(1, 4, 5), skip_connection=(2, 3), backout_layer=4,
+    bigram_rows=4099, bigram_dim=32, bigram_sign_rows=256,
+    compile=False, warmup_steps=0, fp8_head=False,
 )
 
-PRESETS = {
-    "record": {},
-    "r2026": {},  # the record's recipe, by its name
-    "r28": RECORD_28,
-    "tiny": dict(
-        RECORD_28,
-        train_files="data/sample/sample_train_*.bin", val_files="data/sample/sample_val_*.bin",
-        val_tokens=8192, val_seq_len=512, val_every=25, train_batch_tokens=1024, train_seq_len=512,
-        train_steps=50, num_layers=4, model_dim=128, num_heads=2, head_dim=64, num_value_embeds=2,
-        no_attn_layers=(), long_window_layers=(0, 3), max_window_tokens=512, muon_momentum_warmup_steps=10,
-        compile=False, warmup_steps=0, fp8_head=False,
-    ),
-}
+PRESETS = {"record": {}, "r2026": {}, "tiny": TINY}  # r2026: the record's recipe, by its name
 
 BLOCK_SIZE = 128  # FlexAttention block: sequence lengths and windows are counted in these
 VAL_HEAD_CHUNK = 32_768  # validation tokens per head call: bf16 logits of 3.3 GB, fp32 of 6.6 GB at vocab 50304
@@ -230,23 +197,46 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def format_default(value) -> str:
+    """A default as the flag takes it: 1,2,3 for a tuple, 1,0.5/1 for per-stage lists, '' for an empty one."""
+    if isinstance(value, tuple):
+        if value and isinstance(value[0], tuple):
+            return "/".join(",".join(map(str, part)) for part in value)
+        return ",".join(map(str, value)) or "''"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+# Values that the recipe table sets per parameter row, so that no single flag can: a flag of that name is refused
+# with the rows it would have to change (this file's earlier flags of these names did nothing under the table).
+TABLE_VALUES = {
+    "--adam-beta1": "Adam's betas", "--adam-beta2": "Adam's betas",
+    "--embed-lr-mult": "the embeddings' LR multipliers", "--scalar-lr-mult": "the scalars' LR multipliers",
+    "--mlp-in-lr-mult": "the MLP matrices' LR multipliers", "--gates-on-adam": "which optimizer trains the gates",
+}
+
+
+def refuse_table_values(argv: list):
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag in TABLE_VALUES or flag.startswith("--no-") and "--" + flag[5:] in TABLE_VALUES:
+            what = TABLE_VALUES.get(flag, TABLE_VALUES.get("--" + flag[5:]))
+            raise ConfigError(f"{flag}: the recipe table sets {what} per parameter row, so no flag changes them all; "
+                              f"python train_gpt.py --print-recipe shows each row's value, edit its row in recipe() to change it")
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="train_gpt.py", description="Train the speedrun GPT. No flags = the 8xH100 record configuration.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="record",
-                        help="starting values: 'record' (8xH100 FineWeb: the 2026-05-20 public record's recipe; 'r2026' is the same), 'r28' (public record #28's recipe), 'tiny' (#28's structure on a CPU in a minute); flags override (default: record)")
+                        help="starting values: 'record' (8xH100 FineWeb: the 2026-05-20 public record's recipe; 'r2026' is the same), 'tiny' (the same model and schedule at CPU size, on data/sample/); flags override (default: record)")
     parser.add_argument("--print-recipe", action="store_true", default=argparse.SUPPRESS,
-                        help="print which optimizer and effective LR every parameter gets under these settings, then exit")
+                        help="print which optimizer, LR, betas, weight decay and init every parameter gets under these settings, then exit")
     parser.add_argument("--print-schedule", action="store_true", default=argparse.SUPPRESS,
                         help="print the schedule as one JSON line per step 0..train_steps, then exit (no data, no GPU)")
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        if isinstance(default, tuple):
-            shown = ",".join(map(str, default)) or "''"
-        else:
-            shown = repr(default) if isinstance(default, str) else default
-        help_text = f"{f.metadata['help']} (default: {shown})"
+        help_text = f"{f.metadata['help']} (default: {format_default(default)})"
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif isinstance(default, tuple):
@@ -260,6 +250,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def parse_command(argv=None) -> tuple:
     """(config, report): preset values first, then every flag given; report names what to print instead of
     training ('recipe' or 'schedule'), or is None."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    refuse_table_values(argv)
     args = vars(build_arg_parser().parse_args(argv))
     preset = args.pop("preset")
     report = next((name for name in ("recipe", "schedule") if args.pop(f"print_{name}", False)), None)
@@ -271,23 +263,15 @@ def parse_config(argv=None) -> Config:
 
 
 def check_config(cfg: Config, world_size: int) -> int:
-    """Refuse impossible settings with a one-line reason; returns the gradient accumulation steps."""
-    positive = ["val_tokens", "val_seq_len", "train_batch_tokens", "train_seq_len", "train_steps", "vocab_size",
-                "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio", "max_window_tokens"]
+    """Refuse impossible settings with a one-line reason; returns the first stage's gradient accumulation steps."""
+    positive = ["val_tokens", "val_seq_len", "train_steps", "vocab_size", "num_layers", "model_dim", "num_heads",
+                "head_dim", "mlp_ratio"]
     for name in positive:
         if getattr(cfg, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ["train_seq_len", "val_seq_len"]:
-        if getattr(cfg, name) % BLOCK_SIZE:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be a multiple of {BLOCK_SIZE} (attention block size)")
-    per_step = world_size * cfg.train_seq_len
-    if is_staged(cfg):
-        check_stage_batches(cfg, world_size)  # the stage tables replace --train-batch-tokens and --train-seq-len
-    elif cfg.train_batch_tokens % per_step:
-        raise ConfigError(
-            f"world size {world_size} x --train-seq-len {cfg.train_seq_len} = {per_step} tokens does not divide "
-            f"--train-batch-tokens {cfg.train_batch_tokens}: each step must be whole sequences on every process "
-            f"(use a world size that divides {cfg.train_batch_tokens // cfg.train_seq_len}, or a shorter --train-seq-len)")
+            raise ConfigError(f"{flag_name(name)} must be positive, got {getattr(cfg, name)}")
+    if cfg.val_seq_len % BLOCK_SIZE:
+        raise ConfigError(f"--val-seq-len {cfg.val_seq_len} must be a multiple of {BLOCK_SIZE} (attention block size)")
+    check_stage_batches(cfg, world_size)
     # Validation sequences are dealt to ranks round-robin (a rank may get one fewer), so any world size
     # scores the same sequences; only whole sequences are scored.
     if cfg.val_tokens % cfg.val_seq_len:
@@ -297,22 +281,15 @@ def check_config(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"--num-heads {cfg.num_heads} x --head-dim {cfg.head_dim} must equal --model-dim {cfg.model_dim}")
     if cfg.head_dim % 4:
         raise ConfigError(f"--head-dim {cfg.head_dim} must be a multiple of 4 (rotary halves and quarters)")
-    if not 0 <= 2 * cfg.num_value_embeds <= cfg.num_layers:
-        raise ConfigError(f"--num-value-embeds {cfg.num_value_embeds}: the first and last N layers use them, so 2N <= --num-layers {cfg.num_layers}")
-    for name in ["no_attn_layers", "long_window_layers"]:
-        bad = [i for i in getattr(cfg, name) if not 0 <= i < cfg.num_layers]
-        if bad:
-            raise ConfigError(f"--{name.replace('_', '-')} {bad}: layers are numbered 0..{cfg.num_layers - 1}")
+    check_layer_lists(cfg)
     if not 0 < cfg.attn_gate_dim <= cfg.model_dim:
         raise ConfigError(f"--attn-gate-dim {cfg.attn_gate_dim} must be in 1..{cfg.model_dim}")
+    if cfg.bigram_rows and not 0 < cfg.bigram_dim <= cfg.model_dim:
+        raise ConfigError(f"--bigram-dim {cfg.bigram_dim} must be in 1..--model-dim {cfg.model_dim}")
     if cfg.orthogonalizer not in ORTHOGONALIZERS:
         raise ConfigError(f"--orthogonalizer {cfg.orthogonalizer!r}: choose one of {', '.join(ORTHOGONALIZERS)}")
     if cfg.device not in ("cuda", "cpu"):
         raise ConfigError(f"--device {cfg.device!r}: choose cuda or cpu")
-    if cfg.optimizer_recipe not in RECIPES:
-        raise ConfigError(f"--optimizer-recipe {cfg.optimizer_recipe!r}: choose one of {', '.join(RECIPES)}")
-    if cfg.normuon_stats not in ("row", "larger_dim"):
-        raise ConfigError(f"--normuon-stats {cfg.normuon_stats!r}: choose row or larger_dim")
     if not 0 <= cfg.normuon_beta2 < 1:
         raise ConfigError(f"--normuon-beta2 {cfg.normuon_beta2} must be in [0, 1)")
     if not 0 <= cfg.cooldown_frac <= 1:
@@ -324,9 +301,23 @@ def check_config(cfg: Config, world_size: int) -> int:
     check_triton_kernels(cfg)
     if cfg.compile_glue and not cfg.compile:
         raise ConfigError("--compile-glue compiles the code between the compiled blocks: it needs --compile")
-    # the first stage's (a staged schedule's later stages may differ: each step takes its own from the schedule)
-    batch, seq_len = per_stage(cfg.stage_batch_tokens, 0, cfg, cfg.train_batch_tokens), per_stage(cfg.stage_seq_len, 0, cfg, cfg.train_seq_len)
-    return accumulation_steps(batch, seq_len, world_size)
+    return accumulation_steps(cfg.stage_batch_tokens[0], cfg.stage_seq_len[0], world_size)
+
+
+def check_layer_lists(cfg: Config):
+    """Every layer list names existing layers, and the structural rules of the record's layout hold."""
+    for name in ["no_attn_layers", "long_window_layers", "value_embed_layers", "paired_head_layers", "skip_connection"]:
+        bad = [i for i in getattr(cfg, name) if not 0 <= i < cfg.num_layers]
+        if bad:
+            raise ConfigError(f"{flag_name(name)} {','.join(map(str, bad))}: layers are numbered 0..{cfg.num_layers - 1}")
+    if not -1 <= cfg.backout_layer < cfg.num_layers:
+        raise ConfigError(f"--backout-layer {cfg.backout_layer}: layers are numbered 0..{cfg.num_layers - 1} (-1: none)")
+    if cfg.paired_head_layers and cfg.num_heads % 2:
+        raise ConfigError(f"--paired-head-layers needs an even --num-heads, got {cfg.num_heads}")
+    if cfg.skip_connection and (len(cfg.skip_connection) != 2 or cfg.skip_connection[1] not in cfg.no_attn_layers
+                                or cfg.skip_connection[0] >= cfg.skip_connection[1]):
+        raise ConfigError(f"--skip-connection {','.join(map(str, cfg.skip_connection))}: FROM,TO with FROM < TO and "
+                          f"TO a layer without attention (--no-attn-layers {','.join(map(str, cfg.no_attn_layers))})")
 
 
 def check_stage_batches(cfg: Config, world_size: int):
@@ -335,10 +326,11 @@ def check_stage_batches(cfg: Config, world_size: int):
     for stage, (batch, seq_len) in enumerate(zip(cfg.stage_batch_tokens, cfg.stage_seq_len)):
         per_step = world_size * seq_len
         if seq_len <= 0 or batch % per_step:
+            sequences = batch // seq_len if seq_len > 0 else batch
             raise ConfigError(
                 f"stage {stage}: world size {world_size} x --stage-seq-len {seq_len} = {per_step} tokens does not divide "
                 f"its --stage-batch-tokens {batch}: each step must be whole sequences on every process "
-                f"(use a world size that divides {batch // seq_len if seq_len > 0 else batch}, or a shorter --stage-seq-len)")
+                f"(use a world size that divides its {sequences} sequences, or shorter --stage-seq-len)")
 
 
 def flag_name(name: str) -> str:
@@ -347,17 +339,15 @@ def flag_name(name: str) -> str:
 
 def check_hyperparameter_ranges(cfg: Config):
     """Values outside these ranges train nothing useful (or diverge) without any error of their own."""
-    for name in ["muon_lr", "adam_lr", "adam_eps", "embed_lr_mult", "scalar_lr_mult", "attn_scale", "logit_cap", "gpu_peak_tflops",
-                 "fp8_w_max", "fp8_grad_max"]:
+    for name in ["muon_lr", "adam_lr", "adam_eps", "attn_scale", "logit_cap", "logit_div", "gpu_peak_tflops",
+                 "fp8_x_max", "fp8_w_max", "fp8_grad_max"]:
         value = getattr(cfg, name)
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{flag_name(name)} must be a positive number, got {value}")
-    for name in ["adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start"]:
+    for name in ["muon_momentum", "muon_momentum_start"]:
         value = getattr(cfg, name)
         if not 0 <= value < 1:  # a beta of 1 never forgets, above 1 the moving average grows without bound
             raise ConfigError(f"{flag_name(name)} {value} must be in [0, 1)")
-    if not (math.isfinite(cfg.fp8_x_max) and cfg.fp8_x_max >= 0):
-        raise ConfigError(f"--fp8-x-max must be >= 0 (0: sqrt(model_dim)), got {cfg.fp8_x_max}")
     if not 0 <= cfg.final_lr_frac <= 1:
         raise ConfigError(f"--final-lr-frac {cfg.final_lr_frac} must be in [0, 1]")
     if cfg.save_every < 0:
@@ -373,7 +363,9 @@ def check_run_names(cfg: Config):
 
 
 # -----------------------------------------------------------------------------
-# Model: GPT with rotary QK-normed attention, ReLU^2 MLP, value embeddings, U-net skips and a softcapped head.
+# Model: the 2026 record's GPT. Rotary QK-normed attention (paired heads on some layers, key offset on the long-window
+# ones, per-head output gates), ReLU^2 MLP, per-layer residual lambdas, value embeddings, a bigram hash embedding,
+# smear, one gated skip, backout, and a softcapped head tied to the embedding until the split step.
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -402,17 +394,15 @@ def yarn_frequencies(freqs: Tensor, windows: list, alpha: float = 1.0, beta: flo
 
 
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, max_seq_len: int):
+    """One cos/sin table for the whole model, positions 0..max_positions-1: a layer of plain heads reads the first T
+    rows, a paired-head layer rows up to 2T (its doubled sequence), so one table serves both layouts and every layer
+    (one copy instead of one per layer: 1.75 GiB of identical fp32 tables at the validation length)."""
+
+    def __init__(self, head_dim: int, max_positions: int):
         super().__init__()
-        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), rotary_frequencies(head_dim))
+        theta = torch.outer(torch.arange(max_positions, dtype=torch.float32), rotary_frequencies(head_dim))
         self.register_buffer("cos", theta.cos(), persistent=False)
         self.register_buffer("sin", theta.sin(), persistent=False)
-
-    def rotate_at(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x: (B, T, H, D) rotated at explicit (T, H) positions (paired heads)."""
-        cos, sin = self.cos[positions][None], self.sin[positions][None]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 
     def set_frequencies(self, freqs: Tensor):
         """Rebuild the tables in place (YaRN): compiled code reads the same buffers, nothing recompiles."""
@@ -421,11 +411,11 @@ class Rotary(nn.Module):
         self.cos.copy_(theta.cos())
         self.sin.copy_(theta.sin())
 
-    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, H, D)
-        seq_len = x.size(-3)
-        cos, sin = self.cos[None, :seq_len, None, :], self.sin[None, :seq_len, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Half-split RoPE of (B, T, H, D) x by tables broadcastable to (B, T, H, D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 
 
 def uniform_init_(weight: Tensor, fan_in: int) -> Tensor:
@@ -459,7 +449,12 @@ def compiled_flex_attention():
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: Config, max_seq_len: int, value_gated: bool = False, paired: bool = False):
+    """QK-normed rotary attention with a sigmoid output gate per head. Q and K are stored as qk_w (2, hidden, dim)
+    apart from V (v_w), because the optimizer cuts Q and K into head pairs and takes V whole; the SA lambdas scale
+    the QKV product and the output projection. value_gated: the layer's value embedding enters V through a per-head
+    gate. paired: heads attend in pairs over a sequence twice as long (paired_attention)."""
+
+    def __init__(self, cfg: Config, value_gated: bool = False, paired: bool = False):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         if cfg.yarn:  # the scale changes per stage: a buffer, so compiled blocks read it instead of recompiling
@@ -467,70 +462,50 @@ class CausalSelfAttention(nn.Module):
         else:
             self.scale = cfg.attn_scale
         hidden = cfg.num_heads * cfg.head_dim
-        # Q, K, V stacked in one tensor, each a (hidden, dim) matrix that Muon orthogonalizes on its own; 2026 keeps
-        # Q, K apart from V because its optimizer cuts Q and K into head pairs (recipe_r2026).
-        if cfg.split_qk_v:
-            self.qk_w = nn.Parameter(uniform_init_(torch.empty(2, hidden, cfg.model_dim), cfg.model_dim))
-            self.v_w = nn.Parameter(uniform_init_(torch.empty(hidden, cfg.model_dim), cfg.model_dim))
-        else:
-            self.qkv_w = nn.Parameter(uniform_init_(torch.empty(3, hidden, cfg.model_dim), cfg.model_dim))
+        self.qk_w = nn.Parameter(uniform_init_(torch.empty(2, hidden, cfg.model_dim), cfg.model_dim))
+        self.v_w = nn.Parameter(uniform_init_(torch.empty(hidden, cfg.model_dim), cfg.model_dim))
         self.proj_w = nn.Parameter(torch.zeros(cfg.model_dim, hidden))  # zero-init: each block starts as identity
-        if cfg.residual_lambdas:  # 2026: scales of the QKV and output weights (Q, K are normed: in effect V's scale)
-            self.sa_lambdas = nn.Parameter(torch.tensor([0.5, 1.0]))
-        else:
-            self.value_mix = nn.Parameter(torch.tensor([0.5, 0.5]))  # v <- a*v + b*value_embedding
+        self.sa_lambdas = nn.Parameter(torch.tensor([0.5, 1.0]))  # QKV and output scales (Q, K are normed: V's)
         self.gate_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.attn_gate_dim))  # sigmoid gate per head, starts at 0.5
-        # 2026: the value embedding enters each head through a gate 2*sigmoid(W [x[:6], ve[:6]]), 1 at init
+        # the value embedding enters each head through a gate 2*sigmoid(W [x[:6], ve[:6]]), 1 at init
         self.value_gate_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.attn_gate_dim)) if value_gated else None
-        self.paired = paired  # 2026 paired heads: RoPE over twice the positions
-        self.rotary = Rotary(cfg.head_dim, 2 * max_seq_len if paired else max_seq_len)
+        self.paired = paired
         self.key_offset = False  # set by the model on its long-window layers (--key-offset)
 
-    def forward(self, x: Tensor, value_embed: Tensor | None, mask) -> Tensor:
+    def forward(self, x: Tensor, value_embed: Tensor | None, mask, cos: Tensor, sin: Tensor) -> Tensor:
         B, T = x.shape[:2]
-        qkv_w = torch.cat([self.qk_w, self.v_w[None]]) if hasattr(self, "qk_w") else self.qkv_w
-        proj_w = self.proj_w
-        if hasattr(self, "sa_lambdas"):
-            qkv_w, proj_w = self.sa_lambdas[0] * qkv_w, self.sa_lambdas[1] * proj_w
+        qkv_w = self.sa_lambdas[0] * torch.cat([self.qk_w, self.v_w[None]])
         q, k, v = F.linear(x, qkv_w.flatten(0, 1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)
         if self.paired:
-            return self.paired_forward(x, q, k, v, value_embed, mask, proj_w)
-        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
-        if self.key_offset:
-            k = offset_position_free_dims(k)
-        if hasattr(self, "value_mix"):
-            v = self.value_mix[0] * v
-        if value_embed is not None and self.value_gate_w is not None:
-            v = v + value_gate(x, value_embed, self.value_gate_w).unsqueeze(-1) * value_embed.view_as(v)
-        elif value_embed is not None:
-            v = v + self.value_mix[1] * value_embed.view_as(v)
-        y = attend(q, k, v, mask, self.scale)
+            y = self.paired_attention(x, q, k, v, value_embed, mask, cos, sin)
+        else:
+            rope = cos[None, :T, None, :], sin[None, :T, None, :]
+            q, k = rotate(rms_norm(q), *rope), rotate(rms_norm(k), *rope)
+            if self.key_offset:
+                k = offset_position_free_dims(k)
+            if value_embed is not None:
+                v = v + value_gate(x, value_embed, self.value_gate_w).unsqueeze(-1) * value_embed.view_as(v)
+            y = attend(q, k, v, mask, self.scale)
         gate = torch.sigmoid(F.linear(x[..., : self.gate_w.size(1)], self.gate_w.type_as(x)))  # (B, T, H)
         y = (y * gate.unsqueeze(-1)).reshape(B, T, -1)
-        return F.linear(y, proj_w.type_as(y))
+        return F.linear(y, (self.sa_lambdas[1] * self.proj_w).type_as(y))
 
-
-    def paired_forward(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, value_embed: Tensor | None, mask, proj_w: Tensor) -> Tensor:
-        """Paired heads (2026): the (B, T, H, D) heads are laid out as a (B, 2T, H/2, D) sequence, so head h of token
-        t sits at position 2t + h // (H/2) in slot h % (H/2), and the two heads sharing a slot attend to each other
-        and to both heads of earlier tokens (mask on the doubled sequence: documents doubled, the window in
-        positions). As in the 2026 script, RoPE rotates head h at position 2t + h % 2 (its view pairs heads 2p,
-        2p+1), which differs from the layout position for some heads; the value gate reads x[:12] only."""
+    def paired_attention(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, value_embed: Tensor | None, mask,
+                         cos: Tensor, sin: Tensor) -> Tensor:
+        """Paired heads: the (B, T, H, D) heads are laid out as a (B, 2T, H/2, D) sequence, so head h of token t sits
+        at position 2t + h // (H/2) in slot h % (H/2), and the two heads sharing a slot attend to each other and to
+        both heads of earlier tokens (mask on the doubled sequence: documents doubled, the window in positions). As
+        in the 2026 script, RoPE rotates head h at position 2t + h % 2 (its view pairs heads 2p, 2p+1), which
+        differs from the layout position for some heads; the value gate reads x[:12] only; no key offset."""
         B, T, H, D = q.shape
         positions = 2 * torch.arange(T, device=x.device)[:, None] + torch.arange(H, device=x.device)[None, :] % 2
-        q, k = self.rotary.rotate_at(rms_norm(q), positions), self.rotary.rotate_at(rms_norm(k), positions)
-        if hasattr(self, "value_mix"):
-            v = self.value_mix[0] * v
-        if value_embed is not None and self.value_gate_w is not None:
+        rope = cos[positions][None], sin[positions][None]
+        q, k = rotate(rms_norm(q), *rope), rotate(rms_norm(k), *rope)
+        if value_embed is not None:
             gate = 2 * torch.sigmoid(F.linear(x[..., : self.value_gate_w.size(1)], self.value_gate_w.type_as(x)))
             v = v + gate.unsqueeze(-1) * value_embed.view_as(v)
-        elif value_embed is not None:
-            v = v + self.value_mix[1] * value_embed.view_as(v)
         q, k, v = (t.reshape(B, 2 * T, H // 2, D) for t in (q, k, v))
-        y = attend(q, k, v, mask, self.scale).reshape(B, T, H, D)
-        gate = torch.sigmoid(F.linear(x[..., : self.gate_w.size(1)], self.gate_w.type_as(x)))
-        y = (y * gate.unsqueeze(-1)).reshape(B, T, -1)
-        return F.linear(y, proj_w.type_as(y))
+        return attend(q, k, v, mask, self.scale).reshape(B, T, H, D)
 
 
 def doubled_sequence(input_ids: Tensor) -> Tensor:
@@ -563,8 +538,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         hidden = cfg.mlp_ratio * cfg.model_dim
-        # Both matrices stored (dim, hidden): one Muon shape group, and the input matrix's Muon LR shape factor
-        # sqrt(max(1, rows/cols)) is 1, as in record #28 (stored (hidden, dim) it would be 2).
+        # Both matrices stored (dim, hidden): one Muon shape group (the recipe's shape factor reads them as tall)
         self.fc_w = nn.Parameter(uniform_init_(torch.empty(cfg.model_dim, hidden), cfg.model_dim))
         self.proj_w = nn.Parameter(torch.zeros(cfg.model_dim, hidden))
         self.fused = "mlp" in kernel_names(cfg)  # --triton-kernels mlp
@@ -576,37 +550,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, has_attention: bool, max_seq_len: int, value_gated: bool = False, paired: bool = False):
-        super().__init__()
-        self.attn = CausalSelfAttention(cfg, max_seq_len, value_gated, paired) if has_attention else None
-        self.mlp = MLP(cfg)
-        self.x0_mix = nn.Parameter(torch.tensor([1.0, 0.0]))  # x <- a*x + b*x0 (x0: the normed embedding)
-
-    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None, mask, bigram: Tensor | None = None) -> Tensor:
-        x = self.x0_mix[0] * x + self.x0_mix[1] * x0
-        if self.attn is not None:
-            x = x + self.attn(rms_norm(x), value_embed, mask)
-            if bigram is not None:  # the 2026 script injects it with the attention output: not in attention-free layers
-                x = add_to_leading_channels(x, bigram)
-        return x + self.mlp(rms_norm(x))
-
-
-class ScaledBlock(nn.Module):
-    """The 2026 block: each sublayer rescales the stream and its own output by per-layer lambdas,
-    x <- resid*x + post*f(norm(input)), and the attention sublayer also injects x0 (and the bigram term). The
-    lambdas live in the model, one tensor over layers each (the optimizer's groups), and come in as arguments;
+    """Each sublayer rescales the stream and its own output by per-layer lambdas, x <- resid*x + post*f(norm(input)),
+    and the attention sublayer also injects x0 (and the bigram term). The lambdas live in the model, one tensor over
+    layers each (the optimizer's groups), and come in as arguments, as do the rotary tables (one for all layers);
     the attention input may be another stream than x (backout_layer)."""
 
-    def __init__(self, cfg: Config, has_attention: bool, max_seq_len: int, value_gated: bool = False, paired: bool = False):
+    def __init__(self, cfg: Config, has_attention: bool, value_gated: bool = False, paired: bool = False):
         super().__init__()
-        self.attn = CausalSelfAttention(cfg, max_seq_len, value_gated, paired) if has_attention else None
+        self.attn = CausalSelfAttention(cfg, value_gated, paired) if has_attention else None
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, x0: Tensor, attn_input: Tensor, value_embed: Tensor | None, mask, bigram: Tensor | None,
-                resid: Tensor, post: Tensor, x0_lambda: Tensor) -> Tensor:
+                resid: Tensor, post: Tensor, x0_lambda: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         if self.attn is not None:
-            x = resid[0] * x + post[0] * self.attn(rms_norm(attn_input), value_embed, mask) + x0_lambda * x0
-            if bigram is not None:
+            x = resid[0] * x + post[0] * self.attn(rms_norm(attn_input), value_embed, mask, cos, sin) + x0_lambda * x0
+            if bigram is not None:  # the 2026 script injects it with the attention output: not in attention-free layers
                 x = add_to_leading_channels(x, bigram)
         return resid[1] * x + post[1] * self.mlp(rms_norm(x))
 
@@ -657,7 +615,7 @@ def bigram_sign_index(input_ids: Tensor, sign_rows: int) -> Tensor:
 
 def random_signs(rows: int, dim: int, seed: int) -> Tensor:
     """A fixed (rows, dim) table of +-1 (signs of normal draws, as the 2026 script), from its own CPU generator: every
-    rank builds the same table without a broadcast, and #28's init stream is untouched."""
+    rank builds the same table without a broadcast, and the weight init's stream is untouched."""
     generator = torch.Generator().manual_seed(seed + BIGRAM_SIGN_SEED_OFFSET)
     return torch.randn(rows, dim, generator=generator, device="cpu").sign()
 
@@ -666,45 +624,10 @@ def document_ids(input_ids: Tensor) -> Tensor:
     return (input_ids == EOT_TOKEN).cumsum(0)
 
 
-def dense_attention_mask(input_ids: Tensor, window_blocks: int | Tensor) -> Tensor:
-    """(T, T) bool: causal, same document, key block within window_blocks of the query block."""
-    docs = document_ids(input_ids)
-    pos = torch.arange(input_ids.numel(), device=input_ids.device)
-    causal = pos[:, None] >= pos[None, :]
-    in_window = (pos[:, None] // BLOCK_SIZE - pos[None, :] // BLOCK_SIZE) < window_blocks
-    return causal & in_window & (docs[:, None] == docs[None, :])
-
-
 def window_tensor(window: int | Tensor, device: torch.device) -> Tensor:
     """A window as a 0-d device tensor, so a new window never recompiles code that reads it; filled on the
     device: no host-to-device copy. A tensor (compiled mask building) is taken as it is."""
     return window if isinstance(window, Tensor) else torch.full((), window, dtype=torch.int64, device=device)
-
-
-def flex_block_mask(input_ids: Tensor, window_blocks: int | Tensor) -> BlockMask:
-    """The same mask as dense_attention_mask, as a FlexAttention BlockMask built from block-level facts:
-    blocks inside one document are computed without a mask, blocks that straddle documents with one."""
-    docs = document_ids(input_ids)
-    num_blocks = input_ids.numel() // BLOCK_SIZE
-    first_doc, last_doc = docs[0::BLOCK_SIZE], docs[BLOCK_SIZE - 1 :: BLOCK_SIZE]
-    window = window_tensor(window_blocks, input_ids.device)
-    q_block = torch.arange(num_blocks, device=input_ids.device)[:, None]
-    kv_block = q_block.T
-    visible = (q_block >= kv_block) & (q_block - kv_block < window) & (last_doc[None, :] >= first_doc[:, None])
-    single_doc = first_doc == last_doc
-    full = visible & (q_block > kv_block) & single_doc[:, None] & single_doc[None, :] & (first_doc[:, None] == first_doc[None, :])
-    partial = visible & ~full
-
-    def causal_same_document(b, h, q_idx, kv_idx):  # applied inside partial blocks only
-        in_window = q_idx // BLOCK_SIZE - kv_idx // BLOCK_SIZE < window
-        return (q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx]) & in_window
-
-    def ordered(blocks: Tensor):  # dense (nb, nb) bool -> (count per row, indices with the visible ones first)
-        counts = blocks.sum(-1, dtype=torch.int32)
-        indices = torch.argsort(blocks.to(torch.uint8), dim=-1, descending=True, stable=True).to(torch.int32)
-        return counts[None, None].contiguous(), indices[None, None].contiguous()
-
-    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=BLOCK_SIZE, mask_mod=causal_same_document)
 
 
 def token_window_mask(input_ids: Tensor, window_tokens: int | Tensor) -> Tensor:
@@ -762,11 +685,9 @@ def head_loss(x: Tensor, head_w: Tensor, targets: Tensor, logit_cap: float, fp8_
 
 
 def softcap_logits(z: Tensor, cap: float, shift: float, div: float) -> Tensor:
-    """cap*sigmoid((z + shift)/div), bounded in (0, cap). #28: shift 0, div cap/4, i.e. cap/2*(1+tanh(z/(cap/2))),
-    slope 1 at 0. 2026: 23*sigmoid((z + 5)/7.5), which starts every logit at 23*sigmoid(2/3) instead of cap/2."""
-    if shift:
-        z = z + shift
-    return cap * torch.sigmoid(z / (div or cap / 4))
+    """cap*sigmoid((z + shift)/div), bounded in (0, cap): 23*sigmoid((z + 5)/7.5) starts every logit at
+    23*sigmoid(2/3)."""
+    return cap * torch.sigmoid((z + shift) / div)
 
 
 def multi_token_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
@@ -796,10 +717,9 @@ def equal_chunk(length: int, most: int) -> int:
 def allow_block_variants(limit: int):
     """Dynamo compiles one graph per variant of a function (per guard set) and, past its recompile limit (8 by
     default), runs further variants EAGERLY without an error. Blocks vary by kind (attention with or without
-    value embeddings, MLP only, layer 0 whose input aliases x0) and by grad mode (train vs validation): 8 for
-    #28, exactly the default limit; the 2026 recipe has more kinds and one sequence length per stage. The
-    limit only caps how many graphs dynamo keeps; it changes no
-    generated code (this is not an inductor option)."""
+    value embeddings, paired heads, MLP only, layer 0 whose input aliases x0), by grad mode (train vs validation)
+    and by sequence length (one per stage): more than the default limit. The limit only caps how many graphs
+    dynamo keeps; it changes no generated code (this is not an inductor option)."""
     dynamo_config = torch._dynamo.config
     if hasattr(dynamo_config, "recompile_limit"):
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
@@ -807,62 +727,46 @@ def allow_block_variants(limit: int):
         dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, limit)
 
 
-# Parameters of the 2026 components, for the recipe table (groups as the 2026 script's param_table; all Adam):
-#   bigram_embed.weight                      bigram table: betas (0.75, 0.95), lr x 75, wd x 5 (as value embeddings)
-#   bigram_lambdas, post_lambdas, x0_lambdas betas (0.9, 0.95), lr x 1, no wd
-#   resid_lambdas                            betas (0.9, 0.95), lr x 5, no wd
-#   blocks.*.attn.sa_lambdas, smear_lambda, backout_lambda, skip_lambda
-#                                            the script's "scalars": betas (0.9, 0.99), lr x 5, no wd
-#   smear_gate.weight                        betas (0.9, 0.99), lr x 0.01, no wd
-#   skip_gate.weight                         betas (0.9, 0.99), lr x 0.05, no wd
-#   blocks.*.attn.value_gate_w               the script's ve_gate_bank: betas (0.9, 0.99), lr x 1 (as gate_w in 2026)
-#   value_embeds.* (5 tables)                betas (0.75, 0.95), lr x 75, wd x 5
-# Not parameters: bigram_signs (a saved buffer), the rotary tables (YaRN rebuilds them in place).
 class GPT(nn.Module):
+    """The record's model (the recipe table in recipe() names its parameters; bigram_signs is a saved buffer, the
+    rotary tables a rebuilt one). Layers read x0, the normed embedding, besides the stream; the schedule says which
+    windows, multi-token weights and YaRN stage each forward uses, and whether the head is still the embedding."""
+
     def __init__(self, cfg: Config, max_seq_len: int):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        n_tables = len(cfg.value_embed_layers) or cfg.num_value_embeds
-        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.model_dim) for _ in range(n_tables))
-        if cfg.value_embed_layers:  # 2026: N(0, 0.01) (its one (5 x vocab)-row table, as 5: the same elementwise Adam)
-            for table in self.value_embeds:
-                nn.init.normal_(table.weight, std=0.01)
-        block = ScaledBlock if cfg.residual_lambdas else Block
-        if cfg.paired_head_layers and (not cfg.token_windows or cfg.num_heads % 2):
-            raise ValueError("--paired-head-layers needs --token-windows and an even --num-heads")
-        self.blocks = nn.ModuleList(block(cfg, i not in cfg.no_attn_layers, max_seq_len, i in cfg.value_embed_layers,
+        # N(0, 0.01), one table per listed layer (the script's one (5 x vocab)-row table: the same elementwise Adam)
+        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.model_dim) for _ in cfg.value_embed_layers)
+        for table in self.value_embeds:
+            nn.init.normal_(table.weight, std=0.01)
+        self.blocks = nn.ModuleList(Block(cfg, i not in cfg.no_attn_layers, i in cfg.value_embed_layers,
                                           i in cfg.paired_head_layers) for i in range(cfg.num_layers))
-        if cfg.residual_lambdas:  # 2026: per layer, [attention, MLP] sublayer scales of the stream and of the output
-            self.resid_lambdas = nn.Parameter(torch.full((cfg.num_layers, 2), 1.1 ** 0.5))  # the stream grows 1.1x a layer
-            self.post_lambdas = nn.Parameter(torch.ones(cfg.num_layers, 2))
-            self.x0_lambdas = nn.Parameter(torch.zeros(cfg.num_layers))
-        else:
-            self.skip_weights = nn.Parameter(torch.ones(cfg.num_layers // 2))  # U-net: layer L-1-i adds w_i * output of layer i
+        self.rotary = Rotary(cfg.head_dim, 2 * max_seq_len if cfg.paired_head_layers else max_seq_len)
+        # per layer, [attention, MLP] sublayer scales of the stream (which grows 1.1x a layer) and of the output
+        self.resid_lambdas = nn.Parameter(torch.full((cfg.num_layers, 2), 1.1 ** 0.5))
+        self.post_lambdas = nn.Parameter(torch.ones(cfg.num_layers, 2))
+        self.x0_lambdas = nn.Parameter(torch.zeros(cfg.num_layers))
         if cfg.smear_gate:
             self.smear_gate = nn.Linear(cfg.attn_gate_dim, 1, bias=False)
             nn.init.zeros_(self.smear_gate.weight)
             self.smear_lambda = nn.Parameter(torch.zeros(()))
         if cfg.skip_connection:
-            if len(cfg.skip_connection) != 2 or cfg.skip_connection[1] not in cfg.no_attn_layers or not cfg.residual_lambdas:
-                raise ValueError(f"--skip-connection {cfg.skip_connection}: FROM,TO into a layer without attention, with --residual-lambdas")
             self.skip_gate = nn.Linear(cfg.attn_gate_dim, 1, bias=False)
             nn.init.zeros_(self.skip_gate.weight)
             self.skip_lambda = nn.Parameter(torch.tensor(-1.5))  # sigmoid(-1.5) ~ 0.18
         if cfg.backout_layer >= 0:
-            if not cfg.residual_lambdas:
-                raise ValueError("--backout-layer needs --residual-lambdas")
             self.backout_lambda = nn.Parameter(torch.tensor(0.5))
         for i in cfg.long_window_layers if cfg.key_offset else ():
             if self.blocks[i].attn is not None:
                 self.blocks[i].attn.key_offset = True
-        self.lm_head_w = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.model_dim))  # untied, zero-init
-        if cfg.head_init_std:  # 2026: a small random head, and the embedding starts as the same matrix (tied)
-            with torch.no_grad():
-                self.lm_head_w.normal_(0, cfg.head_init_std)
-                self.embed.weight.copy_(self.lm_head_w)
+        # a small random head, and the embedding starts as the same matrix (tied until the split step)
+        self.lm_head_w = nn.Parameter(torch.empty(cfg.vocab_size, cfg.model_dim))
+        with torch.no_grad():
+            self.lm_head_w.normal_(0, cfg.head_init_std)
+            self.embed.weight.copy_(self.lm_head_w)
         self.bigram_embed = None
-        if cfg.bigram_rows:  # 2026: zero-init table, per-layer lambdas from 0.05, a fixed sign table (a buffer, saved)
+        if cfg.bigram_rows:  # zero-init table, per-layer lambdas from 0.05, a fixed sign table (a buffer, saved)
             self.bigram_embed = nn.Embedding(cfg.bigram_rows, cfg.bigram_dim)
             nn.init.zeros_(self.bigram_embed.weight)
             self.bigram_lambdas = nn.Parameter(torch.full((cfg.num_layers,), 0.05))
@@ -891,14 +795,11 @@ class GPT(nn.Module):
             self.final_norm_call = torch.compile(self.final_norm, dynamic=False)
 
     def value_embeds_per_layer(self, input_ids: Tensor) -> list:
-        tables = [ve(input_ids).to(self.compute_dtype)[None] for ve in self.value_embeds]
-        if self.cfg.value_embed_layers:  # 2026: one table per listed layer
-            per_layer = [None] * self.cfg.num_layers
-            for layer, table in zip(self.cfg.value_embed_layers, tables):
-                per_layer[layer] = table
-            return per_layer
-        n_middle = self.cfg.num_layers - 2 * len(tables)
-        return tables + [None] * n_middle + tables
+        """Each layer's value embedding (1, T, D), or None for a layer without a table."""
+        per_layer = [None] * self.cfg.num_layers
+        for layer, table in zip(self.cfg.value_embed_layers, self.value_embeds):
+            per_layer[layer] = table(input_ids).to(self.compute_dtype)[None]
+        return per_layer
 
     @torch.no_grad()
     def apply_yarn(self, schedule: StepSchedule):
@@ -908,17 +809,16 @@ class GPT(nn.Module):
         windows = tuple(blocks * BLOCK_SIZE for blocks in self.cfg.stage_long_window_blocks[: schedule.stage + 1])
         if windows == self.yarn_windows:
             return
-        freqs = yarn_frequencies(rotary_frequencies(self.cfg.head_dim), list(windows))
+        self.rotary.set_frequencies(yarn_frequencies(rotary_frequencies(self.cfg.head_dim), list(windows)))
         for block in self.blocks:
             if block.attn is not None:
-                block.attn.rotary.set_frequencies(freqs)
                 block.attn.scale.fill_(schedule.attn_scale)
         self.yarn_windows = windows
 
-    def embedding_table(self, schedule: StepSchedule | None) -> Tensor:
-        """While the schedule ties them (2026, up to the split step) the head's matrix is the embedding table, so
-        both uses train it and embed.weight gets no gradient; the trainer copies the head into it at the split."""
-        return self.lm_head_w if schedule is not None and schedule.embed_tied else self.embed.weight
+    def embedding_table(self, schedule: StepSchedule) -> Tensor:
+        """While the schedule ties them (up to the split step) the head's matrix is the embedding table, so both
+        uses train it and embed.weight gets no gradient; the trainer copies the head into it at the split."""
+        return self.lm_head_w if schedule.embed_tied else self.embed.weight
 
     def embeddings(self, input_ids: Tensor, table: Tensor) -> Tensor:
         """(T, D) token embeddings before the norm; the smear gate mixes in the previous token."""
@@ -935,40 +835,28 @@ class GPT(nn.Module):
         return x0, self.value_embeds_per_layer(input_ids), bigrams
 
     def final_norm(self, x: Tensor, backout: Tensor | None) -> Tensor:
-        """(T, D) the head's input: the stream, less lambda x the backout layer's output (2026), normed."""
+        """(T, D) the head's input: the stream, less lambda x the backout layer's output, normed."""
         if backout is not None:
             x = x - self.backout_lambda * backout
         return rms_norm(x[0])
 
-    def unet_layers(self, x0: Tensor, value_embeds: list, masks: list, bigrams: list) -> tuple:
-        """#28: every block mixes x0 in; the output of layer i is added, weighted, before layer L-1-i (U-net).
-        Returns (the stream, None: no backout)."""
-        x = x0
-        n_skip, skips = len(self.skip_weights), []
-        for i, block_call in enumerate(self.block_calls):
-            if i >= self.cfg.num_layers - n_skip:
-                x = x + self.skip_weights[self.cfg.num_layers - 1 - i] * skips.pop()
-            x = block_call(x, x0, value_embeds[i], masks[i], bigrams[i])
-            if i < n_skip:
-                skips.append(x)
-        return x, None
-
-    def scaled_layers(self, x0: Tensor, value_embeds: list, masks: list, bigrams: list) -> tuple:
-        """2026: sublayers scaled by lambdas (ScaledBlock); one gated skip from layer FROM into the attention-free
-        layer TO; after backout_layer, every attention reads that layer's output instead of the current stream
-        (returned with the stream: final_norm takes lambda times it out before the head)."""
+    def layers(self, x0: Tensor, value_embeds: list, masks: list, bigrams: list) -> tuple:
+        """The blocks in order; one gated skip from layer FROM into the attention-free layer TO; after backout_layer,
+        every attention reads that layer's output instead of the current stream (returned with the stream:
+        final_norm takes lambda times it out before the head)."""
         skip_from, skip_to = self.cfg.skip_connection or (-1, -1)
         skip_gate = None
         if self.cfg.skip_connection:  # sigmoid(lambda) * 2 sigmoid(W x0[:12]): (1, T, 1)
             skip_gate = torch.sigmoid(self.skip_lambda) * 2 * torch.sigmoid(
                 F.linear(x0[..., : self.skip_gate.weight.size(-1)], self.skip_gate.weight.type_as(x0)))
+        rope = self.rotary.cos, self.rotary.sin
         x, skip, backout = x0, None, None
         for i, block_call in enumerate(self.block_calls):
             if i == skip_to:
                 x = x + skip_gate * skip
             attn_input = x if backout is None else backout
             x = block_call(x, x0, attn_input, value_embeds[i], masks[i], bigrams[i],
-                           self.resid_lambdas[i], self.post_lambdas[i], self.x0_lambdas[i])
+                           self.resid_lambdas[i], self.post_lambdas[i], self.x0_lambdas[i], *rope)
             if i == skip_from:
                 skip = x
             if i == self.cfg.backout_layer:
@@ -991,41 +879,28 @@ class GPT(nn.Module):
         x0 = add_to_leading_channels(x0, self.bigram_lambdas[0] * bigram)
         return x0, [None] + [self.bigram_lambdas[i] * bigram for i in range(1, self.cfg.num_layers)]
 
-    def attention_masks(self, input_ids: Tensor, window_blocks: int, schedule: StepSchedule | None = None) -> list:
-        """Each layer's mask. The long and short windows: in tokens, the schedule's (2026; without one
-        window_blocks and half of it), or in blocks (#28: window_blocks and half). They go in as device
-        tensors, so a new window is new data, never a recompile of compiled mask building (--compile-glue)."""
-        if self.cfg.token_windows and schedule is not None:
-            windows = schedule.window_long_tokens, schedule.window_short_tokens
-        else:
-            windows = window_blocks, max(1, window_blocks // 2)
-            if self.cfg.token_windows:
-                windows = tuple(blocks * BLOCK_SIZE for blocks in windows)
+    def attention_masks(self, input_ids: Tensor, schedule: StepSchedule) -> list:
+        """Each layer's mask for the schedule's long and short windows (in tokens). They go in as device tensors,
+        so a new window is new data, never a recompile of compiled mask building (--compile-glue)."""
+        windows = schedule.window_long_tokens, schedule.window_short_tokens
         return self.masks_call(input_ids, *(window_tensor(w, input_ids.device) for w in windows))
 
     def window_masks(self, input_ids: Tensor, long_window: Tensor, short_window: Tensor) -> list:
-        """Each layer's mask for these windows (0-d tensors: tokens with --token-windows, else blocks)."""
-        if self.cfg.token_windows:
-            build = flex_token_window_mask if self.use_flex else token_window_mask
-            long_mask, short_mask = build(input_ids, long_window), build(input_ids, short_window)
-            if self.cfg.paired_head_layers:  # their masks: on the doubled sequence, the window in positions
-                doubled = doubled_sequence(input_ids)
-                paired = {True: build(doubled, long_window), False: build(doubled, short_window)}
-                return [paired[i in self.cfg.long_window_layers] if i in self.cfg.paired_head_layers
-                        else long_mask if i in self.cfg.long_window_layers else short_mask for i in range(self.cfg.num_layers)]
-        else:
-            build = flex_block_mask if self.use_flex else dense_attention_mask
-            long_mask, short_mask = build(input_ids, long_window), build(input_ids, short_window)
-        return [long_mask if i in self.cfg.long_window_layers else short_mask for i in range(self.cfg.num_layers)]
+        """Each layer's mask for these windows (0-d tensors, in tokens); paired-head layers get theirs on the doubled
+        sequence, the window in positions."""
+        build = flex_token_window_mask if self.use_flex else token_window_mask
+        masks = {False: {True: build(input_ids, long_window), False: build(input_ids, short_window)}}
+        if self.cfg.paired_head_layers:
+            doubled = doubled_sequence(input_ids)
+            masks[True] = {True: build(doubled, long_window), False: build(doubled, short_window)}
+        return [masks[i in self.cfg.paired_head_layers][i in self.cfg.long_window_layers] for i in range(self.cfg.num_layers)]
 
-    def head_options(self, schedule: StepSchedule | None) -> dict:
-        """head_loss's keyword options beyond #28's (none for #28: its head is called exactly as before): the 2026
-        logit squash and, in training, the schedule's multi-token weights (a device tensor: new values each step
-        reuse the compiled head; only a new number of weights, once per stage, recompiles)."""
-        options = {}
-        if self.cfg.logit_shift or self.cfg.logit_div:
-            options.update(logit_shift=self.cfg.logit_shift, logit_div=self.cfg.logit_div)
-        if self.training and schedule is not None and tuple(schedule.mtp_weights) != (1.0,):
+    def head_options(self, schedule: StepSchedule) -> dict:
+        """head_loss's keyword options: the logit squash and, in training, the schedule's multi-token weights (a
+        device tensor: new values each step reuse the compiled head; only a new number of weights, once per stage,
+        recompiles)."""
+        options = dict(logit_shift=self.cfg.logit_shift, logit_div=self.cfg.logit_div)
+        if self.training and tuple(schedule.mtp_weights) != (1.0,):
             options["mtp_weights"] = self.step_mtp_weights(schedule)
         if self.fused_ce:
             options["fused_ce"] = True
@@ -1038,15 +913,14 @@ class GPT(nn.Module):
             return torch.tensor(schedule.mtp_weights, dtype=torch.float32, device=self.lm_head_w.device)
         return self.mtp_weight_table[schedule.step, : len(schedule.mtp_weights)]
 
-    def forward(self, input_ids: Tensor, targets: Tensor, window_blocks: int, schedule: StepSchedule | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, targets: Tensor, schedule: StepSchedule) -> Tensor:
         """input_ids, targets: (T,) one packed sequence. Returns the summed cross-entropy over its tokens (in
-        training with the schedule's multi-token weights). schedule None: next-token loss only (#28)."""
-        if self.cfg.yarn and schedule is not None:
+        training with the schedule's multi-token weights)."""
+        if self.cfg.yarn:
             self.apply_yarn(schedule)
-        masks = self.attention_masks(input_ids, window_blocks, schedule)
+        masks = self.attention_masks(input_ids, schedule)
         x0, value_embeds, bigrams = self.stem_call(input_ids, self.embedding_table(schedule))
-        layers = self.scaled_layers if self.cfg.residual_lambdas else self.unet_layers
-        x = self.final_norm_call(*layers(x0, value_embeds, masks, bigrams))
+        x = self.final_norm_call(*self.layers(x0, value_embeds, masks, bigrams))
         head_options = self.head_options(schedule)
         if self.training:
             return self.head_loss(x, self.lm_head_w, targets, self.cfg.logit_cap, self.fp8_scales, **head_options)
@@ -1541,11 +1415,9 @@ def fused_mlp(x: Tensor, fc_w: Tensor, proj_w: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class ParamRule:
     """One row of the recipe: parameters whose name matches `pattern` (fnmatch) are trained by `optimizer` at
-    the LR of Config field `lr` times `lr_mult` (a Config field's name, a number, or None for 1). Muon also
-    scales each matrix's LR by sqrt(max(1, rows / cols)) of the matrices it sees, as record #28 does.
-    The later columns are the 2026 table's; their defaults leave #28's rows as they were:
-      betas     Adam's (beta1, beta2); None: Config adam_beta1, adam_beta2
-      wd_mult   multiplies Config muon_weight_decay / adam_weight_decay (both 0 in #28: no decay)
+    the LR of Config field `lr` times `lr_mult` (a number, or None for 1), with Adam's `betas`, the optimizer's
+    weight decay times `wd_mult`. Muon also scales each matrix's LR by sqrt(max(1, rows / cols)) of the matrices it
+    sees:
       matrices  how Muon cuts the parameter into matrices: "stored" (its trailing two dims) or "head_pairs"
                 (rows in blocks of 2 x head_dim: Q/K stored (..., heads x head_dim, dim), two heads a matrix)
       shape_lr  "rows/cols": the shape factor of the matrix as seen; "long/short": as if stored tall, so a
@@ -1553,46 +1425,23 @@ class ParamRule:
     pattern: str
     optimizer: str
     lr: str
-    lr_mult: str | float | None = None
+    lr_mult: float | None = None
     betas: tuple | None = None
     wd_mult: float = 1.0
     matrices: str = "stored"
     shape_lr: str = "rows/cols"
 
 
-def recipe_r28(cfg: Config) -> list:
-    """Record #28: the first matching row wins."""
-    gates = (ParamRule("blocks.*.attn.gate_w", "adam", "adam_lr", "scalar_lr_mult") if cfg.gates_on_adam
-             else ParamRule("blocks.*.attn.gate_w", "muon", "muon_lr"))
-    return [
-        ParamRule("blocks.*.attn.qkv_w", "muon", "muon_lr"),           # (3, hidden, dim): Q, K, V one by one
-        ParamRule("blocks.*.attn.proj_w", "muon", "muon_lr"),          # (dim, hidden)
-        ParamRule("blocks.*.mlp.fc_w", "muon", "muon_lr", "mlp_in_lr_mult"),  # (dim, 4 dim), used transposed
-        ParamRule("blocks.*.mlp.proj_w", "muon", "muon_lr"),           # (dim, 4 dim)
-        gates,                                                          # (heads, attn_gate_dim)
-        ParamRule("embed.weight", "adam", "adam_lr", "embed_lr_mult"),
-        ParamRule("value_embeds.*", "adam", "adam_lr", "embed_lr_mult"),
-        ParamRule("lm_head_w", "adam", "adam_lr"),
-        ParamRule("skip_weights", "adam", "adam_lr", "scalar_lr_mult"),
-        ParamRule("blocks.*.x0_mix", "adam", "adam_lr", "scalar_lr_mult"),
-        ParamRule("blocks.*.attn.value_mix", "adam", "adam_lr", "scalar_lr_mult"),
-    ]
+# The 2026-05-20 record's table (its TrainingManager.param_table), keyed by this model's names. The public script
+# keeps banks (qk_bank, vo_bank, mlp_bank, scalars); this model stores per-layer tensors instead, so the scalar rows
+# match a name anywhere in the path ("*resid_lambda*" catches both "resid_lambdas" and "blocks.3.resid_lambda").
+# A parameter no row matches is refused, so a renamed parameter cannot silently fall back.
+HEAD, EMBED = "lm_head_w", "embed.weight"  # tied until the split step: DistributedAdam.tie
 
 
-# The 2026-05-20 record's table (its TrainingManager.param_table), keyed by the names the ported model is expected
-# to use. The public script keeps banks (qk_bank, vo_bank, mlp_bank, scalars); a port may store per-layer tensors
-# instead, so the scalar rows match a name anywhere in the path ("*resid_lambda*" catches both "resid_lambdas" and
-# "blocks.3.resid_lambda"). Expected names: Q/K in blocks.*.attn.qk_w (..., heads x head_dim, dim), V in
-# blocks.*.attn.v_w, O in blocks.*.attn.proj_w, MLP in blocks.*.mlp.fc_w / proj_w (either orientation), the
-# per-head gates blocks.*.attn.gate_w / value_gate_w, embed.weight, lm_head_w, value_embeds*, bigram_embed*, the
-# scalars smear/backout/skip lambdas and attention (SA) lambdas, post/x0/bigram/resid lambdas, smear_gate and
-# skip_gate. A parameter no row matches is refused, so a renamed parameter cannot silently fall back.
-R2026_HEAD, R2026_EMBED = "lm_head_w", "embed.weight"  # tied until the split step: DistributedAdam.tie
-
-
-def recipe_r2026(cfg: Config) -> list:
-    """The 2026 table: betas, LR and weight-decay multipliers as the script gives them. NorMuon's base LR 0.023
-    (muon_lr), Adam's 0.008 (adam_lr); the MLP output matrices get 2x on top of their shape factor 2."""
+def recipe(cfg: Config) -> list:
+    """Which parameter gets which optimizer, LR, betas and decay: the first matching row wins. NorMuon's base LR
+    0.023 (muon_lr), Adam's 0.008 (adam_lr); the MLP output matrices get 2x on top of their shape factor 2."""
     muon, adam = "muon", "adam"
     return [
         ParamRule("blocks.*.attn.qk_w", muon, "muon_lr", matrices="head_pairs"),   # (256, 768) a matrix: factor 1
@@ -1604,8 +1453,8 @@ def recipe_r2026(cfg: Config) -> list:
         ParamRule("*skip_gate*", adam, "adam_lr", 0.05, (0.9, 0.99), wd_mult=0.0),
         ParamRule("blocks.*.attn.gate_w", adam, "adam_lr", None, (0.9, 0.99)),      # attn_gate_bank: wd x 1
         ParamRule("blocks.*.attn.value_gate_w", adam, "adam_lr", None, (0.9, 0.99)),  # ve_gate_bank: wd x 1
-        ParamRule(R2026_HEAD, adam, "adam_lr", None, (0.5, 0.95), wd_mult=150.0),
-        ParamRule(R2026_EMBED, adam, "adam_lr", None, (0.5, 0.95), wd_mult=150.0),
+        ParamRule(HEAD, adam, "adam_lr", None, (0.5, 0.95), wd_mult=150.0),
+        ParamRule(EMBED, adam, "adam_lr", None, (0.5, 0.95), wd_mult=150.0),
         ParamRule("value_embeds*", adam, "adam_lr", 75.0, (0.75, 0.95), wd_mult=5.0),
         ParamRule("bigram_embed*", adam, "adam_lr", 75.0, (0.75, 0.95), wd_mult=5.0),
         ParamRule("*post_lambda*", adam, "adam_lr", 1.0, (0.9, 0.95), wd_mult=0.0),
@@ -1617,18 +1466,7 @@ def recipe_r2026(cfg: Config) -> list:
         ParamRule("*smear_lambda*", adam, "adam_lr", 5.0, (0.9, 0.99), wd_mult=0.0),
         ParamRule("*backout_lambda*", adam, "adam_lr", 5.0, (0.9, 0.99), wd_mult=0.0),
         ParamRule("*skip_lambda*", adam, "adam_lr", 5.0, (0.9, 0.99), wd_mult=0.0),
-        ParamRule("scalars", adam, "adam_lr", 5.0, (0.9, 0.99), wd_mult=0.0),
     ]
-
-
-RECIPES = {"r28": recipe_r28, "r2026": recipe_r2026}
-
-
-def recipe(cfg: Config) -> list:
-    """Which parameter gets which optimizer, LR, betas and decay: the first matching row wins. Defaults = #28."""
-    if cfg.optimizer_recipe not in RECIPES:
-        raise ConfigError(f"--optimizer-recipe {cfg.optimizer_recipe!r}: choose one of {', '.join(RECIPES)}")
-    return RECIPES[cfg.optimizer_recipe](cfg)
 
 
 @dataclass(frozen=True)
@@ -1639,7 +1477,7 @@ class ParamSetting:
     lr: float            # base LR x multiplier
     shape_factor: float  # Muon's sqrt(max(1, rows/cols)); 1 for Adam
     base_lr: float = 0.0          # the Config base LR (Muon's decay scales with it)
-    betas: tuple = (0.8, 0.95)    # Adam only
+    betas: tuple = ()             # Adam only
     weight_decay: float = 0.0     # the optimizer's decay x the row's multiplier
     matrix_shape: tuple = ()      # Muon: the (rows, cols) of the matrices it orthogonalizes
 
@@ -1672,12 +1510,6 @@ def matrix_shape_factor(matrix_shape: tuple, rule: ParamRule) -> float:
     return muon_shape_factor(matrix_shape)
 
 
-def rule_lr_mult(rule: ParamRule, cfg: Config) -> float:
-    if rule.lr_mult is None:
-        return 1.0
-    return getattr(cfg, rule.lr_mult) if isinstance(rule.lr_mult, str) else float(rule.lr_mult)
-
-
 def assign_params(model: nn.Module, cfg: Config) -> list:
     """Apply the recipe to every parameter of the model; a parameter no row matches is a bug, not a default."""
     rules = recipe(cfg)
@@ -1689,14 +1521,13 @@ def assign_params(model: nn.Module, cfg: Config) -> list:
         if rule.optimizer == "muon" and p.ndim < 2:
             raise ValueError(f"recipe row {rule.pattern} gives Muon the {p.ndim}-D parameter {name}")
         base_lr = getattr(cfg, rule.lr)
-        lr = base_lr * rule_lr_mult(rule, cfg)
+        lr = base_lr * (1.0 if rule.lr_mult is None else rule.lr_mult)
         if rule.optimizer == "muon":
             matrix_shape = muon_matrix_shape(tuple(p.shape), rule, cfg)
             factor, decay = matrix_shape_factor(matrix_shape, rule), cfg.muon_weight_decay * rule.wd_mult
         else:
             matrix_shape, factor, decay = (), 1.0, cfg.adam_weight_decay * rule.wd_mult
-        betas = rule.betas or (cfg.adam_beta1, cfg.adam_beta2)
-        settings.append(ParamSetting(name, p, rule.optimizer, lr, factor, base_lr, tuple(betas), decay, matrix_shape))
+        settings.append(ParamSetting(name, p, rule.optimizer, lr, factor, base_lr, tuple(rule.betas or ()), decay, matrix_shape))
     return settings
 
 
@@ -1713,49 +1544,37 @@ def layer_ranges(layers: list) -> str:
 
 def recipe_report(cfg: Config, model: nn.Module | None = None) -> str:
     """The recipe as applied to this config's model (built on the meta device: no memory, no data), one line
-    per kind of parameter, with the layers that have it. #28's table keeps its columns; a recipe with per-row
-    betas and decay (r2026) adds them: Adam's betas, the weight decay coefficient and Muon's matrix shape."""
+    per kind of parameter, with the layers that have it: optimizer, LR, Adam's betas, the weight decay coefficient
+    and Muon's matrix shape."""
     if model is None:
         with torch.device("meta"):
-            model = GPT(cfg, max(cfg.train_seq_len, cfg.val_seq_len))
+            model = GPT(cfg, max_seq_len(cfg))
     try:
         settings = assign_params(model, cfg)
     except ValueError as e:
-        raise ConfigError(f"{e} (the {cfg.optimizer_recipe} recipe expects its own model's parameter names)") from None
-    wide = cfg.optimizer_recipe != "r28"
+        raise ConfigError(f"{e} (the recipe table expects this model's parameter names)") from None
     kinds = {}
     for s in settings:
         layer = re.match(r"blocks\.(\d+)\.", s.name)
         name = re.sub(r"^blocks\.\d+\.", "blocks.*.", s.name)
-        shape = "x".join(map(str, s.param.shape))
-        key = (name, shape, s.optimizer, s.lr, s.shape_factor, s.effective_lr)
-        if wide:
-            betas = f"{s.betas[0]},{s.betas[1]}" if s.optimizer == "adam" else "-"
-            matrix = "x".join(map(str, s.matrix_shape)) if s.optimizer == "muon" else "-"
-            key += (betas, s.weight_decay, matrix)
+        shape = "x".join(map(str, s.param.shape)) or "scalar"
+        betas = f"{s.betas[0]},{s.betas[1]}" if s.optimizer == "adam" else "-"
+        matrix = "x".join(map(str, s.matrix_shape)) if s.optimizer == "muon" else "-"
+        key = (name, shape, s.optimizer, s.lr, s.shape_factor, s.effective_lr, betas, s.weight_decay, matrix)
         kinds.setdefault(key, []).append(int(layer.group(1)) if layer else None)
-    header = f"{'parameter':24} {'layers':>10} {'shape':>12} {'optimizer':>9} {'lr':>7} {'shape x':>7} {'effective lr':>12}"
-    lines = [header + (f" {'betas':>10} {'wd':>7} {'matrix':>9}" if wide else "")]
-    for (name, shape, optimizer, lr, factor, effective, *more), layers in kinds.items():
+    header = (f"{'parameter':24} {'layers':>10} {'shape':>12} {'optimizer':>9} {'lr':>7} {'shape x':>7} {'effective lr':>12}"
+              f" {'betas':>10} {'wd':>7} {'matrix':>9}")
+    lines = [header]
+    for (name, shape, optimizer, lr, factor, effective, betas, decay, matrix), layers in kinds.items():
         where = layer_ranges(layers) if layers[0] is not None else "-"
-        line = f"{name:24} {where:>10} {shape:>12} {optimizer:>9} {lr:>7.4g} {factor:>7.4g} {effective:>12.4g}"
-        if more:
-            line += f" {more[0]:>10} {more[1]:>7.4g} {more[2]:>9}"
-        lines.append(line)
-    if wide:
-        adam = (f"adam: eps {cfg.adam_eps}, cautious weight decay: wd ({cfg.adam_weight_decay} x the row's multiplier) x effective LR^2"
-                + (", odd steps only (even steps' gradients accumulate)" if cfg.adam_odd_steps_only else ""))
-        muon = (f"muon: {cfg.orthogonalizer}, Nesterov momentum {cfg.muon_momentum_start} -> {cfg.muon_momentum} over "
-                f"{cfg.muon_momentum_warmup_steps} steps, NorMuon beta2 {cfg.normuon_beta2} per {cfg.normuon_stats}, "
-                f"cautious weight decay: wd ({cfg.muon_weight_decay} x the row's multiplier) x base LR x effective LR")
-    else:
-        adam = f"adam: betas ({cfg.adam_beta1}, {cfg.adam_beta2}), eps {cfg.adam_eps}, no weight decay"
-        muon = (f"muon: {cfg.orthogonalizer}, Nesterov momentum {cfg.muon_momentum_start} -> {cfg.muon_momentum} over "
-                f"{cfg.muon_momentum_warmup_steps} steps, no weight decay")
+        lines.append(f"{name:24} {where:>10} {shape:>12} {optimizer:>9} {lr:>7.4g} {factor:>7.4g} {effective:>12.4g}"
+                     f" {betas:>10} {decay:>7.4g} {matrix:>9}")
+    adam = (f"adam: eps {cfg.adam_eps}, cautious weight decay: wd ({cfg.adam_weight_decay} x the row's multiplier) x effective LR^2"
+            + (", odd steps only (even steps' gradients accumulate)" if cfg.adam_odd_steps_only else ""))
+    muon = (f"muon: {cfg.orthogonalizer}, Nesterov momentum {cfg.muon_momentum_start} -> {cfg.muon_momentum} over "
+            f"{cfg.muon_momentum_warmup_steps} steps, NorMuon beta2 {cfg.normuon_beta2} along the smaller dimension, "
+            f"cautious weight decay: wd ({cfg.muon_weight_decay} x the row's multiplier) x base LR x effective LR")
     return "\n".join(lines + [adam, muon])
-
-NS5_COEFFS = [(3.4445, -4.7750, 2.0315)] * 5  # tuned for slope at 0: maps [1e-3, 1] into ~[0.47, 1.20]
-
 
 def polar_express_coeffs(safety: float = 1.02) -> list:
     """Polar Express (Amsel et al. 2025; l=1e-3, 5 steps, cushion 0.02); each step but the last is divided by
@@ -1770,11 +1589,11 @@ def polar_express_coeffs(safety: float = 1.02) -> list:
 
 # The 2026 script's Polar Express: the same five steps undivided (safety 1 per step), the input still scaled by
 # 1/(1.02 |X|_F + 1e-6). Ours above also shrinks each step but the last; tests pin both.
-ORTHOGONALIZERS = {"polar_express": (polar_express_coeffs(), 1.02, 1e-6), "ns5": (NS5_COEFFS, 1.0, 1e-7),
-                   "polar_express_2026": (polar_express_coeffs(safety=1.0), 1.02, 1e-6)}
+ORTHOGONALIZERS = {"polar_express_2026": (polar_express_coeffs(safety=1.0), 1.02, 1e-6),
+                   "polar_express": (polar_express_coeffs(), 1.02, 1e-6)}
 
 
-def orthogonalize(grads: Tensor, method: str = "polar_express", symmetric: bool = False) -> Tensor:
+def orthogonalize(grads: Tensor, method: str = "polar_express_2026", symmetric: bool = False) -> Tensor:
     """Approximate U V^T of each (..., rows, cols) matrix in bf16: X <- aX + (bA + cA^2)X with A = XX^T.
     symmetric: A and bA + cA^2 by the Triton kernel (rounded once per product, as polar_step_fused)."""
     coeffs, norm_safety, eps = ORTHOGONALIZERS[method]
@@ -1858,14 +1677,13 @@ def wait(handle):
 
 
 class MatrixGroup:
-    """Same-shape, same-LR matrices from several parameters, padded to a multiple of the world size; each
-    rank owns a contiguous share and keeps momentum only for it. `decay`: cautious weight decay per unit of
-    effective LR (the 2026 script's weight decay x base LR); 0: none. With decay, `param_lrs` may give each
-    parameter its own LR (the 2026 MLP bank: input and output matrices in one group, the output at 2x)."""
+    """Same-shape matrices from several parameters, padded to a multiple of the world size; each rank owns a
+    contiguous share and keeps momentum only for it. `decay`: cautious weight decay per unit of effective LR (the
+    2026 script's weight decay x base LR); 0: none. `param_lrs` gives each parameter its own LR (the 2026 MLP bank:
+    input and output matrices in one group, the output at 2x)."""
 
-    def __init__(self, params: list, shape: tuple, lr: float, comm: Comm, decay: float = 0.0, stats: str = "row",
-                 param_lrs: list | None = None):
-        self.params, self.shape, self.lr, self.decay = params, shape, lr, decay
+    def __init__(self, params: list, shape: tuple, param_lrs: list, comm: Comm, decay: float = 0.0):
+        self.params, self.shape, self.decay = params, shape, decay
         self.views = [m for p in params for m in p.data.view(-1, *shape)]
         per_rank = math.ceil(len(self.views) / comm.world_size)
         self.padded = per_rank * comm.world_size
@@ -1873,12 +1691,12 @@ class MatrixGroup:
         self.per_rank = per_rank
         rows, cols = shape
         p0 = params[0]
-        view_lrs = [lr_ for p, lr_ in zip(params, param_lrs or [lr] * len(params)) for _ in range(p.numel() // (rows * cols))]
+        view_lrs = [lr for p, lr in zip(params, param_lrs) for _ in range(p.numel() // (rows * cols))]
         view_lrs += [0.0] * (self.padded - len(view_lrs))
         self.own_lrs = torch.tensor(view_lrs[self.own], dtype=torch.float32, device=p0.device).view(-1, 1, 1)
         self.momentum = torch.zeros(per_rank, *shape, dtype=torch.float32, device=p0.device)
-        # NorMuon's second moment: one per row ("row"), or one per entry of the larger dimension ("larger_dim")
-        self.stats_dim = -1 if stats == "row" or rows >= cols else -2  # the dimension averaged over
+        # NorMuon's second moment: one per entry of the larger dimension (averaged over the smaller one)
+        self.stats_dim = -1 if rows >= cols else -2
         moment_shape = (per_rank, rows, 1) if self.stats_dim == -1 else (per_rank, 1, cols)
         self.second_moment = torch.zeros(*moment_shape, dtype=torch.float32, device=p0.device)
         self.grad_shard = torch.empty_like(self.momentum)
@@ -1943,23 +1761,17 @@ class DistributedMuon(GradientReduction):
     """Muon: Nesterov momentum, then the update is orthogonalized and applied at each matrix's effective LR
     (the recipe's, shape factor included). Gradients are reduce-scattered so each rank averages only the
     matrices it owns, updates them, and all-gathers the new weights: the bytes of one all-reduce, and
-    1/world_size of the optimizer work. param_lrs: (param, lr) as in #28, or (param, lr, matrix shape, decay)."""
+    1/world_size of the optimizer work. param_lrs: (param, lr, matrix shape, decay)."""
     symmetric_kernels = False  # --triton-kernels symmetric
 
-    def __init__(self, param_lrs: list, orthogonalizer: str, comm: Comm, normuon_beta2: float = 0.0,
-                 normuon_stats: str = "row"):
+    def __init__(self, param_lrs: list, orthogonalizer: str, comm: Comm, normuon_beta2: float = 0.0):
         groups = {}
-        for p, lr, *more in param_lrs:
-            shape, decay = more if more else (tuple(p.shape[-2:]), 0.0)
-            # 2026 (decay): one group per shape whatever the LR, as the script's banks, so the 22 MLP matrices
-            # split evenly over 8 ranks; #28: one per shape and LR
-            key = (tuple(shape), None if decay else lr, decay)
-            groups.setdefault(key, []).append((p, lr))
-        self.groups = [MatrixGroup([p for p, _ in entries], shape, entries[0][1], comm, decay, normuon_stats,
-                                   [lr for _, lr in entries])
-                       for (shape, _, decay), entries in groups.items()]
+        for p, lr, shape, decay in param_lrs:
+            # one group per shape whatever the LR, as the script's banks, so the 22 MLP matrices split evenly over 8 ranks
+            groups.setdefault((tuple(shape), decay), []).append((p, lr))
+        self.groups = [MatrixGroup([p for p, _ in entries], shape, [lr for _, lr in entries], comm, decay)
+                       for (shape, decay), entries in groups.items()]
         self.orthogonalizer, self.comm, self.normuon_beta2 = orthogonalizer, comm, normuon_beta2
-        self.normuon_stats = normuon_stats
         self._init_reduction([g.params for g in self.groups])
 
     @torch.no_grad()
@@ -1975,28 +1787,15 @@ class DistributedMuon(GradientReduction):
             group.momentum.lerp_(group.grad_shard, 1 - momentum)
             nesterov = group.grad_shard.lerp(group.momentum, momentum)
             update = orthogonalize(nesterov, self.orthogonalizer, self.symmetric_kernels)
-            if self.normuon_beta2 and self.normuon_stats == "row":
-                update = self._even_out_rows(group, update.float())
-            elif self.normuon_beta2:
+            if self.normuon_beta2:
                 update = self._reduce_variance(group, update)
-            if group.decay:  # the 2026 step: decay x base LR x effective LR (per matrix), both scheduled
-                lrs = group.own_lrs * lr_mult
-                new_own = cautious_decay_and_step_(group.own_params(), update, lrs, group.decay * lr_mult * lrs)
-            else:
-                new_own = group.own_params().add_(update.to(group.gathered.dtype), alpha=-group.lr * lr_mult)
+            lrs = group.own_lrs * lr_mult  # decay x base LR x effective LR (per matrix), both scheduled
+            new_own = cautious_decay_and_step_(group.own_params(), update, lrs, group.decay * lr_mult * lrs)
             gathers.append(self.comm.all_gather(group.gathered, new_own.to(group.gathered.dtype)))
         for group, handle in zip(self.groups, gathers):
             wait(handle)
             torch._foreach_copy_(group.views, list(group.gathered[: len(group.views)].unbind(0)))
         self._reset_reduction()
-
-    def _even_out_rows(self, group: MatrixGroup, update: Tensor) -> Tensor:
-        """NorMuon (arXiv 2510.05491): divide each output row by the root of an EMA of its mean squared
-        update, then restore the matrix's Frobenius norm, so no neuron's step size runs away."""
-        norm = update.norm(dim=(-2, -1), keepdim=True)
-        group.second_moment.lerp_(update.square().mean(-1, keepdim=True), 1 - self.normuon_beta2)
-        update = update / group.second_moment.clamp_min(1e-10).sqrt()
-        return update * (norm / update.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
 
     def _reduce_variance(self, group: MatrixGroup, update: Tensor) -> Tensor:
         """NorMuon as the 2026 script has it: the mean square is taken over the smaller dimension (one
@@ -2029,16 +1828,15 @@ def moment_dtype(param: Tensor) -> torch.dtype:
 class DistributedAdam(GradientReduction):
     """Adam with bias correction. Large tensors whose first dimension divides by the world size are sharded
     along it (reduce-scatter, update own rows, all-gather); small ones are all-reduced and updated everywhere.
-    param_lrs: (param, lr) with the shared betas and no decay (#28), or (param, lr, betas, weight decay) with
-    cautious decay (2026). With the 2026 schedule the embedding can be tied to the head (tie/untie)."""
+    param_lrs: (param, lr, betas, weight decay), the decay cautious. The embedding can be tied to the head
+    (tie/untie)."""
 
     SHARD_MIN_NUMEL = 1 << 16
 
-    def __init__(self, param_lrs: list, betas: tuple, eps: float, comm: Comm, pack_small: bool = True):
-        self.betas, self.eps, self.comm, self.step_count = betas, eps, comm, 0
+    def __init__(self, param_lrs: list, eps: float, comm: Comm, pack_small: bool = True):
+        self.eps, self.comm, self.step_count = eps, comm, 0
         self.entries = []
-        for p, lr, *more in param_lrs:
-            entry_betas, decay = more if more else (betas, 0.0)
+        for p, lr, entry_betas, decay in param_lrs:
             sharded = comm.world_size > 1 and p.numel() >= self.SHARD_MIN_NUMEL and p.size(0) % comm.world_size == 0
             rows = p.size(0) // comm.world_size if sharded else None
             first_row = comm.rank * rows if sharded else 0
@@ -2215,7 +2013,7 @@ class DistributedAdam(GradientReduction):
     def _apply_plain(self, entries: list, betas: tuple, lr_mult: float):
         bias1, bias2 = self._bias_corrections(betas)
         params, exp_avgs = [e["param_view"] for e in entries], [e["exp_avg"] for e in entries]
-        # Record #28's form: eps joins sqrt(v) before the bias correction, i.e. eps / sqrt(bias2) in
+        # The speedrun's form: eps joins sqrt(v) before the bias correction, i.e. eps / sqrt(bias2) in
         # torch.optim.Adam's terms; the correction is folded into the step size.
         denoms = torch._foreach_sqrt([e["exp_avg_sq"] for e in entries])
         torch._foreach_add_(denoms, self.eps)
@@ -2269,14 +2067,14 @@ def build_optimizers(model: GPT, cfg: Config, comm: Comm) -> Optimizers:
     adam_lrs = [(s.param, s.effective_lr, s.betas, s.weight_decay) for s in settings if s.optimizer == "adam"]
     muon_lrs = [(s.param, s.effective_lr, s.matrix_shape, s.weight_decay * s.base_lr)
                 for s in settings if s.optimizer == "muon"]
-    adam = DistributedAdam(adam_lrs, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps, comm)
-    muon = DistributedMuon(muon_lrs, cfg.orthogonalizer, comm, cfg.normuon_beta2, cfg.normuon_stats)
+    adam = DistributedAdam(adam_lrs, cfg.adam_eps, comm)
+    muon = DistributedMuon(muon_lrs, cfg.orthogonalizer, comm, cfg.normuon_beta2)
     muon.symmetric_kernels = "symmetric" in kernel_names(cfg)
     hooks = OverlapHooks(model, [adam, muon]) if comm.world_size > 1 else None
     split_step = embed_split_step(cfg)
-    if split_step >= 0:  # tied from the start (the 2026 schedule): the names are recipe_r2026's
+    if split_step >= 0:  # tied from the start
         params = dict(model.named_parameters())
-        adam.tie(params[R2026_HEAD], params[R2026_EMBED])
+        adam.tie(params[HEAD], params[EMBED])
     adam.accepting = is_adam_step(0, cfg)
     return Optimizers(adam, muon, hooks, cfg.adam_odd_steps_only, split_step)
 
@@ -2284,11 +2082,9 @@ def build_optimizers(model: GPT, cfg: Config, comm: Comm) -> Optimizers:
 @torch.no_grad()
 def step_optimizers(opt: Optimizers, model: nn.Module, schedule: StepSchedule):
     """Reduce gradients and step both optimizers as the schedule says, then clear the gradients they used.
-    #28 (Adam every step, nothing tied): exactly the reduce / step / zero_grad sequence train_step had.
-    2026: Adam steps on odd steps only; on even ones its gradients stay and the next backward adds to them.
-    While tied, the embedding's gradient joins the head's and the embedding copies the head after each Adam
-    step; after the split step's Adam step the head's moments are copied into the embedding's and they part.
-    train_step calls this in place of its reduce/step/zero_grad lines (the one-line change, marked there)."""
+    Adam steps on odd steps only; on even ones its gradients stay and the next backward adds to them. While
+    tied, the embedding's gradient joins the head's and the embedding copies the head after each Adam step;
+    after the split step's Adam step the head's moments are copied into the embedding's and they part."""
     if schedule.adam_step:
         opt.adam.reduce_gradients()
     opt.muon.reduce_gradients()
@@ -2314,7 +2110,7 @@ def step_optimizers(opt: Optimizers, model: nn.Module, schedule: StepSchedule):
 
 
 # -----------------------------------------------------------------------------
-# Data: FineWeb .bin shards (256 x int32 header, uint16 tokens), BOS-aligned training windows.
+# Data: FineWeb .bin shards (256 x int32 header, uint16 tokens), documents packed into each stage's sequences.
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 FETCH_HINT = "fetch FineWeb with: python data/cached_fineweb10B.py 9"
@@ -2395,24 +2191,23 @@ def load_val_tokens(files: list, num_tokens: int, vocab_size: int | None = None)
 
 
 class TrainLoader:
-    """Training windows of seq_len + 1 tokens that follow each other in the stream: with align_to_bos each starts
-    at <|endoftext|>, the first document boundary after the previous one's end; without, right where the
-    previous one ended (a corpus of long documents is then used whole, not just each document's start). Window k
-    of a step goes to rank k % world_size, accumulation step k // world_size, so every world size sees
-    the same windows per step. Shards load on a background thread; the data cycles when it runs out.
-    It counts what it reads (tokens passed over) and what windows use, for the log's data-use lines."""
+    """The training sequences: per step, batch_tokens / seq_len sequences of seq_len + 1 tokens (inputs and their
+    shifted targets) packed from whole documents cut to the stage's max_doc_len (pack_sequence), all of one shard;
+    sequence k of a step goes to rank k % world_size, accumulation step k // world_size, so every world size trains
+    on the same sequences. A step that does not fit in the rest of a shard is taken from the start of the next one
+    (as the 2026 script on 8 GPUs); shards load on a background thread; the data cycles when it runs out. It counts
+    what it reads (tokens passed over) and what sequences use, for the log's data-use line."""
 
-    def __init__(self, files: list, seq_len: int, rank: int, world_size: int, device: torch.device,
-                 vocab_size: int | None = None, align_to_bos: bool = True):
+    def __init__(self, files: list, longest_seq_len: int, rank: int, world_size: int, device: torch.device,
+                 vocab_size: int | None = None):
         self.shard_tokens = [shard_token_count(f) for f in files]
         for f, num_tokens in zip(files, self.shard_tokens):
-            if num_tokens < seq_len + 1:
-                raise DataError(f"{f}: {num_tokens} tokens, fewer than one training window of {seq_len + 1}")
-        self.files, self.seq_len, self.rank, self.world_size, self.device = files, seq_len, rank, world_size, device
-        self.vocab_size, self.align_to_bos = vocab_size, align_to_bos
+            if num_tokens < longest_seq_len + 1:
+                raise DataError(f"{f}: {num_tokens} tokens, fewer than one training sequence of {longest_seq_len + 1}")
+        self.files, self.rank, self.world_size, self.device, self.vocab_size = files, rank, world_size, device, vocab_size
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.shard_index, self.passes = -1, 0
-        self.windows, self.tokens_before_shard = 0, 0  # windows taken; tokens of the shards already left behind
+        self.tokens_used, self.tokens_before_shard = 0, 0  # sequence tokens taken; tokens of the shards left behind
         self.tokens = np.zeros(0, dtype=np.uint16)
         self.next_shard = self.pool.submit(self._read, 0)
         self._advance_shard()
@@ -2427,41 +2222,26 @@ class TrainLoader:
         if self.shard_index == len(self.files):
             self.shard_index, self.passes = 0, self.passes + 1
         self.tokens, self.doc_starts = self.next_shard.result()
-        self.pos = 0
+        self.next_doc = 0  # index into doc_starts of the next document to pack
         self.next_shard = self.pool.submit(self._read, (self.shard_index + 1) % len(self.files))
 
-    def _next_window_start(self) -> int:
-        if not self.align_to_bos:
-            return self._next_slice_start()
+    def _pack_step(self, schedule: StepSchedule) -> list:
+        num_sequences = schedule.batch_tokens // schedule.seq_len
         for _ in range(len(self.files) + 1):
-            i = np.searchsorted(self.doc_starts, self.pos)
-            if i < len(self.doc_starts) and self.doc_starts[i] + self.seq_len + 1 <= len(self.tokens):
-                start = int(self.doc_starts[i])
-                self.pos = start + self.seq_len
-                return start
+            packed = pack_step(self.doc_starts, len(self.tokens), self.next_doc, num_sequences, schedule.seq_len, schedule.max_doc_len)
+            if packed is not None:
+                sequences, self.next_doc = packed
+                self.tokens_used += num_sequences * schedule.seq_len
+                return sequences
             self._advance_shard()
-        raise DataError(f"no document boundary (token {EOT_TOKEN}) leaves room for a {self.seq_len + 1}-token window in "
-                        f"{self.files}; pass --no-align-to-bos to cut windows anywhere in the stream")
+        raise DataError(f"no shard of {self.files} holds a step of {num_sequences} sequences of {schedule.seq_len + 1} "
+                        f"tokens from documents starting with {EOT_TOKEN} (cut to {schedule.max_doc_len})")
 
-    def _next_slice_start(self) -> int:
-        """The window right after the previous one (sharing its last token, as a target becomes an input);
-        a shard's tail too short for a window is passed over. Every shard holds at least one window."""
-        if self.pos + self.seq_len + 1 > len(self.tokens):
-            self._advance_shard()
-        start = self.pos
-        self.pos = start + self.seq_len
-        return start
-
-    def next_batch(self, accumulation_steps: int) -> list:
-        """This rank's (inputs, targets) for each accumulation step of one optimizer step."""
-        batch = []
-        for _ in range(accumulation_steps):
-            for r in range(self.world_size):
-                start = self._next_window_start()
-                self.windows += 1
-                if r == self.rank:
-                    batch.append(self._to_device(self.tokens[start : start + self.seq_len + 1]))
-        return batch
+    def batch_for(self, schedule: StepSchedule) -> list:
+        """This rank's (inputs, targets) for each accumulation step of the step that schedule describes."""
+        sequences = self._pack_step(schedule)
+        mine = sequences[self.rank :: self.world_size]
+        return [self._to_device(np.concatenate([self.tokens[start:end] for start, end in spans])) for spans in mine]
 
     def _to_device(self, window: np.ndarray):
         buf = torch.from_numpy(window.astype(np.int32))
@@ -2469,34 +2249,30 @@ class TrainLoader:
             buf = buf.pin_memory().to(self.device, non_blocking=True)
         return buf[:-1], buf[1:].long()
 
-    def batch_for(self, schedule: StepSchedule) -> list:
-        """This rank's (inputs, targets) for each accumulation step of the step that schedule describes."""
-        return self.next_batch(accumulation_steps(schedule.batch_tokens, schedule.seq_len, self.world_size))
-
     def tokens_read(self) -> int:
-        return self.tokens_before_shard + self.pos
+        """Tokens passed over so far: the shards left behind and this one up to the next document to pack."""
+        position = int(self.doc_starts[self.next_doc]) if self.next_doc < len(self.doc_starts) else len(self.tokens)
+        return self.tokens_before_shard + position
 
     def passes_done(self) -> float:
-        """Passes over the training data as a fraction: tokens read (windows and what was skipped between them)."""
+        """Passes over the training data as a fraction: tokens read (sequences and what was skipped between them)."""
         return self.tokens_read() / sum(self.shard_tokens)
 
-    def used_fraction(self) -> float:
-        """Of the tokens read, the share that windows trained on; the rest lay between a window's end and the
-        next document start."""
-        return self.windows * self.seq_len / max(self.tokens_read(), 1)
-
     def usage_line(self) -> str:
+        if not self.tokens_used:
+            return f"data: no training step ran ({sum(self.shard_tokens)} training tokens)"
+        used = self.tokens_used / max(self.tokens_read(), 1)
         line = (f"data: {self.passes_done():.3f} passes over the training data ({sum(self.shard_tokens)} tokens); "
-                f"windows used {100 * self.used_fraction():.1f}% of the tokens read")
-        if self.align_to_bos and self.used_fraction() < 0.5:  # long documents: most of each one is skipped
-            line += " (windows start at document starts; --no-align-to-bos packs them back to back)"
+                f"sequences used {100 * used:.1f}% of the tokens read")
+        if used < 0.5:  # long documents: all but each one's first max_doc_len tokens is skipped
+            line += " (each stage cuts documents to its --stage-max-doc-len)"
         return line
 
     def state(self) -> dict:
         """Where the stream stands, for a checkpoint: the same on every rank."""
         return dict(files=[os.path.basename(f) for f in self.files], shard_tokens=list(self.shard_tokens),
-                    shard_index=self.shard_index, pos=self.pos, passes=self.passes, windows=self.windows,
-                    tokens_before_shard=self.tokens_before_shard, align_to_bos=self.align_to_bos)
+                    shard_index=self.shard_index, next_doc=self.next_doc, passes=self.passes,
+                    tokens_used=self.tokens_used, tokens_before_shard=self.tokens_before_shard)
 
     def load_state(self, state: dict):
         """Continue the stream where a checkpoint left it: the same shards, in the same order, are required."""
@@ -2507,11 +2283,16 @@ class TrainLoader:
         self.shard_index = state["shard_index"] - 1
         self.next_shard = self.pool.submit(self._read, state["shard_index"])
         self._advance_shard()
-        self.pos, self.passes, self.windows = state["pos"], state["passes"], state["windows"]
+        self.next_doc, self.passes, self.tokens_used = state["next_doc"], state["passes"], state["tokens_used"]
         self.tokens_before_shard = state["tokens_before_shard"]
 
     def close(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def max_seq_len(cfg: Config) -> int:
+    """The longest sequence the model sees: training's longest stage or a validation sequence (RoPE's table)."""
+    return max(cfg.val_seq_len, *cfg.stage_seq_len)
 
 
 def accumulation_steps(batch_tokens: int, seq_len: int, world_size: int) -> int:
@@ -2567,46 +2348,8 @@ def document_boundaries(inputs: Tensor, max_docs: int | None = None) -> Tensor:
     return bounds.to(torch.int32)
 
 
-class StagedTrainLoader(TrainLoader):
-    """The staged (2026) schedule's training sequences: per step, batch_tokens / seq_len sequences of seq_len
-    tokens packed from whole documents cut to max_doc_len (pack_sequence), all of one shard; sequence k of a
-    step goes to rank k % world_size, accumulation step k // world_size, so every world size trains on the
-    same sequences. A step that does not fit in the rest of a shard is taken from the start of the next one
-    (as the 2026 script on 8 GPUs); the data cycles when it runs out."""
-
-    def __init__(self, files: list, longest_seq_len: int, rank: int, world_size: int, device: torch.device,
-                 vocab_size: int | None = None):
-        super().__init__(files, longest_seq_len, rank, world_size, device, vocab_size)  # every shard must hold one longest sequence
-
-    def _advance_shard(self):
-        super()._advance_shard()
-        self.next_doc = 0  # index into doc_starts of the next document to pack
-
-    def _pack_step(self, schedule: StepSchedule) -> list:
-        num_sequences = schedule.batch_tokens // schedule.seq_len
-        for _ in range(len(self.files) + 1):
-            packed = pack_step(self.doc_starts, len(self.tokens), self.next_doc, num_sequences, schedule.seq_len, schedule.max_doc_len)
-            if packed is not None:
-                sequences, self.next_doc = packed
-                return sequences
-            self._advance_shard()
-        raise DataError(f"no shard of {self.files} holds a step of {num_sequences} sequences of {schedule.seq_len + 1} "
-                        f"tokens from documents starting with {EOT_TOKEN} (cut to {schedule.max_doc_len})")
-
-    def batch_for(self, schedule: StepSchedule) -> list:
-        sequences = self._pack_step(schedule)
-        mine = sequences[self.rank :: self.world_size]
-        return [self._to_device(np.concatenate([self.tokens[start:end] for start, end in spans])) for spans in mine]
-
-    def next_batch(self, accumulation_steps: int) -> list:
-        raise TypeError("a staged loader needs the step's schedule: call batch_for(schedule_at(step, cfg))")
-
-
 def make_train_loader(cfg: Config, files: list, rank: int, world_size: int, device: torch.device) -> TrainLoader:
-    """#28 (one stage): fixed windows; staged schedule: per-stage packed sequences."""
-    if is_staged(cfg):
-        return StagedTrainLoader(files, max(cfg.stage_seq_len), rank, world_size, device, cfg.vocab_size)
-    return TrainLoader(files, cfg.train_seq_len, rank, world_size, device, cfg.vocab_size, cfg.align_to_bos)
+    return TrainLoader(files, max(cfg.stage_seq_len), rank, world_size, device, cfg.vocab_size)
 
 
 # -----------------------------------------------------------------------------
@@ -2614,15 +2357,14 @@ def make_train_loader(cfg: Config, files: list, rank: int, world_size: int, devi
 
 
 # The schedule: what every step uses (batch, windows, LR, momentum, ...) as data, from one pure function of the
-# step and the config. Two shapes: one stage whose long window ramps up linearly (#28: record, tiny), or stages
-# with a table of values each (--stage-steps: the 2026 recipe). Training step k, and the validation before it,
-# read schedule_at(k); step train_steps only validates.
+# step and the config: stages with a table of values each (--stage-steps). Training step k, and the validation
+# before it, read schedule_at(k); step train_steps only validates.
 
 
 @dataclass(frozen=True)
 class StepSchedule:
     step: int
-    stage: int  # index into the --stage-* tables (always 0 with one stage)
+    stage: int  # index into the --stage-* tables
     trains: bool  # False at step train_steps: the final validation only
     batch_tokens: int  # tokens per optimizer step, over all processes and accumulation steps
     seq_len: int  # tokens per training sequence (per process per accumulation step)
@@ -2637,17 +2379,13 @@ class StepSchedule:
     attn_scale: float  # attention softmax scale
 
 
-def is_staged(cfg: Config) -> bool:
-    return len(cfg.stage_steps) > 0
-
-
 def scheduled_steps(cfg: Config) -> int:
-    """Steps over which the LR (and #28's window ramp) is scheduled; the extension after them keeps the final values."""
+    """Steps over which the LR is scheduled; the extension after them keeps the final values."""
     return cfg.train_steps - cfg.extension_steps
 
 
 def stage_of(step: int, cfg: Config) -> int:
-    """The last stage starting at or before step (0 with one stage)."""
+    """The last stage starting at or before step."""
     return sum(1 for start in cfg.stage_steps[1:] if start <= step)
 
 
@@ -2655,8 +2393,7 @@ def stage_progress(step: int, cfg: Config) -> float:
     """Fraction of its stage done at step: 0 at the stage's first step, 1 only at train_steps."""
     stage = stage_of(step, cfg)
     ends = [*cfg.stage_steps[1:], cfg.train_steps]
-    start = cfg.stage_steps[stage] if is_staged(cfg) else 0
-    return (step - start) / (ends[stage] - start)
+    return (step - cfg.stage_steps[stage]) / (ends[stage] - cfg.stage_steps[stage])
 
 
 def lerp(start: float, end: float, frac: float) -> float:
@@ -2664,20 +2401,9 @@ def lerp(start: float, end: float, frac: float) -> float:
 
 
 def lr_multiplier(step: int, cfg: Config) -> float:
-    """#28: flat, then linear to final_lr_frac over the last cooldown_frac of the scheduled steps."""
-    if is_staged(cfg):
-        return staged_lr_multiplier(step, cfg)
-    progress = min(step / scheduled_steps(cfg), 1)
-    if cfg.cooldown_frac == 0 or progress < 1 - cfg.cooldown_frac:
-        return 1.0
-    remaining = (1 - progress) / cfg.cooldown_frac
-    return remaining + (1 - remaining) * cfg.final_lr_frac
-
-
-def staged_lr_multiplier(step: int, cfg: Config) -> float:
-    """2026: the stage's multiplier (larger batches, larger LR); from a whole step (the 2026 script truncates
-    it, 576 for 1440 x 0.4) linearly from the current stage's multiplier to final_lr_frac at the end of the
-    scheduled steps, then flat through the extension."""
+    """The stage's multiplier (larger batches, larger LR); from a whole step (the 2026 script truncates it, 576 for
+    1440 x 0.4) linearly from the current stage's multiplier to final_lr_frac at the end of the scheduled steps,
+    then flat through the extension."""
     stage_lr = cfg.stage_lr_mult[stage_of(step, cfg)]
     end = scheduled_steps(cfg)
     cooldown_start = int(end * (1 - cfg.cooldown_frac))
@@ -2699,40 +2425,18 @@ def muon_momentum(step: int, cfg: Config) -> float:
     return final
 
 
-def ramp_long_window_blocks(step: int, cfg: Config) -> int:
-    """#28: (max_window_tokens - half a block) x progress, rounded up to whole blocks, at least one. For 1792 this
-    is #28's 'next multiple of 128 of 1728 x progress': every width up to 13 blocks holds for the same number of
-    steps, the final 14 blocks for half as many, at the end."""
-    ramp_tokens = cfg.max_window_tokens - BLOCK_SIZE // 2
-    tokens = ramp_tokens * min(step / scheduled_steps(cfg), 1)
-    return max(1, math.ceil(tokens / BLOCK_SIZE))
-
-
 def long_window_blocks(step: int, cfg: Config) -> int:
     if step == cfg.train_steps and cfg.final_long_window_blocks:
         return cfg.final_long_window_blocks  # the final validation may look further than training did (2026: 20)
-    if is_staged(cfg):
-        return cfg.stage_long_window_blocks[stage_of(step, cfg)]
-    return ramp_long_window_blocks(step, cfg)
+    return cfg.stage_long_window_blocks[stage_of(step, cfg)]
 
 
 def short_window_blocks(step: int, cfg: Config) -> int:
-    if is_staged(cfg):
-        return cfg.stage_short_window_blocks[stage_of(step, cfg)]
-    # #28: half the long window, rounded down. #28's 0 (long window of 1 block) runs as 1 block: its masks keep
-    # at least the query's own block (partial-block count clamped to >= 1), as the model's max(1, ...) does.
-    return max(1, ramp_long_window_blocks(step, cfg) // 2)
-
-
-def window_blocks(step: int, cfg: Config) -> int:
-    """The long attention window of step in 128-token blocks: what the model takes (it halves it for the short one)."""
-    return schedule_at(step, cfg).window_long_tokens // BLOCK_SIZE
+    return cfg.stage_short_window_blocks[stage_of(step, cfg)]
 
 
 def mtp_weights(step: int, cfg: Config) -> tuple:
     """Loss weights of the next 1, 2, 3, ... tokens: linear from the stage's start to its end weights."""
-    if not cfg.stage_mtp_weights_start:
-        return (1.0,)  # the next token only
     stage, done = stage_of(step, cfg), stage_progress(step, cfg)
     start, end = cfg.stage_mtp_weights_start[stage], cfg.stage_mtp_weights_end[stage]
     return tuple(a + (b - a) * done for a, b in zip(start, end))
@@ -2752,7 +2456,7 @@ def embed_split_step(cfg: Config) -> int:
 
 
 def yarn_attn_scale(step: int, cfg: Config) -> float:
-    """YaRN (2026): at each change of the training long window, between stages, the scale is multiplied by
+    """YaRN: at each change of the training long window, between stages, the scale is multiplied by
     1 + c * ln(new / old). The final validation's wider window keeps the scale, as in the 2026 script."""
     scale = cfg.attn_scale
     if not cfg.attn_scale_log_growth:
@@ -2764,19 +2468,16 @@ def yarn_attn_scale(step: int, cfg: Config) -> float:
     return scale
 
 
-def per_stage(values: tuple, step: int, cfg: Config, one_stage_value):
-    return values[stage_of(step, cfg)] if is_staged(cfg) else one_stage_value
-
-
 def schedule_at(step: int, cfg: Config) -> StepSchedule:
     """Everything the schedule sets for step (0..train_steps): pure, no data, no device."""
+    stage = stage_of(step, cfg)
     return StepSchedule(
         step=step,
-        stage=stage_of(step, cfg),
+        stage=stage,
         trains=step < cfg.train_steps,
-        batch_tokens=per_stage(cfg.stage_batch_tokens, step, cfg, cfg.train_batch_tokens),
-        seq_len=per_stage(cfg.stage_seq_len, step, cfg, cfg.train_seq_len),
-        max_doc_len=per_stage(cfg.stage_max_doc_len, step, cfg, cfg.train_seq_len),  # #28 cuts no document
+        batch_tokens=cfg.stage_batch_tokens[stage],
+        seq_len=cfg.stage_seq_len[stage],
+        max_doc_len=cfg.stage_max_doc_len[stage],
         window_short_tokens=short_window_blocks(step, cfg) * BLOCK_SIZE,
         window_long_tokens=long_window_blocks(step, cfg) * BLOCK_SIZE,
         lr_mult=lr_multiplier(step, cfg),
@@ -2790,9 +2491,7 @@ def schedule_at(step: int, cfg: Config) -> StepSchedule:
 
 def mtp_weight_table(cfg: Config, device: torch.device) -> Tensor | None:
     """(train_steps, 4k) float32: row k holds step k's multi-token weights, zero-padded to a multiple of 4 so each
-    row starts 16-byte aligned (compiled kernels guard on alignment). None: no multi-token schedule."""
-    if not cfg.stage_mtp_weights_start:
-        return None
+    row starts 16-byte aligned (compiled kernels guard on alignment)."""
     rows = [mtp_weights(step, cfg) for step in range(cfg.train_steps)]
     width = -(-max(map(len, rows)) // 4) * 4
     table = torch.zeros(len(rows), width, dtype=torch.float32)
@@ -2808,7 +2507,7 @@ def schedule_report(cfg: Config) -> str:
 
 def stage_tokens(cfg: Config) -> list:
     """Training tokens of each stage (step train_steps only validates)."""
-    tokens = [0] * max(1, len(cfg.stage_steps))
+    tokens = [0] * len(cfg.stage_steps)
     for step in range(cfg.train_steps):
         schedule = schedule_at(step, cfg)
         tokens[schedule.stage] += schedule.batch_tokens
@@ -2822,23 +2521,17 @@ def schedule_summary(cfg: Config) -> str:
 
 STAGE_TABLES = ["stage_batch_tokens", "stage_seq_len", "stage_max_doc_len", "stage_short_window_blocks",
                 "stage_long_window_blocks", "stage_lr_mult", "stage_mtp_weights_start", "stage_mtp_weights_end"]
-STAGED_ONLY = STAGE_TABLES + ["adam_odd_steps_only", "embed_split_stage", "attn_scale_log_growth"]
 
 
 def check_schedule(cfg: Config, training: bool):
-    """Refuse a schedule that cannot be followed, with a one-line reason; training also refuses staged settings
-    that the configured model cannot follow (unported_schedule_flags)."""
+    """Refuse a schedule that cannot be followed, with a one-line reason; training also refuses settings that
+    the configured model cannot follow (a growing attention scale needs --yarn)."""
     if cfg.train_steps <= 0 or not 0 <= cfg.extension_steps < cfg.train_steps:
         raise ConfigError(f"--train-steps {cfg.train_steps} must be positive and --extension-steps {cfg.extension_steps} in 0..train_steps-1")
     if cfg.final_long_window_blocks < 0 or cfg.muon_momentum_cooldown_steps < 0:
         raise ConfigError("--final-long-window-blocks and --muon-momentum-cooldown-steps must be >= 0")
-    if not is_staged(cfg):
-        staged_only = [flag_name(name) for name in STAGED_ONLY if getattr(cfg, name)]
-        if staged_only:
-            raise ConfigError(f"{', '.join(staged_only)}: only with a staged schedule (--stage-steps), e.g. --preset r2026")
-        return
     starts = cfg.stage_steps
-    if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= cfg.train_steps:
+    if not starts or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= cfg.train_steps:
         raise ConfigError(f"--stage-steps {','.join(map(str, starts))}: must start at 0 and increase, below --train-steps {cfg.train_steps}")
     for name in STAGE_TABLES:
         if len(getattr(cfg, name)) != len(starts):
@@ -2853,28 +2546,16 @@ def check_schedule(cfg: Config, training: bool):
         raise ConfigError("--stage-short-window-blocks, --stage-long-window-blocks and --stage-max-doc-len must be positive")
     if not 0 <= cfg.embed_split_stage < len(starts):
         raise ConfigError(f"--embed-split-stage {cfg.embed_split_stage}: stages are numbered 0..{len(starts) - 1}")
-    unported = unported_schedule_flags(cfg)
-    if training and unported:
-        raise ConfigError(f"this staged schedule cannot train with this model: {', '.join(unported)}")
-
-
-def unported_schedule_flags(cfg: Config) -> list:
-    """Staged-schedule settings this model cannot follow: windows in tokens other than half the long one need
-    --token-windows, and a growing attention scale needs --yarn (the 2026 preset sets both)."""
-    unported = []
-    if not cfg.token_windows and any(short != max(1, long // 2) for short, long in
-                                     zip(cfg.stage_short_window_blocks, cfg.stage_long_window_blocks)):
-        unported.append("--stage-short-window-blocks other than half the long window (needs --token-windows)")
-    if cfg.attn_scale_log_growth and not cfg.yarn:
-        unported.append("--attn-scale-log-growth (needs --yarn)")
-    return unported
+    if training and cfg.attn_scale_log_growth and not cfg.yarn:
+        raise ConfigError("--attn-scale-log-growth grows the attention scale at each window change, which needs --yarn "
+                          "(or --attn-scale-log-growth 0)")
 
 
 def warmup_steps(cfg: Config) -> list:
-    """Untimed steps that compile every shape. One stage: the first --warmup-steps steps. Staged: as the 2026
-    script, steps 0 and 1 and the two steps either side of every stage start, so each stage's batch shape and
-    each change of stage is compiled (none if --warmup-steps is 0)."""
-    if not is_staged(cfg) or not cfg.warmup_steps:
+    """Untimed steps that compile every shape: as the 2026 script, steps 0 and 1 and the two steps either side of
+    every stage start, so each stage's batch shape and each change of stage is compiled (--warmup-steps 0: none,
+    or step 0 alone when compiling)."""
+    if not cfg.warmup_steps:
         return list(range(untimed_warmup_steps(cfg)))
     around_starts = {start + offset for start in cfg.stage_steps[1:] for offset in (-2, -1, 0, 1)}
     return sorted({0, 1} | {step for step in around_starts if 2 <= step < cfg.train_steps})
@@ -2891,19 +2572,18 @@ def train_step(model: GPT, batch: list, opt: Optimizers, step: int, cfg: Config)
     averaged over all sequences of the step, so any world size gives the same update.
     Returns the summed train loss of this rank (on device, no sync)."""
     schedule = schedule_at(step, cfg)
-    window = schedule.window_long_tokens // BLOCK_SIZE
     loss_sum = torch.zeros((), device=batch[0][0].device)
     if model.fp8_scales is not None:  # a stage may change the accumulation steps
         model.fp8_scales = fp8_head_scales(cfg, len(batch))
     for i, (inputs, targets) in enumerate(batch):
         if opt.hooks is not None:  # gradients are final only in the last backward pass
             opt.hooks.armed = i == len(batch) - 1
-        loss = model(inputs, targets, window, schedule=schedule)
+        loss = model(inputs, targets, schedule)
         (loss / len(batch)).backward()
         loss_sum += loss.detach()
     if opt.hooks is not None:
         opt.hooks.armed = False
-    step_optimizers(opt, model, schedule)  # issue 14 optimizer: reduce, step (Adam odd-only, tie), clear grads
+    step_optimizers(opt, model, schedule)
     return loss_sum
 
 
@@ -2918,7 +2598,7 @@ def evaluate(model: GPT, val_tokens: np.ndarray, cfg: Config, step: int, comm: C
     model.eval()  # the bf16 head, in chunks (GPT.forward)
     for i in mine:
         window = torch.from_numpy(val_tokens[i * cfg.val_seq_len : (i + 1) * cfg.val_seq_len + 1].astype(np.int32)).to(device)
-        total += model(window[:-1], window[1:].long(), schedule.window_long_tokens // BLOCK_SIZE, schedule=schedule).double()
+        total += model(window[:-1], window[1:].long(), schedule).double()
     model.train()
     if comm.world_size > 1:
         dist.all_reduce(total)
@@ -2950,8 +2630,8 @@ def setup_distributed(cfg: Config):
 
 def build_model(cfg: Config, device: torch.device, accumulation: int, logger) -> GPT:
     torch.manual_seed(cfg.seed)  # initialized on the CPU: identical weights on every rank and device
-    model = GPT(cfg, max(cfg.train_seq_len, cfg.val_seq_len, *cfg.stage_seq_len)).to(device)
-    if cfg.bf16_embeddings:  # r28.py 889-891, r2026.py 1909-1910; Adam keeps fp32 moments (moment_dtype)
+    model = GPT(cfg, max_seq_len(cfg)).to(device)
+    if cfg.bf16_embeddings:  # r2026.py 1909-1910; Adam keeps fp32 moments (moment_dtype)
         for module in model.modules():
             if isinstance(module, nn.Embedding):
                 module.bfloat16()
@@ -3189,7 +2869,7 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
     # Untimed warm-up: compile every shape (train step, validation), then restore the initial state.
     compile_start = time.perf_counter()
     warmup = warmup_steps(cfg)
-    if is_staged(cfg) and warmup:
+    if warmup:
         logger.log(f"warmup_steps: {warmup}")
     if warmup:
         opt = build_optimizers(model, cfg, comm)
@@ -3478,8 +3158,8 @@ def resume_hint(progress: RunProgress) -> str:
 
 def main(argv=None) -> int:
     launch_time = process_start_time() or time.time()
-    cfg, report = parse_command(argv)
     try:
+        cfg, report = parse_command(argv)
         check_schedule(cfg, training=report is None)
         if report is not None:
             return print_report(recipe_report(cfg) if report == "recipe" else schedule_report(cfg))
