@@ -390,7 +390,7 @@ def launcher(nproc):
 
 
 def import_trainer():
-    """train_gpt as a module, imported only where needed (it imports torch): the tests of the figures and the runs never need it."""
+    """train_gpt as a module, imported on first use (it imports torch): only the schedule's compression needs it."""
     if REPO not in sys.path:  # run as `python records/benchmark.py`, only records/ is on the path
         sys.path.insert(0, REPO)
     import train_gpt
