@@ -30,7 +30,7 @@ done
 # Check the launch in one process before torchrun starts NPROC of them: a missing GPU or a world
 # size that does not fit is then the first and only line of output, not a line inside torchrun's
 # failure report. The flags are parsed by train_gpt.py itself, so --device cpu or another
-# --train-seq-len is taken into account.
+# --stage-seq-len is taken into account.
 "$python" - "$nproc" "$@" <<'PY'
 import os
 import shlex

@@ -4,19 +4,21 @@
 #   bash records/gpu_session.sh prepare      here, on the CPU machine, before the first device call
 #   bash records/gpu_session.sh PART         on the GPU machine, one part per call (about 9.5 minutes at most):
 #
-#   smoke    nvidia-smi and torch versions; tests/test_gpu.py (at most 200 s); then the record recipe, its whole
-#            staged schedule compressed to 20 steps (every stage, the split, the extension), on a cold compile
-#            cache with TORCH_LOGS=recompiles: compile s, ms/step, peak memory, the loss falling, recompiles
-#   r28      record #28's recipe for 120 steps on a cold cache against REFERENCE.md (760 ms/step, 3.2302 in 91.2 s)
-#   r2026    the record recipe compressed to 120 steps, on the same data, validation and target
-#   glue     A/B on r28: base against --compile-glue (the same warm cache for both)
-#   kernels  A/B on r28: base against --triton-kernels ce,symmetric,mlp
+#   smoke    nvidia-smi and torch versions; tests/test_gpu.py (at most 200 s); then the record, its whole staged
+#            schedule compressed to 20 steps (every stage, the split, the extension), on a cold compile cache
+#            with TORCH_LOGS=recompiles: compile s, ms/step, peak memory, the loss falling, recompiles
+#   record   the record compressed to 120 steps on a cold cache against REFERENCE.md's targets: proxy val loss
+#            3.2302 in <= 45.6 s of training, first timed step <= 60 s after launch, ms/step, tok/s and MFU
+#   glue     A/B on the record (120 steps): base against --compile-glue (the same warm cache for both)
+#   kernels  A/B on the record (120 steps): base against --triton-kernels ce,symmetric,mlp
 #
 # Device call:  command "bash records/gpu_session.sh smoke", carry [".gpu"], timeout_s 590.
+# A part keeps within the call: the benchmark's --budget is what is left of LIMIT (570 s), a run is cut at it,
+# and an A/B's second run is skipped when under 120 s are left (reported as skipped: run that part again).
 # Everything lands in $OUT (the device tool's folder; logs/gpu_session/ elsewhere): PART.log, the whole console,
-# the benchmark's DATE-PART.json (GPU name, commit, figures), which belongs under records/benchmarks/ once
-# reported, and runs/: each trainer log (<run_id>.txt) and its console (<run_id>.out). Loss figures on the
-# proxy corpus are proxy figures, never FineWeb ones.
+# the benchmark's DATE-PART.json (GPU name, source hash, figures, the targets' verdicts), which belongs under
+# records/benchmarks/ once reported, and runs/: each trainer log (<run_id>.txt) and its console (<run_id>.out).
+# Loss figures on the proxy corpus are proxy figures, never FineWeb ones.
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,7 +31,7 @@ stamp=$(date -u +%Y-%m-%d)
 export PYTHONUNBUFFERED=1
 
 usage() {
-    echo "gpu_session: unknown part '${part:-}': choose prepare, smoke, r28, r2026, glue or kernels" >&2
+    echo "gpu_session: unknown part '${part:-}': choose prepare, smoke, record, glue or kernels" >&2
     sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
@@ -38,6 +40,7 @@ benchmark() {  # benchmark NAME [benchmark flags...]: one records/benchmark.py c
     local name=$1
     shift
     local left=$((LIMIT - SECONDS))
+    echo "== records/benchmark.py --budget $left $*"
     "$PY" records/benchmark.py --corpus "$CORPUS" --budget "$left" --json "$OUT/$stamp-$name.json" \
         --out-dir "$OUT/runs" ${DRY_RUN:+--dry-run} "$@"
 }
@@ -51,9 +54,10 @@ require_corpus() {
 
 prepare() {
     # The proxy corpus travels in .gpu/ (git-ignored): ../shared stays behind when the working tree is sent.
-    local source=../shared/data/proxy_corpus/docs.jsonl.xz
+    local source=${PROXY_CORPUS:-../shared/data/proxy_corpus/docs.jsonl.xz}
     if [[ ! -f $source ]]; then
-        echo "gpu_session: $source not found: the proxy corpus sits beside the checkout on the development machine" >&2
+        echo "gpu_session: $source not found: the proxy corpus sits beside the checkout on the development machine" \
+            "(elsewhere: PROXY_CORPUS=PATH)" >&2
         exit 2
     fi
     mkdir -p .gpu
@@ -62,7 +66,7 @@ prepare() {
     echo "== $CORPUS: $(du -h "$CORPUS" | cut -f1), travels with carry [\".gpu\"]"
     echo "== the CUDA tests it will run:"
     "$PY" -m pytest tests/test_gpu.py -q --collect-only -p no:cacheprovider | tail -1
-    for part in smoke r28 r2026 glue kernels; do
+    for part in smoke record glue kernels; do
         echo "== $part:"
         OUT=/tmp/gpu_session_dry DRY_RUN=1 bash "${BASH_SOURCE[0]}" "$part" || exit
     done
@@ -76,22 +80,21 @@ smoke() {
         timeout 200 "$PY" -m pytest tests/test_gpu.py -q -rs --durations=8 -p no:cacheprovider
         echo "== pytest exit: $?"
     fi
-    echo "== the record recipe, 20 compressed steps, cold compile cache, TORCH_LOGS=recompiles"
-    TORCH_LOGS=recompiles benchmark smoke --preset r2026 --train-steps 20 --val-every 10 --fresh-compile-cache
+    echo "== the record, 20 compressed steps, cold compile cache, TORCH_LOGS=recompiles"
+    TORCH_LOGS=recompiles benchmark smoke --train-steps 20 --val-every 10 --fresh-compile-cache
 }
 
 run_part() {
     case $part in
         smoke) smoke ;;
-        r28) benchmark r28 --fresh-compile-cache ;;
-        r2026) benchmark r2026 --preset r2026 --fresh-compile-cache ;;
+        record) benchmark record --fresh-compile-cache ;;
         glue) benchmark ab-glue --variant base="" --variant glue="--compile-glue" ;;
         kernels) benchmark ab-kernels --variant base="" --variant kernels="--triton-kernels ce,symmetric,mlp" ;;
     esac
 }
 
 case $part in
-    prepare | smoke | r28 | r2026 | glue | kernels) ;;
+    prepare | smoke | record | glue | kernels) ;;
     *) usage ;;
 esac
 if [[ $part == prepare ]]; then
