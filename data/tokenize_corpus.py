@@ -42,6 +42,8 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import gzip
 import json
 import lzma
@@ -75,6 +77,26 @@ BATCH_CHARS = 1 << 20
 
 class CorpusError(Exception):
     """A problem with the user's input or settings, reported as one line."""
+
+
+# What to do when the output folder cannot take the shards, by errno; anything else: check the folder.
+OUTPUT_ADVICE = {
+    errno.ENOSPC: "free some space or pick another --out-dir",
+    errno.EDQUOT: "free some of your quota or pick another --out-dir",
+    errno.EROFS: "pick a writable --out-dir",
+    errno.EACCES: "pick a folder you may write to as --out-dir",
+    errno.EPERM: "pick a folder you may write to as --out-dir",
+}
+
+
+@contextlib.contextmanager
+def output_errors(path: str):
+    """Turn a failed write, rename or delete under --out-dir into a one-line CorpusError naming path."""
+    try:
+        yield
+    except OSError as e:
+        advice = OUTPUT_ADVICE.get(e.errno, "check --out-dir")
+        raise CorpusError(f"cannot write {path}: {e.strerror or e}: {advice}") from None
 
 
 # --------------------------------------------------------------------------
@@ -167,10 +189,20 @@ def write_shard(path: str, tokens) -> int:
     toks = to_uint16(tokens)
     if toks.size >= 2 ** 31:
         raise CorpusError(f"{toks.size} tokens do not fit one shard's int32 header")
-    with open(path, "wb") as f:
-        f.write(shard_header(int(toks.size)))
-        f.write(toks.astype("<u2", copy=False).tobytes())
+    try:
+        with output_errors(path), open(path, "wb") as f:
+            f.write(shard_header(int(toks.size)))
+            f.write(toks.astype("<u2", copy=False).tobytes())
+    except BaseException:
+        remove_partial(path)  # a full disk or Ctrl-C mid-write: no cut-off file stays behind
+        raise
     return int(toks.size)
+
+
+def remove_partial(path: str) -> None:
+    """Delete a file that failed to be written whole, if it was created at all."""
+    with contextlib.suppress(OSError):
+        os.remove(path)
 
 
 def save_shard(path: str, tokens) -> int:
@@ -180,8 +212,7 @@ def save_shard(path: str, tokens) -> int:
         n = write_shard(tmp, tokens)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        remove_partial(tmp)
     return n
 
 
@@ -289,9 +320,10 @@ class ShardWriter:
                               f"lower --val-tokens")
         if self._fill:
             self._flush()
-        for path, _ in self.written:
-            os.replace(path + ".tmp", path)
-        self._remove_stale_shards()
+        with output_errors(self.out_dir):
+            for path, _ in self.written:
+                os.replace(path + ".tmp", path)
+            self._remove_stale_shards()
         return self.written
 
     def _remove_stale_shards(self) -> None:
@@ -305,8 +337,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Remove the .tmp files of a failed run; finished shards of older runs stay."""
         for path, _ in self.written:
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
+            remove_partial(path + ".tmp")
         self.written = []
 
 
@@ -506,7 +537,8 @@ def tokenize_texts(texts, out_dir: str, name: str, val_tokens: int | None = None
     check_sizes(val_tokens, shard_tokens, max_tokens)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", name):
         raise CorpusError(f"--name {name!r}: use letters, digits, '.' and '-' (it becomes NAME_val_000000.bin)")
-    os.makedirs(out_dir, exist_ok=True)
+    with output_errors(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
     writer = ShardWriter(out_dir, name, val_tokens, shard_tokens)
     bar = _progress_bar(max_tokens) if progress else None
     t0 = time.perf_counter()

@@ -4,9 +4,11 @@ Expected tokens are computed here with tiktoken directly, so every check
 compares against an independent value.
 """
 
+import errno
 import gzip
 import json
 import lzma
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -276,6 +278,49 @@ def test_refuses_missing_text_field(tmp_path):
     path = write_jsonl(tmp_path / "nofield.jsonl", [{"text": "ok"}, {"body": "no text here"}])
     result = run_cli(path, "--out-dir", tmp_path / "o", "--name", "e")
     _assert_one_line_error(result, f"{path}:2", "'text'", "--text-field")
+
+
+class FullDisk:
+    """A shard file whose body write fails as on a full disk, after the header went out: a partial file."""
+
+    def __init__(self, path, mode):
+        self.file = open(path, mode)
+
+    def write(self, data):
+        if self.file.tell():
+            self.file.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.file.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def read_only(path, mode):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+
+@pytest.mark.parametrize("opener, needle", [
+    (FullDisk, "cannot write {out}/d_val_000000.bin.tmp: No space left on device: free some space or pick another --out-dir"),
+    (read_only, "cannot write {out}/d_val_000000.bin.tmp: Read-only file system: pick a writable --out-dir"),
+], ids=["full-disk", "read-only"])
+def test_an_output_folder_that_cannot_take_the_shards_is_one_line_and_leaves_no_partial_file(
+        tmp_path, monkeypatch, capsys, opener, needle):
+    """root ignores chmod, so the file system's answer is faked at the shard writer's open(): inputs still read."""
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in DOCS])
+    out = tmp_path / "out"
+    tokenize([src], out, "d", "--val-tokens", 5)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_open = open
+    monkeypatch.setattr(tc, "open", lambda path, mode="r", *a, **k: opener(path, mode) if "w" in mode
+                        else real_open(path, mode, *a, **k), raising=False)
+    status = tc.main([str(src), "--out-dir", str(out), "--name", "d", "--val-tokens", "5", "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.splitlines() == [f"tokenize_corpus.py: error: {needle.format(out=out)}"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old shards, and no *.tmp
 
 
 @pytest.mark.parametrize("bad", [65536, 70000, -1])
