@@ -13,9 +13,10 @@ Incomplete runs (no validation line at step T/T: crashed or stopped, or a log
 cut inside that line) are listed with the last step reached and left out of the
 group statistics. A log without a single step line (a run refused before its
 first step) is skipped, and a copy of a run (the same text or run id) is
-counted once; a warning line names each. A group whose runs differ in configuration (the `config:` line,
-apart from seed, run id and such) or in source hash gets a warning on stderr
-naming what differs: its statistics pool runs that are not repeats.
+counted once; a warning line names each. A group whose runs differ in
+configuration (the `config:` line, apart from seed, run id and such) or in
+source hash gets a warning on stderr naming what differs: its statistics pool
+runs that are not repeats.
 
 --plot draws one colour per run (legend: run names) and one line style per
 group, on axes fitted to the data; the target line is drawn when it falls in
