@@ -100,4 +100,45 @@ except train_gpt.ConfigError as error:
     fail(f"NPROC={nproc}: {error}" + (f"; here NPROC can be {one_of(usable)}, e.g. {rerun(usable[-1])}" if usable else ""))
 PY
 
-exec torchrun --standalone --nproc_per_node="$nproc" train_gpt.py "$@"
+# torchrun under a small supervisor. Why: SIGTERM (a batch scheduler, kill) or Ctrl-C to ./run.sh must end
+# as train_gpt.py documents: its stopping: line, the checkpoint kept, exit 143 or 130. torchrun alone stops the
+# trainers cleanly but then prints a SignalException traceback (~30 lines) and exits 1. So the supervisor
+# starts torchrun in its own session (a terminal's Ctrl-C then reaches it once, from here), forwards the
+# signal, passes on only train_gpt.py's own lines of the stderr that follows, and exits 128 + the signal.
+supervisor=$(cat <<'PY'
+import signal
+import subprocess
+import sys
+import threading
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+received, launcher = [], None
+
+
+def forward(signum, frame):
+    received.append(signum)
+    if launcher is not None:
+        launcher.send_signal(signum)
+
+
+def pass_on(stream):
+    for line in stream:
+        if not received or line.startswith(b"train_gpt.py:"):  # after a signal: the trainer's line, not torchrun's
+            sys.stderr.buffer.write(line)
+            sys.stderr.buffer.flush()
+
+
+for signum in FORWARDED:  # before torchrun starts, so no signal can leave it running on its own
+    signal.signal(signum, forward)
+launcher = subprocess.Popen(["torchrun", "--standalone", f"--nproc_per_node={sys.argv[1]}", "train_gpt.py",
+                             *sys.argv[2:]], stderr=subprocess.PIPE, start_new_session=True)
+if received:
+    launcher.send_signal(received[0])
+reader = threading.Thread(target=pass_on, args=(launcher.stderr,), daemon=True)
+reader.start()
+status = launcher.wait()
+reader.join(timeout=5)  # the trainers' last lines; a process left holding the pipe must not keep run.sh alive
+sys.exit(128 + received[0] if received else status if status >= 0 else 128 - status)
+PY
+)
+exec "$python" -c "$supervisor" "$nproc" "$@"

@@ -2173,12 +2173,13 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, path: str):
                         f"raise --vocab-size above the tokenizer's largest id, or re-tokenize the data")
 
 
-def load_val_tokens(files: list, num_tokens: int, vocab_size: int | None = None) -> np.ndarray:
+def load_val_tokens(files: list, num_tokens: int, vocab_size: int | None = None, seq_len: int = 1) -> np.ndarray:
     """The first num_tokens + 1 tokens of the val files (inputs and their next-token targets)."""
     available = sum(shard_token_count(f) for f in files)
     if available < num_tokens + 1:
         raise DataError(f"val files ({', '.join(files)}) hold {available} tokens; --val-tokens {num_tokens} needs "
-                        f"{num_tokens + 1}; lower --val-tokens or {FETCH_HINT}")
+                        f"{num_tokens + 1} (one more: the last target): {largest_val_tokens_hint(available, seq_len)}, "
+                        f"rebuild the val shard with data/tokenize_corpus.py --val-tokens {num_tokens}, or {FETCH_HINT}")
     parts, have = [], 0
     for f in files:
         parts.append(load_shard(f)[: num_tokens + 1 - have])
@@ -2188,6 +2189,14 @@ def load_val_tokens(files: list, num_tokens: int, vocab_size: int | None = None)
         if have > num_tokens:
             break
     return np.concatenate(parts)
+
+
+def largest_val_tokens_hint(available: int, seq_len: int) -> str:
+    """The largest --val-tokens that `available` val tokens serve: whole --val-seq-len sequences plus one target."""
+    largest = (available - 1) // seq_len * seq_len
+    if largest <= 0:
+        return f"they hold less than one --val-seq-len {seq_len} sequence and its target: lower --val-seq-len"
+    return f"use --val-tokens {largest} (the most they serve in whole --val-seq-len {seq_len} sequences)"
 
 
 class TrainLoader:
@@ -2860,7 +2869,7 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
     progress = progress or RunProgress()
     val_files = resolve_files(cfg.val_files, "--val-files")
     train_files = resolve_files(cfg.train_files, "--train-files")
-    val_tokens = load_val_tokens(val_files, cfg.val_tokens, cfg.vocab_size)
+    val_tokens = load_val_tokens(val_files, cfg.val_tokens, cfg.vocab_size, cfg.val_seq_len)
     logger.log(f"train_files: {len(train_files)} ({sum(shard_token_count(f) for f in train_files)} tokens)  "
                f"val_files: {len(val_files)}  val_tokens: {cfg.val_tokens}")
     model = build_model(cfg, device, accumulation, logger)

@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), folder)
     try:
         texts = iter_fineweb_texts(load_documents(remote_name))
-        info = tc.tokenize_texts(texts, out_dir, "fineweb", val_tokens=args.shard_tokens,
+        # the val shard is one full shard, as the hosted fineweb_val_000000.bin (it serves one token fewer)
+        info = tc.tokenize_texts(texts, out_dir, "fineweb", val_tokens=args.shard_tokens - 1,
                                  shard_tokens=args.shard_tokens, workers=max(1, args.workers),
                                  progress=not args.no_progress)
     except tc.CorpusError as e:

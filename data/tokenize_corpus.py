@@ -12,8 +12,13 @@ text that looks like a special token stays text) and preceded by
 <|endoftext|> (50256). The token stream is cut into shards of an exact size, so
 a document may run on into the next shard:
 
-    OUT/NAME_val_000000.bin     the first --val-tokens tokens of the stream
+    OUT/NAME_val_000000.bin     the first --val-tokens + 1 tokens of the stream
     OUT/NAME_train_000001.bin   then --shard-tokens tokens per train shard ...
+
+A val shard made with --val-tokens N serves train_gpt.py --val-tokens N: it
+holds N + 1 tokens, because the trainer scores N predictions and the last one's
+target is the token after them. train_gpt.py also needs N to be a whole number
+of --val-seq-len sequences, so pick N as a multiple of it.
 
 The output does not depend on --workers: documents are encoded in parallel
 but always written in input order. Shards are first written as *.tmp and only
@@ -37,6 +42,8 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import gzip
 import json
 import lzma
@@ -70,6 +77,26 @@ BATCH_CHARS = 1 << 20
 
 class CorpusError(Exception):
     """A problem with the user's input or settings, reported as one line."""
+
+
+# What to do when the output folder cannot take the shards, by errno; anything else: check the folder.
+OUTPUT_ADVICE = {
+    errno.ENOSPC: "free some space or pick another --out-dir",
+    errno.EDQUOT: "free some of your quota or pick another --out-dir",
+    errno.EROFS: "pick a writable --out-dir",
+    errno.EACCES: "pick a folder you may write to as --out-dir",
+    errno.EPERM: "pick a folder you may write to as --out-dir",
+}
+
+
+@contextlib.contextmanager
+def output_errors(path: str):
+    """Turn a failed write, rename or delete under --out-dir into a one-line CorpusError naming path."""
+    try:
+        yield
+    except OSError as e:
+        advice = OUTPUT_ADVICE.get(e.errno, "check --out-dir")
+        raise CorpusError(f"cannot write {path}: {e.strerror or e}: {advice}") from None
 
 
 # --------------------------------------------------------------------------
@@ -162,10 +189,20 @@ def write_shard(path: str, tokens) -> int:
     toks = to_uint16(tokens)
     if toks.size >= 2 ** 31:
         raise CorpusError(f"{toks.size} tokens do not fit one shard's int32 header")
-    with open(path, "wb") as f:
-        f.write(shard_header(int(toks.size)))
-        f.write(toks.astype("<u2", copy=False).tobytes())
+    try:
+        with output_errors(path), open(path, "wb") as f:
+            f.write(shard_header(int(toks.size)))
+            f.write(toks.astype("<u2", copy=False).tobytes())
+    except BaseException:
+        remove_partial(path)  # a full disk or Ctrl-C mid-write: no cut-off file stays behind
+        raise
     return int(toks.size)
+
+
+def remove_partial(path: str) -> None:
+    """Delete a file that failed to be written whole, if it was created at all."""
+    with contextlib.suppress(OSError):
+        os.remove(path)
 
 
 def save_shard(path: str, tokens) -> int:
@@ -175,8 +212,7 @@ def save_shard(path: str, tokens) -> int:
         n = write_shard(tmp, tokens)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        remove_partial(tmp)
     return n
 
 
@@ -200,13 +236,22 @@ def shard_path(out_dir: str, name: str, index: int) -> str:
     return os.path.join(out_dir, f"{name}_{split}_{index:06d}.bin")
 
 
+def val_shard_tokens(val_tokens: int) -> int:
+    """Tokens in a val shard that serves train_gpt.py --val-tokens val_tokens.
+
+    One more than the flag: the trainer's inputs are tokens 0..N-1 and their
+    next-token targets 1..N, so a shard of exactly N tokens would be refused.
+    """
+    return val_tokens + 1
+
+
 class ShardWriter:
     """Cuts a stream of token arrays into exact-size shards.
 
-    Shard 0 (val) holds val_tokens tokens, every later shard shard_tokens,
-    the last one whatever is left. With val_tokens=None the val size follows
-    tokenize_proxy.py: 10,485,760 if the stream has at least twice that,
-    else a tenth of it; tokens are held back until that is known.
+    Shard 0 (val) holds val_shard_tokens(val_tokens) tokens, every later shard
+    shard_tokens, the last one whatever is left. With val_tokens=None the
+    served val size is 10,485,760 if the stream has at least twice that, else
+    a tenth of it; tokens are held back until that is known.
     """
 
     def __init__(self, out_dir: str, name: str, val_tokens: int | None, shard_tokens: int):
@@ -239,7 +284,7 @@ class ShardWriter:
             self._append(arr)
 
     def _capacity(self) -> int:
-        return self.val_tokens if not self.written else self.shard_tokens
+        return val_shard_tokens(self.val_tokens) if not self.written else self.shard_tokens
 
     def _append(self, tokens: np.ndarray) -> None:
         pos = 0
@@ -269,14 +314,16 @@ class ShardWriter:
             self._decide_val(self.total // 10)
             if self.val_tokens == 0:
                 raise CorpusError(f"only {self.total} tokens: too few to split into val and train")
-        if self.total <= self.val_tokens:
-            raise CorpusError(f"--val-tokens {self.val_tokens:,} leaves no training tokens "
-                              f"(the stream has {self.total:,})")
+        if self.total <= val_shard_tokens(self.val_tokens):
+            raise CorpusError(f"--val-tokens {self.val_tokens:,} takes {val_shard_tokens(self.val_tokens):,} tokens "
+                              f"for the val shard and leaves no training tokens (the stream has {self.total:,}): "
+                              f"lower --val-tokens")
         if self._fill:
             self._flush()
-        for path, _ in self.written:
-            os.replace(path + ".tmp", path)
-        self._remove_stale_shards()
+        with output_errors(self.out_dir):
+            for path, _ in self.written:
+                os.replace(path + ".tmp", path)
+            self._remove_stale_shards()
         return self.written
 
     def _remove_stale_shards(self) -> None:
@@ -290,8 +337,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Remove the .tmp files of a failed run; finished shards of older runs stay."""
         for path, _ in self.written:
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
+            remove_partial(path + ".tmp")
         self.written = []
 
 
@@ -486,11 +532,13 @@ def tokenize_texts(texts, out_dir: str, name: str, val_tokens: int | None = None
     """Tokenize an iterable of texts into NAME_* shards in out_dir; returns a summary.
 
     The one tokenizer path: tokenize_corpus's CLI and data/fineweb.py both come here.
+    val_tokens is what the val shard serves (train_gpt.py --val-tokens); it holds one token more.
     """
     check_sizes(val_tokens, shard_tokens, max_tokens)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", name):
         raise CorpusError(f"--name {name!r}: use letters, digits, '.' and '-' (it becomes NAME_val_000000.bin)")
-    os.makedirs(out_dir, exist_ok=True)
+    with output_errors(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
     writer = ShardWriter(out_dir, name, val_tokens, shard_tokens)
     bar = _progress_bar(max_tokens) if progress else None
     t0 = time.perf_counter()
@@ -523,9 +571,10 @@ def check_sizes(val_tokens, shard_tokens, max_tokens) -> None:
     if max_tokens is not None:
         if max_tokens <= 0:
             raise CorpusError("--max-tokens must be positive")
-        if val_tokens is not None and max_tokens <= val_tokens:
-            raise CorpusError(f"--max-tokens {max_tokens:,} leaves no training tokens after "
-                              f"--val-tokens {val_tokens:,}")
+        if val_tokens is not None and max_tokens <= val_shard_tokens(val_tokens):
+            raise CorpusError(f"--max-tokens {max_tokens:,} leaves no training tokens after the "
+                              f"{val_shard_tokens(val_tokens):,}-token val shard of --val-tokens {val_tokens:,}: "
+                              f"raise --max-tokens above {val_shard_tokens(val_tokens):,}")
 
 
 def format_summary(info: dict) -> str:
@@ -547,8 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out-dir", required=True, help="folder for the shards (created if missing)")
     ap.add_argument("--name", required=True, help="shard file prefix: NAME_val_000000.bin, NAME_train_000001.bin, ...")
     ap.add_argument("--val-tokens", type=int, default=None, metavar="N",
-                    help="tokens in the val shard, taken from the start of the stream "
-                         "(default: 10,485,760 if the stream holds twice that, else 10%%)")
+                    help="validation tokens the val shard serves (train_gpt.py --val-tokens N, a multiple "
+                         "of its --val-seq-len): the shard holds the first N + 1 tokens of the stream, "
+                         "the last one the target of the N-th (default: 10,485,760 if the stream holds "
+                         "twice that, else 10%%)")
     ap.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
                     help="tokens per train shard; the last one holds the rest (default: %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=None, metavar="N",

@@ -348,8 +348,9 @@ def prepare_corpus(corpus, data_dir, val_tokens, expect_train_tokens, name=PROXY
         return globs
     if not os.path.isfile(corpus):
         raise BenchmarkError(f"--corpus {corpus}: no such file")
+    # tokenize_corpus.py --val-tokens N writes N + 1 tokens (N scored, one more as the last target)
     command = [sys.executable, TOKENIZER, corpus, "--out-dir", data_dir, "--name", name,
-               "--val-tokens", str(val_tokens), "--no-progress"]
+               "--val-tokens", str(val_tokens - 1), "--no-progress"]
     print(f"data: tokenizing: {shlex.join(command)}", flush=True)
     started = time.time()
     done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -95,6 +95,7 @@ class Submission:
     baseline: list = dataclasses.field(default_factory=list)
     crashed: list = dataclasses.field(default_factory=list)
     script: str = None  # the train_gpt.py in the folder, if any
+    stepless: list = dataclasses.field(default_factory=list)  # logs without a step line, left out (paths)
 
     @property
     def name(self):
@@ -168,12 +169,16 @@ def read_record_json(folder):
     return meta, time_text
 
 
-def read_logs(folder):
-    """The logs directly in folder (compare.py's notion of a log), parsed; [] if no such folder."""
+def read_logs(folder, stepless=None):
+    """The logs directly in folder (compare.py's notion of a log), parsed; [] if no such folder.
+    Logs without a step line are not read; their paths are appended to stepless when given."""
     if not os.path.isdir(folder):
         return []
+    paths, skipped = compare.scan_folder(folder)
+    if stepless is not None:
+        stepless += skipped
     logs = []
-    for path in compare.find_logs(folder):
+    for path in paths:
         text = runlog.read_text(path)
         logs.append(Log(path, text, runlog.parse_log_text(text, path)))
     return logs
@@ -200,9 +205,9 @@ def load_submission(folder):
     except SubmissionError as error:
         sub.meta_error = str(error)
         sub.time_text = claimed_time_text(folder)
-    sub.logs = read_logs(folder)
-    sub.baseline = read_logs(os.path.join(folder, BASELINE_DIR))
-    sub.crashed = read_logs(os.path.join(folder, CRASHED_DIR))
+    sub.logs = read_logs(folder, sub.stepless)
+    sub.baseline = read_logs(os.path.join(folder, BASELINE_DIR), sub.stepless)
+    sub.crashed = read_logs(os.path.join(folder, CRASHED_DIR), sub.stepless)
     script = os.path.join(folder, SCRIPT_NAME)
     if os.path.isfile(script):
         sub.script = runlog.read_text(script)
@@ -241,6 +246,14 @@ def _need_track(sub):
 def _need_logs(sub):
     if not sub.logs:
         return False, "no logs in the folder"
+    return None
+
+
+def _copies(logs, where=""):
+    """(False, figure) naming the logs that are copies of another (runlog.duplicates), else None."""
+    found = runlog.duplicates([log.run for log in logs])
+    if found:
+        return False, f"{where}{runlog.describe_duplicates(found)}: a run counts once: remove the copies"
     return None
 
 
@@ -456,6 +469,9 @@ def rule_statistics(sub):
     missing = _need_track(sub)
     if missing:
         return missing
+    copies = _copies(sub.logs + sub.crashed)
+    if copies:
+        return copies
     target = sub.track.target
     losses = [log.run.final_val_loss for log in sub.complete]
     need = f"needs mean <= {target} and p < {MAX_P}"
@@ -496,6 +512,9 @@ def rule_claimed_time(sub):
 
 def rule_speed(sub):
     """The new mean time is below the baseline logs' mean (Welch two-sided p reported)."""
+    copies = _copies(sub.baseline, f"{BASELINE_DIR}/: ")
+    if copies:
+        return copies
     mine = [log.run.train_time_s for log in sub.complete]
     theirs = [log.run.train_time_s for log in sub.baseline if log.run.complete]
     if not mine or not theirs:
@@ -700,6 +719,8 @@ def main(argv=None):
         return 2
     sub = load_submission(args.folder)
     print(f"checking {os.path.normpath(args.folder)} (track {sub.track_name})")
+    if sub.stepless:
+        print(f"note: {compare.skipped_note(os.path.normpath(args.folder), sub.stepless)}")
     results = check(sub)
     for result in results:
         print(format_result(*result))

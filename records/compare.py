@@ -11,9 +11,12 @@ loss differences (group 2 - group 1) with Welch-test p-values.
 
 Incomplete runs (no validation line at step T/T: crashed or stopped, or a log
 cut inside that line) are listed with the last step reached and left out of the
-group statistics. A group whose runs differ in configuration (the `config:` line,
-apart from seed, run id and such) or in source hash gets a warning on stderr
-naming what differs: its statistics pool runs that are not repeats.
+group statistics. A log without a single step line (a run refused before its
+first step) is skipped, and a copy of a run (the same text or run id) is
+counted once; a warning line names each. A group whose runs differ in
+configuration (the `config:` line, apart from seed, run id and such) or in
+source hash gets a warning on stderr naming what differs: its statistics pool
+runs that are not repeats.
 
 --plot draws one colour per run (legend: run names) and one line style per
 group, on axes fitted to the data; the target line is drawn when it falls in
@@ -49,19 +52,39 @@ class CompareError(Exception):
 # ----------------------------------------------------------------------------- loading
 
 def find_logs(folder):
-    """The log files directly in a folder, sorted by name.
+    """The run logs directly in a folder, sorted by name (scan_folder's first list)."""
+    return scan_folder(folder)[0]
+
+
+def scan_folder(folder):
+    """(run logs, logs without a step line) directly in a folder, each sorted by name.
 
     A log is a .txt or .log file that has a 100-'=' separator or a step line;
-    other text files such as notes are skipped. Subfolders are not searched, so a
-    record folder can keep e.g. re-timed baseline logs in baseline/ without
-    mixing them into the record's group.
+    other text files such as notes are skipped. A log without a single step line
+    is a run that stopped before training (runlog.has_step): it is returned
+    apart, to be named in a note, and counted nowhere. Subfolders are not
+    searched, so a record folder can keep e.g. re-timed baseline logs in
+    baseline/ without mixing them into the record's group.
     """
-    found = []
+    found, stepless = [], []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if name.endswith(LOG_SUFFIXES) and os.path.isfile(path) and runlog.looks_like_log(runlog.read_text(path)):
-            found.append(path)
-    return found
+        if not (name.endswith(LOG_SUFFIXES) and os.path.isfile(path)):
+            continue
+        text = runlog.read_text(path)
+        if runlog.looks_like_log(text):
+            (found if runlog.has_step(text) else stepless).append(path)
+    return found, stepless
+
+
+STEPLESS_WHY = ("a run that stops before its first step (a config or data error: see its stopping: line) "
+                "has nothing to count")
+
+
+def skipped_note(folder, stepless):
+    """The one line naming the logs of folder left out because they hold no step line, and why."""
+    names = ", ".join(os.path.relpath(path, folder) for path in stepless)
+    return f"{folder}: skipped {len(stepless)} log(s) without a step line ({names}): {STEPLESS_WHY}"
 
 
 def group_name(path):
@@ -70,22 +93,40 @@ def group_name(path):
     return trimmed or path
 
 
-def load_group(path):
-    """Parse the runs of one PATH argument into a (name, [RunLog]) pair."""
+def load_group(path, notes=None):
+    """Parse the runs of one PATH argument into a (name, [RunLog]) pair.
+
+    Logs without a step line are left out, and a copy of a run (runlog.duplicates) is counted once;
+    each appends one line to notes (when given) saying so.
+    """
     if not os.path.exists(path):
         raise CompareError(f"{path}: no such file or folder")
     if os.path.isdir(path):
-        files = find_logs(path)
-        if not files:
+        files, stepless = scan_folder(path)
+        if not files and not stepless:
             raise CompareError(f"{path}: folder has no logs (.txt/.log files with step lines)")
     else:
-        files = [path]
-    return group_name(path), [runlog.parse_log_file(f) for f in files]
+        text = runlog.read_text(path)
+        if not runlog.looks_like_log(text):
+            raise CompareError(f"{path}: not a training log (no line of 100 '=' and no step line)")
+        if not runlog.has_step(text):
+            raise CompareError(f"{path}: no step line: {STEPLESS_WHY}")
+        files, stepless = [path], []
+    if not files:
+        raise CompareError(f"{skipped_note(group_name(path), stepless)}; no other logs to compare")
+    runs = [runlog.parse_log_file(f) for f in files]
+    copies = runlog.duplicates(runs)
+    if notes is not None and stepless:
+        notes.append(skipped_note(group_name(path), stepless))
+    if notes is not None and copies:
+        notes.append(f"{group_name(path)}: {runlog.describe_duplicates(copies)}: each run is counted once")
+    copied = {id(copy) for copy, _, _ in copies}
+    return group_name(path), [run for run in runs if id(run) not in copied]
 
 
-def load_groups(paths):
-    """Parse every PATH argument; order is kept (group 1 is the first PATH)."""
-    return [load_group(path) for path in paths]
+def load_groups(paths, notes=None):
+    """Parse every PATH argument; order is kept (group 1 is the first PATH). notes: as load_group."""
+    return [load_group(path, notes) for path in paths]
 
 
 # ----------------------------------------------------------------------------- figures
@@ -475,9 +516,10 @@ def build_parser():
 def main(argv=None):
     """Entry point; returns the exit status (errors: one line on stderr, status 2)."""
     args = build_parser().parse_args(argv)
+    notes = []  # logs left out or counted once: said on stderr with the warnings
     try:
         plt = require_matplotlib() if args.plot else None
-        result = analyse(load_groups(args.paths), target=args.target)
+        result = analyse(load_groups(args.paths, notes), target=args.target)
         if args.plot:
             plot_curves(result, args.plot, plt)
     except (CompareError, OSError) as error:
@@ -490,7 +532,7 @@ def main(argv=None):
         if args.plot:
             print(f"\nplot written to {args.plot}")
     # stderr, last: seen under the table and also next to --json output
-    for line in warning_lines(result):
+    for line in [f"warning: {note}" for note in notes] + warning_lines(result):
         print(line, file=sys.stderr)
     return 0
 

@@ -75,13 +75,14 @@ def read_metadata(folder):
 def read_record(folder, target=compare.DEFAULT_TARGET):
     """One leaderboard entry: metadata plus the group statistics of the folder's logs."""
     meta = read_metadata(folder)
-    logs = compare.find_logs(folder)
+    logs, stepless = compare.scan_folder(folder)
     _require(logs, folder, "no run logs (.txt/.log files with step lines)")
     runs = [compare.runlog.parse_log_file(path) for path in logs]
     summary = compare.group_summary(folder, runs, target)
     _require(summary["n"] > 0, folder, "no complete run (no log has a validation line at step T/T)")
     refused = check_submission.refusals(folder)  # the rules of records/README.md: p, hardware, data, code
-    return {"folder": folder, "meta": meta, "stats": summary, "refused": refused}
+    return {"folder": folder, "meta": meta, "stats": summary, "refused": refused,
+            "note": compare.skipped_note(folder, stepless) if stepless else None}
 
 
 def read_tracks(root, target=compare.DEFAULT_TARGET):
@@ -160,6 +161,8 @@ def main(argv=None):
         with open(readme, encoding="utf-8") as handle:
             old = handle.read()
         tracks = read_tracks(args.root, args.target)
+        for entry in (e for entries in tracks.values() for e in entries if e["note"]):
+            print(f"note: {entry['note']}", file=sys.stderr)
         refused = [e for entries in tracks.values() for e in entries if e["refused"]]
         if refused:
             for entry in refused:

@@ -15,10 +15,12 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 
 SEPARATOR = "=" * 100
 SOURCE_HASH_CHARS = 12
+CONTENT_HASH_CHARS = 16
 
 _STEP_RE = re.compile(r"^step:(\d+)/(\d+)(?=\s|$)")
 _FIELD_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):(\S+)$")
@@ -55,6 +57,7 @@ class RunLog:
     """
     path: str
     source_hash: str = None
+    content_hash: str = None  # of the whole text: two files with the same hash are one run copied
     python: str = None
     torch: str = None
     triton: str = None
@@ -80,6 +83,12 @@ class RunLog:
     @property
     def complete(self):
         return self.final_val_loss is not None
+
+    @property
+    def run_id(self):
+        """The trainer's --run-id from the config: line (a uuid unless given), or None."""
+        run_id = (self.config or {}).get("run_id")
+        return run_id if isinstance(run_id, str) and run_id else None
 
     @property
     def train_time_s(self):
@@ -175,7 +184,8 @@ def _apply_header(run, key, value):
 def parse_log_text(text, path="<text>"):
     """Turn the text of one log into a RunLog (see the module docstring for the layout)."""
     source, lines = split_source(text)
-    run = RunLog(path=path, source_hash=None if source is None else source_hash(source))
+    run = RunLog(path=path, source_hash=None if source is None else source_hash(source),
+                 content_hash=hashlib.sha256(text.encode("utf-8")).hexdigest()[:CONTENT_HASH_CHARS])
     smi_gpus = {}
     final = None
     for line in lines:
@@ -229,6 +239,36 @@ def looks_like_log(text):
     """True when a file has a 100-'=' separator or a step line: how folders pick out logs."""
     source, lines = split_source(text)
     return source is not None or any(parse_step_line(line) for line in lines)
+
+
+def has_step(text):
+    """True when the log holds at least one step line. A log without one is a run that stopped before its
+    first step (refused for a config or data error, say): nothing trained, so no tool counts it as a run."""
+    return any(parse_step_line(line) for line in split_source(text)[1])
+
+
+def duplicates(runs):
+    """[(run, the earlier run it repeats, what they share)] for every run that is another's copy.
+
+    Why: a folder holding one log twice (copied, or the same run id under two names) would count one run
+    twice: n = 2, std 0, a p-value of nothing. A copy is the same text, or the same run id (the trainer
+    never writes two logs with one run id). The first run of each set is the one kept.
+    """
+    seen, found = {}, []
+    for run in runs:
+        keys = [("content", run.content_hash)] + ([("run id", run.run_id)] if run.run_id else [])
+        shared = next((key for key in keys if key in seen), None)
+        if shared:
+            found.append((run, seen[shared], "content" if shared[0] == "content" else f"run id {shared[1]}"))
+        else:
+            seen.update((key, run) for key in keys)
+    return found
+
+
+def describe_duplicates(found):
+    """'b.txt repeats a.txt (same content)', joined by '; ': which files are copies, for a warning or a rule."""
+    return "; ".join(f"{os.path.basename(run.path)} repeats {os.path.basename(earlier.path)} (same {what})"
+                     for run, earlier, what in found)
 
 
 def read_text(path):

@@ -108,6 +108,12 @@ def make_log(source=SCRIPT, final_loss=3.2770, total_ms=150_000, steps=20, val_e
     return "\n".join(lines) + "\n"
 
 
+def make_refused_log(config=None):
+    """A run refused before its first step, as train_gpt.py leaves it: header lines, a stopping: line, no step."""
+    header = make_log(config=config).split("\nstep:", 1)[0]
+    return header + "\nstopping: data error: val files hold 8192 tokens; --val-tokens 8192 needs 8193\n"
+
+
 def write(path, text):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from records import check_submission, leaderboard  # noqa: E402
-from submission_fixtures import SCRIPT, make_log, make_submission, write  # noqa: E402
+from submission_fixtures import SCRIPT, TIMES_MS, make_log, make_refused_log, make_submission, write  # noqa: E402
 
 PASSING = REPO / "tests" / "fixtures" / "submissions" / "track_1_short" / "2026-11-24_Example"
 README_TEMPLATE = f"# Records\n\n{leaderboard.START_MARKER}\nold table\n{leaderboard.END_MARKER}\n"
@@ -105,6 +105,8 @@ BROKEN = {
                                                    "    torch._inductor.config.coordinate_descent_tuning = True\n"
                                                    "    return torch.compile(")),
                         {"compiler options"}, "sets torch._inductor.config.coordinate_descent_tuning"),
+    "copied log": (dict(extra_logs={"run3.txt": make_log(SCRIPT, 3.2772, TIMES_MS[1])}), {"statistics"},  # = run1.txt
+                   "run3.txt repeats run1.txt (same content): a run counts once: remove the copies"),
     "slower than baseline": (dict(baseline_times_ms=(140_000, 140_500, 141_000)), {"speed"},
                              "mean 150.250 s vs baseline 140.500 s: +9.750 s (+6.94%)"),
 }
@@ -129,6 +131,18 @@ def test_stopped_run_is_listed_not_counted_and_crashed_folder_is_reported(tmp_pa
     assert code == 0, "\n".join(lines)
     assert results["logs"][1] == "4 logs parsed, 3 complete, 1 stopped (listed, not counted), 1 in crashed/ (not counted)"
     assert "over n=3" in results["statistics"][1]
+
+
+def test_log_without_a_step_line_is_skipped_with_one_note(tmp_path, capsys):
+    """A run refused before its first step (with another config) is no run: named once, counted nowhere."""
+    folder = make_submission(tmp_path, extra_logs={"refused.txt": make_refused_log(config={"val_tokens": 8192}),
+                                                   "baseline/refused.txt": make_refused_log()})
+    code, results, lines = run_check(capsys, folder)
+    assert code == 0, "\n".join(lines)
+    assert lines[1] == (f"note: {folder}: skipped 2 log(s) without a step line (refused.txt, baseline/refused.txt): "
+                        "a run that stops before its first step (a config or data error: see its stopping: line) "
+                        "has nothing to count")
+    assert results["logs"][1] == "3 logs parsed, 3 complete"
 
 
 def test_log_without_header_lines_is_not_parsed(tmp_path, capsys):
@@ -263,6 +277,19 @@ def test_leaderboard_publishes_a_record_that_keeps_the_rules(tmp_path, capsys):
     make_submission(tmp_path, "2026-11-24_Good")
     assert leaderboard.main(["--root", str(tmp_path)]) == 0, capsys.readouterr().err
     assert "| 1 | 2026-11-24 | 150.25 s | 3.2770 (n=3, p=" in readme.read_text()
+
+
+def test_leaderboard_refuses_a_record_with_a_copied_log_and_notes_a_refused_one(tmp_path, capsys):
+    readme = write(tmp_path / "README.md", README_TEMPLATE)
+    folder = make_submission(tmp_path, "2026-11-24_Copied", extra_logs={"run3.txt": make_log(SCRIPT, 3.2772, TIMES_MS[1]),
+                                                                       "refused.txt": make_refused_log()})
+    assert leaderboard.main(["--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"note: {folder}: skipped 1 log(s) without a step line (refused.txt): a run that stops before "
+                      "its first step (a config or data error: see its stopping: line) has nothing to count")
+    assert err[1] == (f"refused: {folder}: statistics: run3.txt repeats run1.txt (same content): a run counts once: "
+                      "remove the copies")
+    assert readme.read_text() == README_TEMPLATE
 
 
 def test_leaderboard_and_check_share_the_rule_functions():

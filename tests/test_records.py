@@ -391,11 +391,48 @@ def test_single_run_group_has_undefined_spread(tmp_path, capsys):
 
 
 def test_zero_std_group(tmp_path):
-    folder = write_group(tmp_path / "same", [3.2700, 3.2700, 3.2700], [90.0, 90.0, 90.0])
+    folder = tmp_path / "same"
+    for seed in range(3):  # three runs (seeds) with the same figures; three copies of one log would be one run
+        write(folder / f"run{seed}.txt", make_log(final_loss=3.2700, total_ms=90_000.0,
+                                                  config={"num_iterations": 100, "seed": seed}))
     group = compare.analyse(compare.load_groups([str(folder)]))["groups"][0]
     assert group["std_val_loss"] == 0.0 and group["p_value"] == 0.0
     assert group["train_time_ci_low_s"] == pytest.approx(90.0)
     assert group["train_time_ci_high_s"] == pytest.approx(90.0)
+
+
+def test_copies_of_one_run_are_counted_once_with_a_warning(tmp_path, capsys):
+    """Three copies of one log (n = 3, std 0 before) and a log that reuses a run id are one run each."""
+    folder = tmp_path / "copies"
+    first = make_log(final_loss=3.2700, config={"num_iterations": 100, "run_id": "r1"})
+    for name in ("a.txt", "b.txt", "c.txt"):
+        write(folder / name, first)
+    write(folder / "d.txt", make_log(final_loss=3.2750, config={"num_iterations": 100, "run_id": "r1"}))
+    write(folder / "e.txt", make_log(final_loss=3.2760, config={"num_iterations": 100, "run_id": "r2"}))
+    code, out, err = run_compare(capsys, folder, "--json")
+    assert code == 0
+    assert err.splitlines() == [f"warning: {folder}: b.txt repeats a.txt (same content); c.txt repeats a.txt (same "
+                                f"content); d.txt repeats a.txt (same run id r1): each run is counted once"]
+    data = json.loads(out)
+    assert [os.path.basename(r["path"]) for r in data["runs"]] == ["a.txt", "e.txt"]
+    assert data["groups"][0]["n"] == 2 and data["groups"][0]["mean_val_loss"] == pytest.approx(3.2730, abs=1e-12)
+
+
+def test_logs_without_a_step_line_are_skipped_with_one_line(tmp_path, capsys):
+    """A run refused before its first step leaves a log with another config: it must not make the group 'mixed'."""
+    folder = write_group(tmp_path / "logs", [3.27, 3.28], [100.0, 101.0])
+    refused = make_log(config={"num_iterations": 7, "lr": 0.5}).split("\nstep:0/", 1)[0] + "\nstopping: data error: x\n"
+    write(folder / "refused.txt", refused)
+    code, out, err = run_compare(capsys, folder)
+    assert code == 0 and "refused.txt" not in out
+    assert err.splitlines() == [f"warning: {folder}: skipped 1 log(s) without a step line (refused.txt): a run that "
+                                f"stops before its first step (a config or data error: see its stopping: line) has "
+                                f"nothing to count"]
+    assert compare.analyse(compare.load_groups([str(folder)]))["groups"][0]["n"] == 2
+    code, _, err = run_compare(capsys, folder / "refused.txt")
+    assert code == 2 and err.splitlines() == [f"error: {folder / 'refused.txt'}: no step line: a run that stops before "
+                                              f"its first step (a config or data error: see its stopping: line) has "
+                                              f"nothing to count"]
 
 
 def test_all_runs_incomplete_gives_empty_statistics(tmp_path, capsys):

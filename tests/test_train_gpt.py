@@ -370,6 +370,20 @@ def test_too_few_val_tokens_is_refused(tmp_path):
     assert tg.load_val_tokens([str(val)], 999).size == 1000
 
 
+def test_too_few_val_tokens_names_the_largest_val_tokens_that_fits(tmp_path):
+    """8192 tokens cannot serve --val-tokens 8192 (8193 needed); the most whole 512-token sequences they
+    serve is 7680, and that, the rule behind it and the tokenizer flag that makes a fitting shard are named."""
+    val = write_shard(tmp_path / "v.bin", np.arange(8192))
+    with pytest.raises(tg.DataError) as refused:
+        tg.load_val_tokens([str(val)], 8192, seq_len=512)
+    assert str(refused.value) == (
+        f"val files ({val}) hold 8192 tokens; --val-tokens 8192 needs 8193 (one more: the last target): "
+        "use --val-tokens 7680 (the most they serve in whole --val-seq-len 512 sequences), rebuild the val shard "
+        f"with data/tokenize_corpus.py --val-tokens 8192, or {tg.FETCH_HINT}")
+    with pytest.raises(tg.DataError, match=r"less than one --val-seq-len 512 sequence and its target: lower --val-seq-len"):
+        tg.load_val_tokens([str(write_shard(tmp_path / "s.bin", np.arange(512)))], 512, seq_len=512)
+
+
 def test_trainer_cli_reports_bad_data_in_one_line(tmp_path):
     bad = write_shard(tmp_path / "x_val_000000.bin", np.arange(100), magic=7)
     result = run_trainer(tiny_args(tmp_path, "bad", "--val-files", str(bad)))
