@@ -81,7 +81,10 @@ def read_record(folder, target=compare.DEFAULT_TARGET):
     summary = compare.group_summary(folder, runs, target)
     _require(summary["n"] > 0, folder, "no complete run (no log has a validation line at step T/T)")
     refused = check_submission.refusals(folder)  # the rules of records/README.md: p, hardware, data, code
-    return {"folder": folder, "meta": meta, "stats": summary, "refused": refused}
+    entry = {"folder": folder, "meta": meta, "stats": summary, "refused": refused}
+    if "steps" in meta:  # a steps track: the evidence is every run's val loss at the claimed step
+        entry["steps"] = compare.steps_summary(folder, runs, target, at_step=meta["steps"])
+    return entry
 
 
 def read_tracks(root, target=compare.DEFAULT_TARGET):
@@ -90,9 +93,14 @@ def read_tracks(root, target=compare.DEFAULT_TARGET):
     for track in track_dirs(root):
         entries = [read_record(folder, target) for folder in record_dirs(track)]
         if entries:
-            entries.sort(key=lambda e: (e["meta"]["date"], e["meta"]["time_s"], os.path.basename(e["folder"])))
+            entries.sort(key=lambda e: (e["meta"]["date"], claimed_score(e["meta"]), os.path.basename(e["folder"])))
             tracks[os.path.basename(track)] = entries
     return tracks
+
+
+def claimed_score(meta):
+    """What a record claims: time_s on a time track, steps on a steps track (fewer is better on both)."""
+    return meta["steps"] if "steps" in meta else meta["time_s"]
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -119,11 +127,28 @@ def render_track(track, entries, base):
     return "\n".join(lines)
 
 
+def render_steps_track(track, entries, base):
+    """The Markdown table of a steps track (the optimizer benchmark): steps to the target and the z-rule evidence."""
+    lines = [f"### {track}", "",
+             "| # | Date | Steps | Evidence: mean val loss at that step | Description | Contributors | Record |",
+             "|--:|------|------:|--------------------------------------|-------------|--------------|--------|"]
+    for number, entry in enumerate(entries, 1):
+        meta, s = entry["meta"], entry["steps"]
+        rel = os.path.relpath(os.path.abspath(entry["folder"]), base).replace(os.sep, "/")
+        lines.append("| " + " | ".join([
+            str(number), meta["date"], str(meta["steps"]), f"{s['mean_val_loss']:.4f} (n={s['n']}, z={s['z']:.4f})",
+            _cell(meta["description"]), _cell(", ".join(meta["contributors"])),
+            f"[{os.path.basename(entry['folder'])}]({rel}/)",
+        ]) + " |")
+    return "\n".join(lines)
+
+
 def render_leaderboard(tracks, base):
     """Everything between the markers (without the markers); base as in render_track."""
     if not tracks:
         return NO_RECORDS
-    return "\n\n".join(render_track(name, entries, base) for name, entries in tracks.items())
+    return "\n\n".join((render_steps_track if "steps" in entries[0] else render_track)(name, entries, base)
+                       for name, entries in tracks.items())
 
 
 def splice(readme_text, body, readme_path):
