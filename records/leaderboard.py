@@ -110,35 +110,41 @@ def _cell(text):
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
+def time_scores(entry):
+    """A time track's score cells: the claimed time, the loss with the t-test's p, the logs' mean time."""
+    meta, s = entry["meta"], entry["stats"]
+    return [f"{meta['time_s']:.2f} s", f"{s['mean_val_loss']:.4f} (n={s['n']}, p={compare.fmt_p(s['p_value'])})",
+            f"{s['mean_train_time_s']:.2f} s"]
+
+
+def steps_scores(entry):
+    """A steps track's score cells (the optimizer benchmark): the claimed steps and the z-rule evidence at them."""
+    s = entry["steps"]
+    return [str(entry["meta"]["steps"]), f"{s['mean_val_loss']:.4f} (n={s['n']}, z={s['z']:.4f})"]
+
+
+# (header, right-aligned) of the score columns of each kind of track
+TIME_COLUMNS = [("Time", True), ("Mean val loss (complete runs)", False), ("Mean time in logs", True)]
+STEPS_COLUMNS = [("Steps", True), ("Evidence: mean val loss at that step", False)]
+
+
+def table_head(columns):
+    """A Markdown table's header and separator lines; right-aligned columns end their separator in ':'."""
+    return ["| " + " | ".join(name for name, _ in columns) + " |",
+            "|" + "|".join("-" * (len(name) + 1) + ":" if right else "-" * (len(name) + 2) for name, right in columns) + "|"]
+
+
 def render_track(track, entries, base):
     """The Markdown table of one track; links are relative to base (the README's folder)."""
-    lines = [f"### {track}", "",
-             "| # | Date | Time | Mean val loss (complete runs) | Mean time in logs | Description | Contributors | Record |",
-             "|--:|------|-----:|-------------------------------|------------------:|-------------|--------------|--------|"]
+    score_columns, scores = (STEPS_COLUMNS, steps_scores) if "steps" in entries[0] else (TIME_COLUMNS, time_scores)
+    columns = [("#", True), ("Date", False), *score_columns, ("Description", False), ("Contributors", False), ("Record", False)]
+    lines = [f"### {track}", "", *table_head(columns)]
     for number, entry in enumerate(entries, 1):
-        meta, s = entry["meta"], entry["stats"]
-        loss = f"{s['mean_val_loss']:.4f} (n={s['n']}, p={compare.fmt_p(s['p_value'])})"
+        meta = entry["meta"]
         rel = os.path.relpath(os.path.abspath(entry["folder"]), base).replace(os.sep, "/")
         lines.append("| " + " | ".join([
-            str(number), meta["date"], f"{meta['time_s']:.2f} s", loss,
-            f"{s['mean_train_time_s']:.2f} s", _cell(meta["description"]),
+            str(number), meta["date"], *scores(entry), _cell(meta["description"]),
             _cell(", ".join(meta["contributors"])), f"[{os.path.basename(entry['folder'])}]({rel}/)",
-        ]) + " |")
-    return "\n".join(lines)
-
-
-def render_steps_track(track, entries, base):
-    """The Markdown table of a steps track (the optimizer benchmark): steps to the target and the z-rule evidence."""
-    lines = [f"### {track}", "",
-             "| # | Date | Steps | Evidence: mean val loss at that step | Description | Contributors | Record |",
-             "|--:|------|------:|--------------------------------------|-------------|--------------|--------|"]
-    for number, entry in enumerate(entries, 1):
-        meta, s = entry["meta"], entry["steps"]
-        rel = os.path.relpath(os.path.abspath(entry["folder"]), base).replace(os.sep, "/")
-        lines.append("| " + " | ".join([
-            str(number), meta["date"], str(meta["steps"]), f"{s['mean_val_loss']:.4f} (n={s['n']}, z={s['z']:.4f})",
-            _cell(meta["description"]), _cell(", ".join(meta["contributors"])),
-            f"[{os.path.basename(entry['folder'])}]({rel}/)",
         ]) + " |")
     return "\n".join(lines)
 
@@ -147,8 +153,7 @@ def render_leaderboard(tracks, base):
     """Everything between the markers (without the markers); base as in render_track."""
     if not tracks:
         return NO_RECORDS
-    return "\n\n".join((render_steps_track if "steps" in entries[0] else render_track)(name, entries, base)
-                       for name, entries in tracks.items())
+    return "\n\n".join(render_track(name, entries, base) for name, entries in tracks.items())
 
 
 def splice(readme_text, body, readme_path):
