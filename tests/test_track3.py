@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,6 +142,36 @@ def test_validation_steps_thicken_in_the_last_tenth():
     assert steps[:3] == [0, 125, 250] and 2875 in steps and 2900 not in steps
     assert [s for s in steps if s > 2900][:3] == [2925, 2950, 2975] and steps[-1] == 3250
 
+
+# ----------------------------------------------------------------------------- data
+
+def write_shard(path, tokens):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (20240520, 1, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+
+
+def test_training_stream_is_the_public_order_on_any_world_size(tmp_path):
+    """Steps of 4 sequences of 8 tokens (32 + 1 tokens) from two shards of 3 x 32 + 1 tokens: as in the public
+    script, a shard is left when pos + 33 >= its length, so each gives 2 steps; 2 processes split each step."""
+    write_shard(tmp_path / "t_000.bin", range(97))
+    write_shard(tmp_path / "t_001.bin", range(1000, 1097))
+    cfg = t3.Config(train_files=str(tmp_path / "t_*.bin"), train_seq_len=8, batch_seqs=4, micro_batch_seqs=1)
+    device = torch.device("cpu")
+    one = t3.TrainBatches(cfg, 0, 1, device)
+    two = [t3.TrainBatches(cfg, rank, 2, device) for rank in (0, 1)]
+    firsts = []
+    for step in range(4):
+        batch = one.next_step(step)
+        split = two[0].next_step(step) + two[1].next_step(step)
+        assert len(batch) == 4 and all(torch.equal(a, b) for pair in zip(batch, split) for a, b in zip(*pair))
+        assert torch.equal(batch[0][1][0], batch[0][0][0] + 1)  # targets are the next tokens
+        firsts.append(int(batch[0][0][0, 0]))
+    assert firsts == [0, 32, 1000, 1032]
+    with pytest.raises(t3.DataError, match="the training data ran out at step 4"):
+        one.next_step(4)
 
 # ----------------------------------------------------------------------------- command line
 

@@ -405,7 +405,8 @@ def set_learning_rates(optimizers: list, step: int, cfg: Config):
 
 # -----------------------------------------------------------------------------
 # Data: .bin shards (256 x int32 header: magic, version, token count; then uint16 tokens). Each step reads the
-# next batch_seqs * seq_len + 1 tokens of the stream; a shard's remainder too short for a step is skipped.
+# next batch_seqs * seq_len + 1 tokens of the stream; a shard's remainder too short for a step is skipped. The order
+# is the public script's, so both train on the same tokens in every step.
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 FETCH_HINT = "fetch FineWeb with: python data/cached_fineweb10B.py 20"
@@ -454,7 +455,8 @@ class TrainBatches:
         self.file_index, self.tokens, self.pos = -1, np.zeros(0, dtype=np.uint16), 0
 
     def next_step(self, step: int) -> list:
-        while self.pos + self.step_tokens + 1 > len(self.tokens):
+        # '>=' as the public script: a shard's last step that would end exactly on its last token is skipped too
+        while self.pos + self.step_tokens + 1 >= len(self.tokens):
             self.file_index += 1
             if self.file_index == len(self.files):
                 raise DataError(f"the training data ran out at step {step} ({len(self.files)} shards of --train-files "
