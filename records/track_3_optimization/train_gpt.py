@@ -545,9 +545,9 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def new_run(model: GPT, cfg: Config, seed: int, world_size: int) -> list:
-    """Fresh weights for one run (the same on every process) and fresh optimizers."""
-    torch.manual_seed(seed)
+def new_run(model: GPT, cfg: Config, world_size: int) -> list:
+    """Fresh weights for one run, from its seed (the same on every process), and fresh optimizers."""
+    torch.manual_seed(cfg.seed)
     init_weights(model)
     if world_size > 1:
         for p in model.parameters():
@@ -558,24 +558,26 @@ def new_run(model: GPT, cfg: Config, seed: int, world_size: int) -> list:
 
 
 def warm_up(model: GPT, cfg: Config, val_batches: list, logger) -> None:
-    """Compile the training and validation graphs on one micro-batch each, off the clock; every run reuses them."""
+    """Compile the training and validation graphs on one micro-batch each, off the clock; every run reuses them
+    (each run starts from new weights and new optimizers, so what the warm-up leaves behind does not matter)."""
     start = time.perf_counter()
-    inputs, targets = val_batches[0]
-    model(inputs, targets).backward()
+    train_shape = (cfg.micro_batch_seqs, cfg.train_seq_len)
+    dummy = torch.zeros(train_shape, dtype=torch.int64, device=val_batches[0][0].device)
+    model(dummy, dummy).backward()
     with torch.no_grad():
         model.eval()
-        model(inputs, targets)
+        model(*val_batches[0])
         model.train()
     model.zero_grad(set_to_none=True)
-    synchronize(inputs.device)
+    synchronize(dummy.device)
     logger.log(f"compile_and_warmup: {time.perf_counter() - start:.1f}s (1 train and 1 val micro-batch, then reset; "
                f"reused by all {cfg.trials} runs)")
 
 
-def run_training(model: GPT, cfg: Config, seed: int, rank: int, world_size: int, device: torch.device,
-                 val_batches: list, logger) -> dict:
+def run_training(model: GPT, cfg: Config, rank: int, world_size: int, device: torch.device, val_batches: list,
+                 logger) -> dict:
     """One run: train_steps steps from fresh weights, with the clock stopped for validation."""
-    optimizers = new_run(model, cfg, seed, world_size)
+    optimizers = new_run(model, cfg, world_size)
     train = TrainBatches(cfg, rank, world_size, device)
     train_ms, stopped = 0.0, None
     synchronize(device)
@@ -702,7 +704,7 @@ def train_all_runs(cfg: Config, rank: int, world_size: int, device: torch.device
             log_header(logger, run_cfg, world_size, accumulation, device, trial)
             if trial == 0:
                 warm_up(model, cfg, val_batches, logger)
-            result = run_training(model, run_cfg, seed, rank, world_size, device, val_batches, logger)
+            result = run_training(model, run_cfg, rank, world_size, device, val_batches, logger)
             log_summary(logger, device)
             if cfg.save_model and rank == 0:
                 torch.save(model.state_dict(), os.path.join(cfg.log_dir, f"{run_id}.pt"))
