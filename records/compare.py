@@ -19,10 +19,17 @@ naming what differs: its statistics pool runs that are not repeats.
 group, on axes fitted to the data; the target line is drawn when it falls in
 the plotted loss range.
 
+Logs of the optimizer benchmark (records/track_3_optimization, a `track:` line)
+also get that track's figures: per group the scored step (--at-step, default
+the last), n, the mean val loss there and the z-rule (3.28 - mean) * sqrt(n)
+>= 0.004; for two groups (previous result first) the pairwise rule
+(loss_diff + step_diff / 100 * 0.0045) / sqrt(1/n1 + 1/n2) >= 0.004.
+
 Examples:
   python records/compare.py logs/baseline logs/new_idea
   python records/compare.py records/track_1_short/2026-11-24_X --json
   python records/compare.py logs/a logs/b --plot curves.png
+  python records/compare.py logs/previous_optimizer logs/my_optimizer --at-step 3200
 """
 
 import argparse
