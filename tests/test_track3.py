@@ -246,6 +246,9 @@ def test_two_processes_equal_one_and_trials_reuse_the_model(tmp_path, monkeypatc
             assert (w1[name] - w2[name]).norm() <= 1e-2 * w1[name].norm() + 1e-6, name
     seed0, seed1 = (torch.load(tmp_path / f"one-seed{seed}.pt") for seed in (0, 1))
     assert not torch.equal(seed0["blocks.0.attn.q.weight"], seed1["blocks.0.attn.q.weight"])  # two seeds, two runs
+    runs = [runlog.parse_log_file(tmp_path / f"one-seed{seed}.txt") for seed in (0, 1)]
+    summary = compare.steps_summary("one", runs)  # what records/compare.py reports for this folder
+    assert (summary["step"], summary["n"], summary["problems"]) == (3, 2, []) and not summary["z_holds"]
     text = (tmp_path / "one-seed1.txt").read_text()
     assert text.startswith(TRAINER.read_text()) and "trial: 2 of 2" in text and "track: track_3_optimization" in text
 
