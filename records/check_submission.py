@@ -52,14 +52,27 @@ class Track:
     val_files_name: str = "fineweb_val_*.bin"
     val_tokens: int = 10_485_760
     val_seq_len: int = 262_144  # record #28's; longer sequences cut fewer documents, so the length is fixed
+    # A steps track (the optimizer benchmark) scores steps, not time: any of world_sizes x one of gpu_models, the
+    # same GPU in every log, and the config values in fixed_config (model and batch) in every log.
+    score: str = "time"
+    world_sizes: tuple = ()
+    gpu_models: tuple = ()
+    fixed_config: tuple = ()
 
     @property
     def hardware(self):
+        if self.score == "steps":
+            sizes = ", ".join(map(str, self.world_sizes[:-1])) + f" or {self.world_sizes[-1]}"
+            return f"{sizes} x one GPU model, an {' or an '.join(self.gpu_models)}"
         return f"{self.world_size} x {self.gpu_model}"
 
 
 TRACKS = {
     "track_1_short": Track("track_1_short", gpu_model="H100 80GB", world_size=8),
+    "track_3_optimization": Track(
+        "track_3_optimization", gpu_model="", world_size=0, val_seq_len=1024, score="steps", world_sizes=(1, 2, 4, 8),
+        gpu_models=("A100", "H100"), fixed_config=(("num_layers", 12), ("model_dim", 768), ("head_dim", 128),
+                                                   ("vocab_size", 50304), ("batch_seqs", 512), ("train_seq_len", 1024))),
 }
 
 
@@ -136,7 +149,9 @@ def parse_record_json(folder):
     except ValueError:
         raise SubmissionError(f"{METADATA_FILE}: 'date' {date} is not a calendar date") from None
     time_s = meta.get("time_s")
-    if not (isinstance(time_s, (int, decimal.Decimal)) and not isinstance(time_s, bool) and time_s > 0):
+    if scores_steps(folder):
+        check_claimed_steps(meta)
+    elif not (isinstance(time_s, (int, decimal.Decimal)) and not isinstance(time_s, bool) and time_s > 0):
         raise SubmissionError(f"{METADATA_FILE}: 'time_s' must be a positive number of seconds")
     if not (isinstance(meta.get("description"), str) and meta["description"].strip()):
         raise SubmissionError(f"{METADATA_FILE}: 'description' must be a non-empty string")
@@ -145,9 +160,24 @@ def parse_record_json(folder):
         raise SubmissionError(f"{METADATA_FILE}: 'contributors' must be a non-empty list of names")
     if not (meta.get("commit") is None or isinstance(meta["commit"], str)):
         raise SubmissionError(f"{METADATA_FILE}: 'commit' must be a string when given")
+    if scores_steps(folder):
+        return meta, None
     time_text = str(time_s)
     meta["time_s"] = float(time_s)
     return meta, time_text
+
+
+def scores_steps(folder):
+    """Whether the folder is in a steps track (record.json claims `steps`, not `time_s`)."""
+    track = TRACKS.get(os.path.basename(os.path.dirname(os.path.abspath(folder))))
+    return track is not None and track.score == "steps"
+
+
+def check_claimed_steps(meta):
+    """A steps track's record.json claims `steps`: the step, the same for every run, whose val losses are the evidence."""
+    steps = meta.get("steps")
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps > 0):
+        raise SubmissionError(f"{METADATA_FILE}: 'steps' must be a positive whole number of steps")
 
 
 def folder_date_problem(folder, meta):
@@ -282,7 +312,8 @@ def rule_metadata(sub):
         return False, sub.meta_error
     meta = sub.meta
     same = " (= folder name)" if FOLDER_RE.match(sub.name) else ""
-    return True, (f"date {meta['date']}{same}, time_s {sub.time_text}, "
+    claim = f"steps {meta['steps']}" if "steps" in meta and sub.time_text is None else f"time_s {sub.time_text}"
+    return True, (f"date {meta['date']}{same}, {claim}, "
                   f"{len(meta['contributors'])} contributor(s), description {meta['description']!r}")
 
 
@@ -647,6 +678,72 @@ def rule_compiler_options(sub):
     return True, f"no compiler options or config in the source ({calls} torch.compile call(s), keywords only dynamic/fullgraph)"
 
 
+# ----------------------------------------------------------------------------- rules: a steps track
+
+def rule_one_gpu_kind(sub):
+    """Steps track: every log on 1, 2, 4 or 8 GPUs of one model, an A100 or an H100 (steps do not depend on speed)."""
+    missing = _need_track(sub) or _need_logs(sub)
+    if missing:
+        return missing
+    track = sub.track
+    gpus = _distinct(log.run.gpu for log in sub.logs)
+    ok = (len(gpus) == 1 and any(model in (gpus[0] or "") for model in track.gpu_models)
+          and all(log.run.world_size in track.world_sizes for log in sub.logs))
+    return ok, f"{', '.join(_distinct(_hardware_text(log.run) for log in sub.logs))} ({track.name} needs {track.hardware})"
+
+
+def rule_fixed_model(sub):
+    """Steps track: the baseline's model, vocabulary, batch and sequence length in every log's config line."""
+    missing = _need_track(sub) or _need_logs(sub)
+    if missing:
+        return missing
+    fixed = sub.track.fixed_config
+    bad = [f"{log.name}: {key} {(log.run.config or {}).get(key)!r}" for log in sub.logs for key, need in fixed
+           if (log.run.config or {}).get(key) != need]
+    needs = f"{sub.track.name} needs {', '.join(f'{key} {need}' for key, need in fixed)}"
+    if bad:
+        return False, f"{'; '.join(bad[:4])} ({needs})"
+    return True, f"the fixed model and batch in {len(sub.logs)} logs ({needs})"
+
+
+def rule_stopping_step(sub):
+    """Steps track: every run trained the same number of steps and none ended on its own (a run may not stop on its
+    val loss); each has a val loss at the claimed step (record.json `steps`), one step for all runs."""
+    missing = _need_logs(sub)
+    if missing:
+        return missing
+    claimed = (sub.meta or {}).get("steps")
+    if claimed is None:
+        return False, f"no claimed steps ({sub.meta_error or 'record.json has no steps'})"
+    lengths = _distinct(log.run.steps_total for log in sub.logs)
+    if len(lengths) > 1:
+        groups = "; ".join(f"{n} steps: {_names([l for l in sub.logs if l.run.steps_total == n])}" for n in lengths)
+        return False, f"runs stopped at different steps ({groups}): every run trains to the same step"
+    stopped = [log for log in sub.logs if not log.run.complete]
+    if stopped:
+        ends = "; ".join(f"{log.name} ended at step {log.run.last_step}/{log.run.steps_total} ({log.run.stopping})" for log in stopped[:3])
+        return False, f"{ends}: a run may not stop on its own (e.g. on its val loss): every run counts, to the same step"
+    unscored = [log for log in sub.logs if compare.loss_at_step(log.run, claimed) is None]
+    if unscored:
+        return False, f"claimed step {claimed}: no val loss there in {_names(unscored)} (runs of {lengths[0]} steps)"
+    earlier = " (an earlier step, the same for every run)" if claimed < lengths[0] else ""
+    return True, f"every run trained {lengths[0]} steps and is scored at step {claimed}{earlier}"
+
+
+def rule_z_statistics(sub):
+    """Steps track: the val losses at the claimed step pass (target - mean) * sqrt(n) >= 0.004."""
+    missing = _need_track(sub)
+    if missing:
+        return missing
+    claimed = (sub.meta or {}).get("steps")
+    summary = compare.steps_summary(sub.name, [log.run for log in sub.complete], sub.track.target, claimed)
+    need = f"needs (target {sub.track.target} - mean) * sqrt(n) >= {compare.Z_MARGIN}"
+    if claimed is None or not summary["n"]:
+        return False, f"no val losses at the claimed step {claimed} ({need})"
+    return summary["z_holds"], (f"mean val loss {summary['mean_val_loss']:.5f} at step {claimed} over n={summary['n']}: "
+                                f"z = {summary['z']:.5f} ({need})")
+
+
 # ----------------------------------------------------------------------------- running the rules
 
 RULES = [
@@ -665,10 +762,33 @@ RULES = [
     ("compiler options", rule_compiler_options),
     ("speed", rule_speed),
 ]
-RULE_FUNCTIONS = dict(RULES)
+# A steps track keeps these rules with the time rules dropped and hardware and statistics swapped for their steps
+# versions; the fixed model and the stopping step come before the statistics.
+TIME_ONLY_RULES = ("baseline hardware", "claimed time", "speed")
+STEPS_VERSIONS = {"hardware": rule_one_gpu_kind, "statistics": rule_z_statistics}
+
+
+def steps_track_rules(rules):
+    steps_rules = []
+    for name, function in rules:
+        if name == "statistics":
+            steps_rules += [("fixed model", rule_fixed_model), ("stopping step", rule_stopping_step)]
+        if name not in TIME_ONLY_RULES:
+            steps_rules.append((name, STEPS_VERSIONS.get(name, function)))
+    return steps_rules
+
+
+STEPS_TRACK_RULES = steps_track_rules(RULES)
+RULE_FUNCTIONS = dict(STEPS_TRACK_RULES + RULES)  # every rule name; the time track's function where both have one
+
+
+def rules_of(track):
+    return STEPS_TRACK_RULES if track is not None and track.score == "steps" else RULES
+
 
 # The rules leaderboard.py applies to every published record: static, no subprocess, no baseline history.
-LEADERBOARD_RULES = ["hardware", "data shards", "val tokens", "val sequences", "statistics", "compiler options"]
+LEADERBOARD_RULES = ["hardware", "data shards", "val tokens", "val sequences", "fixed model", "stopping step",
+                     "statistics", "compiler options"]
 
 
 def apply_rule(function, sub):
@@ -681,8 +801,8 @@ def apply_rule(function, sub):
 
 
 def check(sub, names=None):
-    """[(rule name, ok, figure)] for the named rules (default: all), in RULES order."""
-    chosen = [(name, fn) for name, fn in RULES if names is None or name in names]
+    """[(rule name, ok, figure)] for the named rules (default: all) of the folder's track, in their order."""
+    chosen = [(name, fn) for name, fn in rules_of(sub.track) if names is None or name in names]
     return [(name, *apply_rule(fn, sub)) for name, fn in chosen]
 
 

@@ -22,10 +22,17 @@ runs that are not repeats.
 group, on axes fitted to the data; the target line is drawn when it falls in
 the plotted loss range.
 
+Logs of the optimizer benchmark (records/track_3_optimization, a `track:` line)
+also get that track's figures: per group the scored step (--at-step, default
+the last), n, the mean val loss there and the z-rule (3.28 - mean) * sqrt(n)
+>= 0.004; for two groups (previous result first) the pairwise rule
+(loss_diff + step_diff / 100 * 0.0045) / sqrt(1/n1 + 1/n2) >= 0.004.
+
 Examples:
   python records/compare.py logs/baseline logs/new_idea
   python records/compare.py records/track_1_short/2026-11-24_X --json
   python records/compare.py logs/a logs/b --plot curves.png
+  python records/compare.py logs/previous_optimizer logs/my_optimizer --at-step 3200
 """
 
 import argparse
@@ -297,6 +304,90 @@ def json_ready(value):
     return value
 
 
+# ----------------------------------------------------------------------------- the optimizer track: steps, not time
+
+# records/track_3_optimization (see its README): the score is a step count, the evidence a z-rule with a fixed
+# sigma instead of a t-test, and two results compare through a loss-per-step exchange rate.
+STEPS_TRACK = "track_3_optimization"
+Z_MARGIN = 0.004             # 3.09 sigma (p < .001, one-sided) of a run-to-run sigma of 0.0013
+LOSS_PER_100_STEPS = 0.0045  # result #12 shortened by 200 steps lost 0.0091 of val loss
+ROUNDING = 1e-12             # so that a mean exactly on the line passes, as the rules' >= says
+
+
+def z_evidence(mean_loss, n, target=DEFAULT_TARGET):
+    """(target - mean loss) * sqrt(n): at least Z_MARGIN is evidence that the mean is below the target."""
+    return (target - mean_loss) * math.sqrt(n)
+
+
+def z_rule_holds(mean_loss, n, target=DEFAULT_TARGET):
+    return z_evidence(mean_loss, n, target) >= Z_MARGIN - ROUNDING
+
+
+def pairwise_evidence(mean_old, steps_old, n_old, mean_new, steps_new, n_new):
+    """(loss_diff + step_diff / 100 * 0.0045) / sqrt(1/n1 + 1/n2), both differences old minus new: the new result's
+    lower loss plus the loss its saved steps are worth. At least Z_MARGIN: the new result is better."""
+    step_worth = (steps_old - steps_new) / 100 * LOSS_PER_100_STEPS
+    return ((mean_old - mean_new) + step_worth) / math.sqrt(1 / n_old + 1 / n_new)
+
+
+def is_steps_track(runs):
+    return bool(runs) and all(run.track == STEPS_TRACK for run in runs)
+
+
+def loss_at_step(run, step):
+    """The run's val loss at step (None when it has no val line there)."""
+    return next((p.val_loss for p in run.val_points if p.step == step), None)
+
+
+def steps_summary(name, runs, target=DEFAULT_TARGET, at_step=None):
+    """A steps-track group scored at one step for every run: at_step, or the runs' common last step. Runs trained
+    for different numbers of steps, or without a val loss at that step, are named in `problems`."""
+    lengths = sorted({run.steps_total for run in runs if run.steps_total is not None})
+    step = at_step if at_step is not None else (lengths[0] if len(lengths) == 1 else None)
+    problems = [] if len(lengths) <= 1 else [f"{name}: its runs trained for different numbers of steps "
+                                             f"({', '.join(map(str, lengths))}): score them at one step with --at-step"]
+    losses = [loss_at_step(run, step) for run in runs] if step is not None else []
+    problems += [f"{run.path}: no val loss at step {step}" for run, loss in zip(runs, losses) if loss is None]
+    losses = [loss for loss in losses if loss is not None]
+    mean = stats.mean(losses)
+    z = None if mean is None else z_evidence(mean, len(losses), target)
+    return {"name": name, "step": step, "n": len(losses), "mean_val_loss": mean, "z": z,
+            "z_holds": z is not None and z_rule_holds(mean, len(losses), target), "problems": problems}
+
+
+def steps_comparison(old, new):
+    """The pairwise rule, group 1 the previous result and group 2 the new one."""
+    if not (old["n"] and new["n"] and old["step"] is not None and new["step"] is not None):
+        return {"first": old["name"], "second": new["name"], "value": None, "holds": False}
+    value = pairwise_evidence(old["mean_val_loss"], old["step"], old["n"], new["mean_val_loss"], new["step"], new["n"])
+    return {"first": old["name"], "second": new["name"], "step_diff": old["step"] - new["step"],
+            "loss_diff": old["mean_val_loss"] - new["mean_val_loss"], "value": value, "holds": value >= Z_MARGIN - ROUNDING}
+
+
+def add_steps_track(result, groups, target=DEFAULT_TARGET, at_step=None):
+    """Add the steps-track figures to an analyse() result when every group's runs come from that track."""
+    if not all(is_steps_track(runs) for _, runs in groups):
+        return result
+    result["steps"] = [steps_summary(name, runs, target, at_step) for name, runs in groups]
+    if len(groups) == 2:
+        result["steps_comparison"] = steps_comparison(*result["steps"])
+    return result
+
+
+def steps_lines(result):
+    """The steps-track figures as text: one line per group, then the pairwise rule."""
+    lines = [f"Steps track ({STEPS_TRACK}): z = (target - mean loss) * sqrt(n), evidence needs z >= {Z_MARGIN}"]
+    for g in result["steps"]:
+        lines.append(f"  {g['name']}: step {fmt(g['step'], 'd')}, n = {g['n']}, mean val loss {fmt(g['mean_val_loss'], '.5f')}, "
+                     f"z = {fmt(g['z'], '.5f')} ({'holds' if g['z_holds'] else 'does not hold'})")
+    c = result.get("steps_comparison")
+    if c and c["value"] is not None:
+        lines.append(f"  pairwise, {c['second']} against {c['first']}: (loss diff {c['loss_diff']:+.5f} + step diff "
+                     f"{c['step_diff']:+d} / 100 * {LOSS_PER_100_STEPS}) / sqrt(1/n1 + 1/n2) = {c['value']:.5f} "
+                     f"({'holds' if c['holds'] else 'does not hold'}: needs >= {Z_MARGIN})")
+    return lines
+
+
 # ----------------------------------------------------------------------------- text output
 
 def fmt(value, spec, unit="", missing="n/a"):
@@ -391,12 +482,15 @@ def render_text(result):
                    "one source"], group_rows(result["groups"]))]
     if "comparison" in result:
         out += [""] + comparison_lines(result["comparison"])
+    if "steps" in result:
+        out += [""] + steps_lines(result)
     return "\n".join(out)
 
 
 def warning_lines(result):
     """Every group's warnings, as 'warning: ...' lines (printed to stderr, after the report)."""
-    return [f"warning: {w}" for g in result["groups"] for w in g["warnings"]]
+    lines = [f"warning: {w}" for g in result["groups"] for w in g["warnings"]]
+    return lines + [f"warning: {problem}" for g in result.get("steps", []) for problem in g["problems"]]
 
 
 # ----------------------------------------------------------------------------- plot
@@ -508,6 +602,8 @@ def build_parser():
                         help="a log file (group of one) or a folder of logs (one group)")
     parser.add_argument("--target", type=float, default=DEFAULT_TARGET,
                         help=f"val loss a record must beat on average (default {DEFAULT_TARGET})")
+    parser.add_argument("--at-step", type=int, metavar="S",
+                        help=f"{STEPS_TRACK} logs: score every run at its val loss of step S (default: the last step)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw val loss against train time (needs matplotlib)")
     return parser
@@ -519,7 +615,8 @@ def main(argv=None):
     notes = []  # logs left out or counted once: said on stderr with the warnings
     try:
         plt = require_matplotlib() if args.plot else None
-        result = analyse(load_groups(args.paths, notes), target=args.target)
+        groups = load_groups(args.paths, notes)
+        result = add_steps_track(analyse(groups, target=args.target), groups, args.target, args.at_step)
         if args.plot:
             plot_curves(result, args.plot, plt)
     except (CompareError, OSError) as error:

@@ -81,8 +81,11 @@ def read_record(folder, target=compare.DEFAULT_TARGET):
     summary = compare.group_summary(folder, runs, target)
     _require(summary["n"] > 0, folder, "no complete run (no log has a validation line at step T/T)")
     refused = check_submission.refusals(folder)  # the rules of records/README.md: p, hardware, data, code
-    return {"folder": folder, "meta": meta, "stats": summary, "refused": refused,
-            "note": compare.skipped_note(folder, stepless) if stepless else None}
+    entry = {"folder": folder, "meta": meta, "stats": summary, "refused": refused,
+             "note": compare.skipped_note(folder, stepless) if stepless else None}
+    if "steps" in meta:  # a steps track: the evidence is every run's val loss at the claimed step
+        entry["steps"] = compare.steps_summary(folder, runs, target, at_step=meta["steps"])
+    return entry
 
 
 def read_tracks(root, target=compare.DEFAULT_TARGET):
@@ -91,9 +94,14 @@ def read_tracks(root, target=compare.DEFAULT_TARGET):
     for track in track_dirs(root):
         entries = [read_record(folder, target) for folder in record_dirs(track)]
         if entries:
-            entries.sort(key=lambda e: (e["meta"]["date"], e["meta"]["time_s"], os.path.basename(e["folder"])))
+            entries.sort(key=lambda e: (e["meta"]["date"], claimed_score(e["meta"]), os.path.basename(e["folder"])))
             tracks[os.path.basename(track)] = entries
     return tracks
+
+
+def claimed_score(meta):
+    """What a record claims: time_s on a time track, steps on a steps track (fewer is better on both)."""
+    return meta["steps"] if "steps" in meta else meta["time_s"]
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -103,18 +111,40 @@ def _cell(text):
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
+def time_scores(entry):
+    """A time track's score cells: the claimed time, the loss with the t-test's p, the logs' mean time."""
+    meta, s = entry["meta"], entry["stats"]
+    return [f"{meta['time_s']:.2f} s", f"{s['mean_val_loss']:.4f} (n={s['n']}, p={compare.fmt_p(s['p_value'])})",
+            f"{s['mean_train_time_s']:.2f} s"]
+
+
+def steps_scores(entry):
+    """A steps track's score cells (the optimizer benchmark): the claimed steps and the z-rule evidence at them."""
+    s = entry["steps"]
+    return [str(entry["meta"]["steps"]), f"{s['mean_val_loss']:.4f} (n={s['n']}, z={s['z']:.4f})"]
+
+
+# (header, right-aligned) of the score columns of each kind of track
+TIME_COLUMNS = [("Time", True), ("Mean val loss (complete runs)", False), ("Mean time in logs", True)]
+STEPS_COLUMNS = [("Steps", True), ("Evidence: mean val loss at that step", False)]
+
+
+def table_head(columns):
+    """A Markdown table's header and separator lines; right-aligned columns end their separator in ':'."""
+    return ["| " + " | ".join(name for name, _ in columns) + " |",
+            "|" + "|".join("-" * (len(name) + 1) + ":" if right else "-" * (len(name) + 2) for name, right in columns) + "|"]
+
+
 def render_track(track, entries, base):
     """The Markdown table of one track; links are relative to base (the README's folder)."""
-    lines = [f"### {track}", "",
-             "| # | Date | Time | Mean val loss (complete runs) | Mean time in logs | Description | Contributors | Record |",
-             "|--:|------|-----:|-------------------------------|------------------:|-------------|--------------|--------|"]
+    score_columns, scores = (STEPS_COLUMNS, steps_scores) if "steps" in entries[0] else (TIME_COLUMNS, time_scores)
+    columns = [("#", True), ("Date", False), *score_columns, ("Description", False), ("Contributors", False), ("Record", False)]
+    lines = [f"### {track}", "", *table_head(columns)]
     for number, entry in enumerate(entries, 1):
-        meta, s = entry["meta"], entry["stats"]
-        loss = f"{s['mean_val_loss']:.4f} (n={s['n']}, p={compare.fmt_p(s['p_value'])})"
+        meta = entry["meta"]
         rel = os.path.relpath(os.path.abspath(entry["folder"]), base).replace(os.sep, "/")
         lines.append("| " + " | ".join([
-            str(number), meta["date"], f"{meta['time_s']:.2f} s", loss,
-            f"{s['mean_train_time_s']:.2f} s", _cell(meta["description"]),
+            str(number), meta["date"], *scores(entry), _cell(meta["description"]),
             _cell(", ".join(meta["contributors"])), f"[{os.path.basename(entry['folder'])}]({rel}/)",
         ]) + " |")
     return "\n".join(lines)

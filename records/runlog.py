@@ -31,7 +31,7 @@ _TORCH_RE = re.compile(r"^Running PyTorch (\S+)", re.IGNORECASE)
 _TRITON_RE = re.compile(r"^Running Triton version (\S+)", re.IGNORECASE)
 # A GPU row of the nvidia-smi table: "|   0  NVIDIA H100 80GB HBM3   On  |   00000000:19:00.0 Off |".
 _SMI_GPU_RE = re.compile(r"^\|\s*(\d+)\s+(.+?)\s+(?:On|Off)\s*\|\s*[0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.\d")
-_HEADER_RE = re.compile(r"^(world_size|grad_accum_steps|gpu|config|launch_to_first_step|compile_and_warmup|mfu):\s*(.*?)\s*$")
+_HEADER_RE = re.compile(r"^(track|world_size|grad_accum_steps|gpu|config|launch_to_first_step|compile_and_warmup|mfu):\s*(.*?)\s*$")
 _MEMORY_RE = re.compile(r"^peak memory allocated:\s*(\d+(?:\.\d+)?)\s*MiB(?:\s+reserved:\s*(\d+(?:\.\d+)?)\s*MiB)?")
 
 # Units a train_time / step_avg value may carry, as factors to milliseconds. A bare number is not
@@ -58,6 +58,7 @@ class RunLog:
     path: str
     source_hash: str = None
     content_hash: str = None  # of the whole text: two files with the same hash are one run copied
+    track: str = None  # the `track:` line of a track's own trainer (track_3_optimization); None for the main trainer
     python: str = None
     torch: str = None
     triton: str = None
@@ -157,7 +158,9 @@ def parse_step_line(line):
 
 def _apply_header(run, key, value):
     """Store one of our own header lines (world_size:, gpu:, config:, ...) on the run."""
-    if key == "world_size" and value.isdigit():
+    if key == "track" and value:
+        run.track = value
+    elif key == "world_size" and value.isdigit():
         run.world_size = int(value)
     elif key == "grad_accum_steps" and value.isdigit():
         run.grad_accum_steps = int(value)

@@ -156,6 +156,55 @@ def make_submission(root, name="2026-11-24_Example", track="track_1_short", *, l
     return folder
 
 
+# ----------------------------------------------------------------------------- the steps track (track_3_optimization)
+
+A100 = "NVIDIA A100-SXM4-80GB"
+STEPS_CONFIG = {"train_files": "data/fineweb10B/fineweb_train_*.bin", "val_files": "data/fineweb10B/fineweb_val_*.bin",
+                "val_tokens": 10_485_760, "val_seq_len": 1024, "train_seq_len": 1024, "batch_seqs": 512,
+                "num_layers": 12, "model_dim": 768, "head_dim": 128, "vocab_size": 50304, "train_steps": 3250, "seed": 0}
+STEPS_LOSSES = (3.2770, 3.2778, 3.2772, 3.2776)  # mean 3.2774 over n=4: z = 0.0026 * 2 = 0.0052
+
+
+def steps_val_loss(step, steps, final_loss):
+    """A val curve ending at final_loss that gains 0.0045 per 100 steps near the end (the README's exchange rate)."""
+    return final_loss + 0.0045 * (steps - step) / 100 if step >= 0.9 * steps else 3.3 + 7.5 * (1 - step / steps)
+
+
+def make_steps_log(source=SCRIPT, final_loss=3.2774, steps=3250, gpu=H100, world_size=8, config=None, stopping=None):
+    """A log as records/track_3_optimization/train_gpt.py writes it (val lines only): a `track:` line, validation
+    every 125 steps and every 25 in the last tenth; stopping=k ends it with a stopping: line after step k."""
+    config = dict(STEPS_CONFIG, **(config or {}), train_steps=steps)
+    lines = [source + "\n" + SEP, "Running Python 3.12.7", "Running PyTorch 2.11.0+cu130 compiled for CUDA 13.0",
+             *smi_table(gpu, world_size), SEP, "track: track_3_optimization", f"world_size: {world_size}",
+             f"grad_accum_steps: {8 // world_size}", f"gpu: {gpu}", "config: " + json.dumps(config, separators=(",", ":"))]
+    for step in range(0, (stopping or steps) + 1):
+        if step == steps or step % (25 if step >= 0.9 * steps else 125) == 0:
+            ms = 120 * step
+            lines.append(f"step:{step}/{steps} val_loss:{steps_val_loss(step, steps, final_loss):.5f} train_time:{ms}ms "
+                         f"step_avg:{ms / max(step, 1):.2f}ms")
+    if stopping is not None:
+        lines.append(f"stopping: val loss below 3.28 at step {stopping}")
+    return "\n".join(lines + ["peak memory allocated: 60000 MiB reserved: 70000 MiB"]) + "\n"
+
+
+def make_steps_submission(root, name="2026-12-02_Example", *, losses=STEPS_LOSSES, steps=3250, claimed=None,
+                          gpu=H100, world_size=8, config=None, extra_logs=None):
+    """A track_3_optimization folder whose every rule passes unless an argument breaks one; claimed: record.json's
+    steps (default: steps, the runs' last step)."""
+    folder = Path(root) / "track_3_optimization" / name
+    for index, loss in enumerate(losses):
+        run_config = {"seed": index, "run_id": f"run{index}", **(config or {})}  # separate runs, not copies of one
+        write(folder / f"run{index}.txt", make_steps_log(SCRIPT, loss, steps, gpu=gpu, world_size=world_size, config=run_config))
+    for file_name, text in (extra_logs or {}).items():
+        write(folder / file_name, text)
+    write(folder / "train_gpt.py", SCRIPT)
+    record = {"date": name[:10], "steps": claimed or steps, "description": "Fixture: a better optimizer",
+              "contributors": ["Test Person"]}
+    write(folder / "record.json", json.dumps(record, indent=2) + "\n")
+    write(folder / "README.md", "# Fixture result\n\nSynthetic logs for the tests of the steps track.\n")
+    return folder
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python tests/submission_fixtures.py OUT_DIR")

@@ -20,7 +20,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from records import check_submission, leaderboard  # noqa: E402
-from submission_fixtures import SCRIPT, TIMES_MS, make_log, make_refused_log, make_submission, write  # noqa: E402
+from submission_fixtures import (A100, SCRIPT, TIMES_MS, make_log, make_refused_log, make_steps_log,  # noqa: E402
+                                 make_steps_submission, make_submission, write)
 
 PASSING = REPO / "tests" / "fixtures" / "submissions" / "track_1_short" / "2026-11-24_Example"
 README_TEMPLATE = f"# Records\n\n{leaderboard.START_MARKER}\nold table\n{leaderboard.END_MARKER}\n"
@@ -158,8 +159,8 @@ def test_unknown_track_fails_the_folder_and_the_track_rules(tmp_path, capsys):
     folder = make_submission(tmp_path, track="track_9_laptop")
     code, results, _ = run_check(capsys, folder)
     assert code == 1
-    assert results["folder"] == ("FAIL", "parent 'track_9_laptop' is not a track (track_1_short)")
-    assert results["hardware"] == ("FAIL", "unknown track 'track_9_laptop' (known: track_1_short)")
+    assert results["folder"] == ("FAIL", "parent 'track_9_laptop' is not a track (track_1_short, track_3_optimization)")
+    assert results["hardware"] == ("FAIL", "unknown track 'track_9_laptop' (known: track_1_short, track_3_optimization)")
 
 
 @pytest.mark.parametrize("text, mean, ok", [
@@ -296,6 +297,88 @@ def test_leaderboard_and_check_share_the_rule_functions():
     assert set(check_submission.LEADERBOARD_RULES) <= set(check_submission.RULE_FUNCTIONS)
     assert {"hardware", "statistics", "data shards", "val tokens", "val sequences"} <= set(check_submission.LEADERBOARD_RULES)
     assert leaderboard.check_submission is check_submission
+
+
+# ----------------------------------------------------------------------------- the steps track (track_3_optimization)
+
+STEPS_RULES = [name for name, _ in check_submission.STEPS_TRACK_RULES]
+
+
+def test_steps_track_submission_passes_its_rules_with_their_figures(tmp_path, capsys):
+    code, results, lines = run_check(capsys, make_steps_submission(tmp_path))
+    assert code == 0, "\n".join(lines)
+    assert list(results) == STEPS_RULES
+    assert {"baseline hardware", "claimed time", "speed"}.isdisjoint(results)  # no clock in a steps track
+    assert STEPS_RULES.index("fixed model") < STEPS_RULES.index("stopping step") < STEPS_RULES.index("statistics")
+    # 3.2770, 3.2778, 3.2772, 3.2776: mean 3.2774, z = (3.28 - 3.2774) * sqrt(4) = 0.0052
+    assert results["statistics"][1].startswith("mean val loss 3.27740 at step 3250 over n=4: z = 0.00520")
+    assert results["stopping step"][1] == "every run trained 3250 steps and is scored at step 3250"
+    assert results["record.json"][1].startswith("date 2026-12-02 (= folder name), steps 3250,")
+    assert "1, 2, 4 or 8 x one GPU model, an A100 or an H100" in results["hardware"][1]
+
+
+def test_steps_track_may_score_every_run_at_one_earlier_step(tmp_path, capsys):
+    """The public rule: validate every 25 steps near the end and take a step, the same for all runs."""
+    folder = make_steps_submission(tmp_path, losses=(3.2700, 3.2710, 3.2705, 3.2705), claimed=3150)
+    code, results, lines = run_check(capsys, folder)
+    assert code == 0, "\n".join(lines)
+    # each run is 0.0045 higher 100 steps earlier: mean 3.2705 + 0.0045 = 3.2750, z = 0.005 * 2 = 0.01
+    assert results["statistics"][1].startswith("mean val loss 3.27500 at step 3150 over n=4: z = 0.01000")
+    assert results["stopping step"][1].endswith("scored at step 3150 (an earlier step, the same for every run)")
+
+
+BROKEN_STEPS = {
+    "runs stopped at different steps": (dict(extra_logs={"run4.txt": make_steps_log(final_loss=3.2770, steps=3200)}),
+                                        {"stopping step"}, "runs stopped at different steps (3250 steps: run0.txt"),
+    "a run stopped on its val loss": (dict(extra_logs={"run4.txt": make_steps_log(stopping=3200)}), {"stopping step"},
+                                      "run4.txt ended at step 3200/3250 (val loss below 3.28 at step 3200): a run may not stop"),
+    "claimed step not validated": (dict(claimed=3240), {"stopping step", "statistics"},
+                                   "claimed step 3240: no val loss there in run0.txt, run1.txt, run2.txt and 1 more"),
+    "z-rule fails": (dict(losses=(3.2790, 3.2785, 3.2780, 3.2785)), {"statistics"},
+                     "mean val loss 3.27850 at step 3250 over n=4: z = 0.00300"),
+    "two GPU models": (dict(extra_logs={"run4.txt": make_steps_log(gpu=A100, world_size=4)}), {"hardware"},
+                       "8 x NVIDIA H100 80GB HBM3, 4 x NVIDIA A100-SXM4-80GB"),
+    "3 GPUs": (dict(world_size=3), {"hardware"}, "3 x NVIDIA H100 80GB HBM3"),
+    "a wider model": (dict(config={"model_dim": 1024}), {"fixed model"}, "run0.txt: model_dim 1024"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_STEPS))
+def test_each_broken_steps_rule_fails_with_its_own_line(tmp_path, capsys, case):
+    kwargs, rules, figure = BROKEN_STEPS[case]
+    code, results, lines = run_check(capsys, make_steps_submission(tmp_path, **kwargs))
+    assert code == 1
+    assert failed(results) == rules, "\n".join(lines)
+    first = sorted(rules, key=STEPS_RULES.index)[0]
+    assert figure in results[first][1], results[first][1]
+
+
+def test_steps_record_json_claims_steps_not_time(tmp_path, capsys):
+    folder = make_steps_submission(tmp_path)
+    (folder / "record.json").write_text(json.dumps({"date": "2026-12-02", "time_s": 150.25, "description": "x",
+                                                    "contributors": ["A"]}))
+    code, results, _ = run_check(capsys, folder)
+    assert code == 1 and failed(results) == {"record.json", "stopping step", "statistics"}
+    assert results["record.json"][1] == "record.json: 'steps' must be a positive whole number of steps"
+
+
+def test_track3_trainer_source_runs_and_sets_no_compiler_option():
+    """The real records/track_3_optimization/train_gpt.py, as its logs embed it: --help in a temporary folder."""
+    source = (REPO / "records" / "track_3_optimization" / "train_gpt.py").read_text(encoding="utf-8")
+    assert check_submission.compiler_option_violations(source) == []
+    ok, figure = check_submission.source_help(source)
+    assert ok and figure.startswith("`train_gpt.py --help` exits 0 (usage: train_gpt.py"), figure
+
+def test_leaderboard_publishes_a_steps_record_and_refuses_a_self_stopped_one(tmp_path, capsys):
+    readme = write(tmp_path / "README.md", README_TEMPLATE)
+    make_steps_submission(tmp_path, "2026-12-02_Good")
+    assert leaderboard.main(["--root", str(tmp_path)]) == 0, capsys.readouterr().err
+    text = readme.read_text()
+    assert "### track_3_optimization" in text and "| 1 | 2026-12-02 | 3250 | 3.2774 (n=4, z=0.0052) |" in text
+    make_steps_submission(tmp_path, "2026-12-03_Stopped", extra_logs={"run4.txt": make_steps_log(stopping=3200)})
+    assert leaderboard.main(["--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "refused: " in err and "2026-12-03_Stopped: stopping step: run4.txt ended at step 3200/3250" in err
 
 
 # ----------------------------------------------------------------------------- CI files

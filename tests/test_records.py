@@ -20,6 +20,7 @@ if str(REPO) not in sys.path:  # `pytest` without `python -m` does not put the r
     sys.path.insert(0, str(REPO))
 
 from records import compare, leaderboard, runlog, stats  # noqa: E402
+from submission_fixtures import make_steps_log  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures" / "records"
 SEP = "=" * 100
@@ -865,3 +866,43 @@ def test_plot_of_cpu_losses_is_not_clipped_by_the_target(tmp_path):
     assert not target_drawn(ax)
     assert "outside" in ax.get_title()
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the steps track (track_3_optimization)
+
+def write_steps_group(folder, losses, steps):
+    for index, loss in enumerate(losses):
+        config = {"seed": index, "run_id": f"{Path(folder).name}-{index}"}  # separate runs, not copies of one
+        write(Path(folder) / f"run{index}.txt", make_steps_log(final_loss=loss, steps=steps, config=config))
+    return Path(folder)
+
+
+def test_steps_track_folders_get_the_z_rule_and_the_pairwise_rule(tmp_path, capsys):
+    """The public README's #13 (3210 steps, 3.2785, n=10) against #11 (3225 steps, 3.2785, n=16): 0.00167."""
+    old = write_steps_group(tmp_path / "r11", [3.2785] * 16, 3225)
+    new = write_steps_group(tmp_path / "r13", [3.2780, 3.2790] * 5, 3210)
+    code, out, err = run_compare(capsys, old, new, "--json")
+    assert code == 0 and err == ""
+    result = json.loads(out)
+    first, second = result["steps"]
+    assert (first["step"], first["n"], second["step"], second["n"]) == (3225, 16, 3210, 10)
+    assert first["z"] == pytest.approx(0.0015 * 4) and first["z_holds"]
+    assert second["z"] == pytest.approx(0.0015 * 10 ** 0.5) and second["z_holds"]  # 0.00474
+    pair = result["steps_comparison"]
+    assert pair["step_diff"] == 15 and pair["value"] == pytest.approx(0.000675 / (1 / 16 + 1 / 10) ** 0.5) and not pair["holds"]
+    code, out, _ = run_compare(capsys, old, new)
+    assert f"{tmp_path / 'r11'}: step 3225, n = 16, mean val loss 3.27850, z = 0.00600 (holds)" in out
+    assert "step diff +15 / 100 * 0.0045) / sqrt(1/n1 + 1/n2) = 0.00167 (does not hold: needs >= 0.004)" in out
+
+
+def test_steps_track_scores_one_earlier_step_and_warns_on_mixed_lengths(tmp_path, capsys):
+    folder = write_steps_group(tmp_path / "g", [3.2760, 3.2770], 3250)
+    code, out, _ = run_compare(capsys, folder, "--at-step", "3150")
+    # 100 steps before the end each run is 0.0045 higher: mean 3.2810, z = -0.001 * sqrt 2
+    assert code == 0 and "step 3150, n = 2, mean val loss 3.28100, z = -0.00141 (does not hold)" in out
+    write(folder / "run9.txt", make_steps_log(steps=3200))
+    code, out, err = run_compare(capsys, folder)
+    assert "its runs trained for different numbers of steps (3200, 3250): score them at one step with --at-step" in err
+    assert "Steps track" in out and "step n/a, n = 0" in out
+    plain = write_group(tmp_path / "main", [3.2790, 3.2785], [150.0, 151.0])
+    assert "Steps track" not in run_compare(capsys, plain)[1]  # main-track logs have no track: line
