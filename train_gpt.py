@@ -1911,16 +1911,18 @@ class DistributedAdam(GradientReduction):
 
     # -- the tied embedding (2026): one tensor trained as the head until the split step
 
-    def tie(self, head: Tensor, embed: Tensor):
-        """Train embed as the head's transpose: its gradient is added to the head's before the head's reduction
-        (the head's unit waits for both), only the head is updated, and embed copies it after each step."""
+    def tie(self, head: Tensor, embed: Tensor, embed_has_grad: bool = True):
+        """Train embed as the head's transpose: only the head is updated, and embed copies it after each step.
+        embed_has_grad: a model that uses embed itself has its gradient added to the head's before the head's
+        reduction (the head's unit waits for both); GPT looks its tokens up in the head's own matrix while tied, so
+        embed gets no gradient and the head's reduction starts as soon as the head's gradient is final."""
         head_unit, embed_unit = self.entry_of(head), self.entry_of(embed)
         as_shape_of(head, embed.shape)  # refuses shapes that cannot tie
         if self.entries[head_unit]["pack"] is not None or self.entries[embed_unit]["pack"] is not None:
             raise ValueError("cannot tie tensors small enough to share the packed all-reduce")
         self.tied = (head_unit, embed_unit)
         self.unit_of[id(embed)] = head_unit
-        self.unit_sizes[head_unit] = 2
+        self.unit_sizes[head_unit] = 2 if embed_has_grad else 1
 
     def _fold_embed_grad(self):
         head, embed = (self.entries[i]["param"] for i in self.tied)
@@ -2074,7 +2076,7 @@ def build_optimizers(model: GPT, cfg: Config, comm: Comm) -> Optimizers:
     split_step = embed_split_step(cfg)
     if split_step >= 0:  # tied from the start
         params = dict(model.named_parameters())
-        adam.tie(params[HEAD], params[EMBED])
+        adam.tie(params[HEAD], params[EMBED], embed_has_grad=not isinstance(model, GPT))  # GPT.embedding_table
     adam.accepting = is_adam_step(0, cfg)
     return Optimizers(adam, muon, hooks, cfg.adam_odd_steps_only, split_step)
 

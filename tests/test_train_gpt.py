@@ -12,8 +12,6 @@ import pytest
 pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 import torch
-import torch.nn.functional as F
-from torch.nn.attention.flex_attention import flex_attention
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -61,10 +59,11 @@ def matrix_with_spectrum(rows, cols, singular_values, seed=0):
     return u @ s @ v.T
 
 
-@pytest.mark.parametrize("method, band", [("polar_express", (0.83, 1.16)), ("ns5", (0.45, 1.22))])
+@pytest.mark.parametrize("method, band", [("polar_express", (0.83, 1.16)), ("polar_express_2026", (0.83, 1.22))])
 @pytest.mark.parametrize("shape", [(16, 64), (64, 16), (32, 32)])
 def test_orthogonalize_maps_singular_values_into_the_promised_band(method, band, shape):
-    # Normalized singular values down to ~5e-3: Polar Express promises [0.847, 1.141], NS5 [0.471, 1.202] (+ bf16).
+    # Normalized singular values down to ~5e-3: Polar Express promises [0.847, 1.141] with its safety factor, a
+    # little more above without it (the 2026 script's undivided steps), plus bf16.
     grads = matrix_with_spectrum(*shape, torch.logspace(-2, 0, min(shape)))
     singular = torch.linalg.svdvals(tg.orthogonalize(grads, method).float())
     assert band[0] <= singular.min().item() and singular.max().item() <= band[1]
@@ -90,7 +89,7 @@ def test_muon_step_is_the_scaled_orthogonalized_nesterov_momentum(shape, lr_scal
     # Oracle: W <- W - lr * sqrt(max(1, rows / cols)) * orth(g.lerp(buf, mu)), buf <- buf.lerp(g, 1 - mu)
     torch.manual_seed(0)
     param = torch.nn.Parameter(torch.randn(shape))
-    muon = tg.DistributedMuon([(param, 0.1 * tg.muon_shape_factor(shape))], orthogonalizer="ns5", comm=tg.Comm())
+    muon = tg.DistributedMuon([(param, 0.1 * tg.muon_shape_factor(shape), shape[-2:], 0.0)], "polar_express_2026", tg.Comm())
     start, buf = param.detach().clone(), torch.zeros(shape)
     for step, momentum in enumerate([0.0, 0.9]):
         grad = torch.randn(shape)
@@ -98,42 +97,20 @@ def test_muon_step_is_the_scaled_orthogonalized_nesterov_momentum(shape, lr_scal
         muon.reduce_gradients()
         muon.step(lr_mult=0.5, momentum=momentum)
         buf = buf.lerp(grad, 1 - momentum)
-        expected_update = tg.orthogonalize(grad.lerp(buf, momentum), "ns5").float() * 0.1 * 0.5 * lr_scale
+        expected_update = tg.orthogonalize(grad.lerp(buf, momentum)).float() * 0.1 * 0.5 * lr_scale
         torch.testing.assert_close(start - param.detach(), expected_update, atol=1e-5, rtol=1e-4)
         start = param.detach().clone()
 
 
-def test_normuon_evens_out_rows_and_keeps_the_update_norm():
-    torch.manual_seed(0)
-    shape = (48, 16)
-    plain, normed = (torch.nn.Parameter(torch.randn(shape)) for _ in range(2))
-    with torch.no_grad():
-        normed.copy_(plain)
-    start = plain.detach().clone()
-    muons = [tg.DistributedMuon([(p, 0.1)], orthogonalizer="polar_express", comm=tg.Comm(), normuon_beta2=beta2)
-             for p, beta2 in ((plain, 0.0), (normed, 0.95))]
-    grad = torch.randn(shape) * torch.logspace(-1, 1, shape[0])[:, None]  # rows of very different scale
-    for p, muon in zip((plain, normed), muons):
-        p.grad = grad.clone()
-        muon.reduce_gradients()
-        muon.step(1.0, 0.0)
-    plain_update, normed_update = start - plain.detach(), start - normed.detach()
-    row_norms = normed_update.norm(dim=1)
-    assert (row_norms.max() / row_norms.min()).item() < 1.0001  # every row takes the same step
-    plain_rows = plain_update.norm(dim=1)
-    assert (plain_rows.max() / plain_rows.min()).item() > 1.05  # which plain Muon does not do here
-    assert normed_update.norm().item() == pytest.approx(plain_update.norm().item(), rel=1e-5)
-
-
 @pytest.mark.parametrize("grad_scale", [1.0, 1e-10])
-def test_adam_is_record_28s_adam(grad_scale):
-    # Oracle, record #28's form: m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2;
+def test_adam_is_the_speedruns_adam(grad_scale):
+    # Oracle, the speedrun's form (no decay here): m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2;
     # W <- W - lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps). Gradients near eps tell it apart from
     # torch.optim.Adam, which adds eps after the bias correction of sqrt(v).
     torch.manual_seed(0)
     betas, eps = (0.8, 0.95), 1e-10
     ours = [torch.nn.Parameter(torch.randn(300, 7, dtype=torch.float64)), torch.nn.Parameter(torch.randn(5, dtype=torch.float64))]
-    adam = tg.DistributedAdam([(ours[0], 0.01), (ours[1], 0.05)], betas, eps, tg.Comm())
+    adam = tg.DistributedAdam([(ours[0], 0.01, betas, 0.0), (ours[1], 0.05, betas, 0.0)], eps, tg.Comm())
     expected = [p.detach().clone() for p in ours]
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in expected]
     for t in range(1, 6):
@@ -154,9 +131,10 @@ def test_adam_is_record_28s_adam(grad_scale):
 
 
 def test_rotary_rotates_pairs_so_scores_depend_on_relative_position():
-    rotary = tg.Rotary(head_dim=16, max_seq_len=64)
+    rotary = tg.Rotary(head_dim=16, max_positions=64)
     q, k = torch.randn(1, 1, 1, 16).expand(1, 64, 1, 16), torch.randn(1, 1, 1, 16).expand(1, 64, 1, 16)
-    rq, rk = rotary(q), rotary(k)
+    rope = rotary.cos[None, :, None], rotary.sin[None, :, None]
+    rq, rk = tg.rotate(q, *rope), tg.rotate(k, *rope)
     torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1))  # a rotation keeps norms
     scores = (rq[0, :, 0] @ rk[0, :, 0].T)  # scores[m, n] = <rot(q, m), rot(k, n)>
     torch.testing.assert_close(scores[10, 3], scores[40, 33])  # same offset m - n = 7, same score
@@ -173,7 +151,7 @@ def test_polar_express_safety_divides_all_but_the_last_step():
 
 
 # -----------------------------------------------------------------------------
-# Attention masks: FlexAttention (GPU path) and the dense SDPA fallback (CPU path) agree
+# Attention: FlexAttention (GPU path) and the dense SDPA fallback (CPU path) agree (the masks: test_model_2026)
 
 
 def token_stream(length, doc_starts):
@@ -182,53 +160,19 @@ def token_stream(length, doc_starts):
     return ids
 
 
-def test_dense_mask_follows_documents_causality_and_block_window():
-    ids = token_stream(512, [0, 100, 300])
-    mask = tg.dense_attention_mask(ids, window_blocks=2)
-    assert mask[150, 120] and not mask[150, 99]  # same document only
-    assert not mask[120, 150]  # causal
-    assert mask[299, 299] and not mask[300, 299]  # a new document starts at its <|endoftext|>
-    # window of 2 blocks: query block 3 sees key blocks 2 and 3 only (both inside the third document)
-    assert mask[400, 300] and mask[400, 256 + 44] and not mask[511, 255]
-    assert mask.diagonal().all()
-
-
-@pytest.mark.parametrize("window_blocks", [1, 2, 3, 8])
-def test_flex_block_mask_matches_dense_fallback(window_blocks):
-    ids = token_stream(768, [0, 5, 130, 131, 400, 640])
-    q, k, v = (torch.randn(1, 2, 768, 32, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    flex = flex_attention(q, k, v, block_mask=tg.flex_block_mask(ids, window_blocks), scale=0.12)
-    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=tg.dense_attention_mask(ids, window_blocks), scale=0.12)
-    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("window_blocks", [1, 2, 3, 8])
-def test_flex_block_structure_skips_exactly_the_invisible_blocks(window_blocks):
-    # Compiled FlexAttention computes only listed blocks and skips mask_mod on full ones: both lists must be exact.
-    ids = token_stream(768, [0, 5, 130, 131, 400, 640])
-    dense = tg.dense_attention_mask(ids, window_blocks).view(6, 128, 6, 128)
-    block_mask = tg.flex_block_mask(ids, window_blocks)
-    listed = block_mask.to_dense()[0, 0].bool()
-    full = torch.zeros(6, 6, dtype=torch.bool)
-    for q_block in range(6):
-        count = block_mask.full_kv_num_blocks[0, 0, q_block]
-        full[q_block, block_mask.full_kv_indices[0, 0, q_block, :count].long()] = True
-    assert torch.equal(listed, dense.any(dim=(1, 3)))
-    assert torch.equal(full, dense.all(dim=(1, 3)))
-
-
 def test_model_loss_same_with_flex_and_dense_attention():
-    cfg = tg.parse_config(["--preset", "tiny", "--num-layers", "2", "--num-value-embeds", "1", "--long-window-layers", "0"])
+    cfg = tg.parse_config(["--preset", "tiny"])  # paired heads, key offset, value embeddings: every mask kind
     torch.manual_seed(0)
     model = tg.GPT(cfg, 512)
     with torch.no_grad():  # zero-init projections would hide attention from the loss
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     ids = token_stream(513, [0, 50, 200, 420])
+    schedule = tg.schedule_at(30, cfg)
     with torch.no_grad():  # FlexAttention has no CPU backward
-        dense_loss = model(ids[:-1], ids[1:], 2)
+        dense_loss = model(ids[:-1], ids[1:], schedule)
         model.use_flex = True
-        flex_loss = model(ids[:-1], ids[1:], 2)
+        flex_loss = model(ids[:-1], ids[1:], schedule)
     assert dense_loss.item() == pytest.approx(flex_loss.item(), rel=1e-5)
 
 
@@ -254,90 +198,54 @@ def test_fp8_head_matches_bf16_head(device):
     w = (torch.randn(1024, 768, device=device) * 0.02).requires_grad_()
     targets = torch.randint(0, 1024, (256,), device=device)
     results = []
-    for scales in (None, tg.fp8_head_scales(tg.parse_config(["--preset", "r28"]), 1)):  # bf16 path, then FP8
-        loss = tg.head_loss(x, w, targets, 30.0, scales)
+    for scales in (None, tg.fp8_head_scales(tg.Config(), 1)):  # bf16 path, then FP8
+        loss = tg.head_loss(x, w, targets, 23.0, scales, logit_shift=5.0, logit_div=7.5)
         loss.backward()
         results.append((loss.item(), x.grad.float().clone(), w.grad.clone()))
         x.grad = w.grad = None
     (loss_bf16, gx_bf16, gw_bf16), (loss_fp8, gx_fp8, gw_fp8) = results
     assert loss_fp8 == pytest.approx(loss_bf16, rel=2e-3)
     for fp8, bf16 in [(gx_fp8, gx_bf16), (gw_fp8, gw_bf16)]:
-        assert 1e-4 < ((fp8 - bf16).norm() / bf16.norm()).item() < 0.06  # FP8 rounding, not another function
+        # FP8 rounding, not another function: the record's input scale 100/448 puts rms-normed inputs near 4.5 in
+        # e4m3, whose 3 mantissa bits round them by a few %
+        assert 1e-4 < ((fp8 - bf16).norm() / bf16.norm()).item() < 0.08
 
 
 def test_regional_compile_matches_eager_and_reuses_code_across_layers():
     # 8 layers of 3 kinds (attention with value embeddings, attention alone, MLP only): compile work must
     # grow with the kinds, not the layers, which is what keeps launch-to-first-step short on the GPU.
     from torch._dynamo.utils import counters
-    cfg = tg.parse_config(["--preset", "tiny", "--num-layers", "8", "--no-attn-layers", "3",
-                           "--long-window-layers", "0,7", "--train-seq-len", "256"])
+    cfg = tg.parse_config(["--preset", "tiny", "--num-layers", "8", "--no-attn-layers", "3", "--long-window-layers", "0,7",
+                           "--paired-head-layers", "", "--value-embed-layers", "1,6", "--skip-connection", "",
+                           "--backout-layer", "-1", "--no-key-offset", "--val-seq-len", "256"])
+    schedule = tg.schedule_at(0, cfg)
     torch.manual_seed(0)
     model = tg.GPT(cfg, 256)
+    with torch.no_grad():  # zero-init projections would leave the lambdas' gradients at rounding noise
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
     if fp8_runs_on("cpu"):  # the FP8 head's custom op inside the compiled head, as on Hopper
         model.fp8_scales = tg.fp8_head_scales(cfg, 1)
     ids = token_stream(257, [0, 90, 200])
-    eager = model(ids[:-1], ids[1:], 2)
+    eager = model(ids[:-1], ids[1:], schedule)
     eager.backward()
-    eager_grads = [p.grad.clone() for p in model.parameters()]
+    eager_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]  # (tied: embed.weight has none)
     model.zero_grad()
     torch._dynamo.reset()
     counters.clear()
     model.compile_regions()
-    compiled = model(ids[:-1], ids[1:], 2)
+    compiled = model(ids[:-1], ids[1:], schedule)
     compiled.backward()
     assert compiled.item() == pytest.approx(eager.item(), rel=1e-4)
-    for p, g in zip(model.parameters(), eager_grads):
-        torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-3)
+    for p, g in zip([p for p in model.parameters() if p.grad is not None], eager_grads, strict=True):
+        # inductor sums in another order: a few of the head's 6.4M entries land 0.4% apart, the whole stays close
+        assert ((p.grad - g).norm() / g.norm()).item() < 1e-3
     # 3 kinds of block, layer 0 (its input is x0 itself: aliased inputs compile apart), the head
     assert counters["stats"]["unique_graphs"] <= 5
 
 
 # -----------------------------------------------------------------------------
 # Data: the loader and every bad-data case
-
-
-def test_loader_windows_start_at_document_boundaries(tmp_path):
-    tokens = np.random.default_rng(0).integers(0, 50000, 20_000)
-    starts = np.sort(np.random.default_rng(1).choice(20_000, 60, replace=False))
-    tokens[starts] = tg.EOT_TOKEN
-    shard = write_shard(tmp_path / "t_train_000001.bin", tokens)
-    loader = tg.TrainLoader([str(shard)], 256, 0, 1, torch.device("cpu"))
-    for _ in range(20):
-        (inputs, targets), = loader.next_batch(1)
-        assert inputs[0].item() == tg.EOT_TOKEN and inputs.numel() == targets.numel() == 256
-        assert torch.equal(inputs[1:], targets[:-1].int()) and targets.dtype == torch.int64
-    loader.close()
-
-
-def test_loader_gives_every_world_size_the_same_windows(tmp_path):
-    tokens = np.random.default_rng(0).integers(0, 50000, 30_000)
-    tokens[np.random.default_rng(1).choice(30_000, 80, replace=False)] = tg.EOT_TOKEN
-    tokens[0] = tg.EOT_TOKEN
-    shard = str(write_shard(tmp_path / "t_train_000001.bin", tokens))
-    single = tg.TrainLoader([shard], 256, 0, 1, torch.device("cpu"))
-    ranks = [tg.TrainLoader([shard], 256, r, 2, torch.device("cpu")) for r in range(2)]
-    for _ in range(5):  # a step of 4 sequences: 1 process x 4 accumulation = 2 processes x 2
-        one = single.next_batch(4)
-        two = [loader.next_batch(2) for loader in ranks]
-        interleaved = [two[r][a] for a in range(2) for r in range(2)]
-        for (x1, y1), (x2, y2) in zip(one, interleaved):
-            assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    for loader in [single, *ranks]:
-        loader.close()
-
-
-def test_loader_follows_the_stream_and_cycles(tmp_path):
-    # documents of 100 tokens: each 150-token window starts at the first boundary after the previous one ends
-    tokens = np.arange(1000)
-    tokens[::100] = tg.EOT_TOKEN
-    shard = str(write_shard(tmp_path / "t_train_000001.bin", tokens))
-    loader = tg.TrainLoader([shard], 150, 0, 1, torch.device("cpu"))
-    starts = []
-    for _ in range(6):
-        (inputs, _), = loader.next_batch(1)
-        starts.append(int(np.flatnonzero((np.lib.stride_tricks.sliding_window_view(tokens, 150) == inputs.numpy()).all(1))[0]))
-    assert starts == [0, 200, 400, 600, 800, 0] and loader.passes == 1
-    loader.close()
 
 
 def test_missing_folder_and_empty_glob_name_the_fix(tmp_path):
@@ -403,7 +311,8 @@ def test_help_lists_every_flag_with_its_default():
     text = " ".join(result.stdout.split())
     for f in tg.dataclasses.fields(tg.Config):
         assert "--" + f.name.replace("_", "-") in text
-    assert "(default: 393216)" in text and "(default: 'polar_express_2026')" in text and "(default: 0,480,960,1440)" in text
+    assert "(default: 131072,262144,393216,393216)" in text and "(default: 'polar_express_2026')" in text
+    assert "(default: 0,480,960,1440)" in text and "(default: 1.0,0.5,0.25/1.0,0.5/1.0/1.0)" in text  # the flag's syntax
 
 
 def test_unknown_flag_and_impossible_values_are_refused_in_one_line(tmp_path):
@@ -420,14 +329,9 @@ def test_world_sizes_the_batch_cannot_divide_are_refused():
     assert [tg.check_config(record, w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
     with pytest.raises(tg.ConfigError, match=r"stage 0: world size 16 x --stage-seq-len 16384 = 262144 tokens does not divide"):
         tg.check_config(record, 16)
-    assert tg.check_config(tg.dataclasses.replace(record, stage_seq_len=(8192, 16384, 24576, 24576), train_seq_len=24576), 16) == 1
-    cfg = tg.parse_config(["--preset", "r28"])
-    assert [tg.check_config(cfg, w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
-    with pytest.raises(tg.ConfigError, match=r"world size 16 x --train-seq-len 49152 = 786432 tokens does not divide"):
-        tg.check_config(cfg, 16)
-    assert tg.check_config(tg.dataclasses.replace(cfg, train_seq_len=24576), 16) == 1
-    with pytest.raises(tg.ConfigError, match=r"world size 3 .* does not divide"):
-        tg.check_config(cfg, 3)
+    assert tg.check_config(tg.dataclasses.replace(record, stage_seq_len=(8192, 16384, 24576, 24576)), 16) == 1
+    with pytest.raises(tg.ConfigError, match=r"world size 3 .* does not divide .* divides its 8 sequences"):
+        tg.check_config(record, 3)
 
 
 def test_cuda_device_without_cuda_points_to_the_cpu_preset(tmp_path):
@@ -446,17 +350,6 @@ def test_import_starts_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_r28_schedules():
-    cfg = tg.parse_config(["--preset", "r28"])
-    assert tg.lr_multiplier(0, cfg) == 1.0 and tg.lr_multiplier(932, cfg) == 1.0  # flat for 55%
-    assert tg.lr_multiplier(cfg.train_steps, cfg) == pytest.approx(0.1)
-    assert tg.lr_multiplier(1695 - 381, cfg) == pytest.approx(0.5 + 0.5 * 0.1, abs=2e-3)  # half-way down
-    assert tg.muon_momentum(0, cfg) == 0.85 and tg.muon_momentum(150, cfg) == pytest.approx(0.90)
-    assert tg.muon_momentum(5000, cfg) == 0.95
-    assert tg.window_blocks(0, cfg) == 1 and tg.window_blocks(cfg.train_steps, cfg) == 1792 // 128
-    assert tg.window_blocks(878, cfg) == 7 and tg.window_blocks(879, cfg) == 8  # #28: 1728 x progress = 895.1 and 896.1 tokens, rounded up
-
-
 # -----------------------------------------------------------------------------
 # The distributed optimizer: 2 gloo processes = 1 process, uneven counts included
 
@@ -472,8 +365,8 @@ def _optimizer_worker(rank, world_size, port, out_dir):
                    torch.nn.Parameter(torch.randn(16, 48))]
     adam_params = [torch.nn.Parameter(torch.randn(1024, 70)), torch.nn.Parameter(torch.randn(5, 3))]
     comm = tg.Comm(rank, world_size)
-    muon = tg.DistributedMuon([(p, 0.05) for p in muon_params], orthogonalizer="polar_express", comm=comm)
-    adam = tg.DistributedAdam([(adam_params[0], 0.01), (adam_params[1], 0.02)], (0.8, 0.95), 1e-10, comm)
+    muon = tg.DistributedMuon([(p, 0.05, p.shape[-2:], 0.0) for p in muon_params], "polar_express", comm)
+    adam = tg.DistributedAdam([(adam_params[0], 0.01, (0.8, 0.95), 0.0), (adam_params[1], 0.02, (0.8, 0.95), 0.0)], 1e-10, comm)
     reduced = []
     for step in range(3):
         g = torch.Generator().manual_seed(100 + step)
@@ -495,22 +388,26 @@ def _optimizer_worker(rank, world_size, port, out_dir):
 def _overlap_worker(rank, world_size, port, out_dir):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    cfg = tg.parse_config(["--preset", "tiny", "--num-layers", "2", "--num-value-embeds", "1", "--long-window-layers", "0"])
+    cfg = tg.parse_config(["--preset", "tiny", "--num-layers", "2", "--no-attn-layers", "", "--long-window-layers", "0",
+                           "--paired-head-layers", "", "--value-embed-layers", "0", "--skip-connection", "",
+                           "--backout-layer", "-1"])
     torch.manual_seed(0)
     model = tg.GPT(cfg, 512)
     opt = tg.build_optimizers(model, cfg, tg.Comm(rank, world_size))
+    opt.adam.accepting = True  # as before an odd step: Adam steps after it, so its hooks start reductions too
     ids = token_stream(1025, [0, 300, 700])[rank * 512: rank * 512 + 513]
     launched = []
     for armed in (False, True):  # two accumulation steps: only the last one's gradients are final
         opt.hooks.armed = armed
-        model(ids[:-1], ids[1:], 2).backward()
+        model(ids[:-1], ids[1:], tg.schedule_at(1, cfg)).backward()
         launched.append((sum(opt.adam.launched), sum(opt.muon.launched)))
     opt.hooks.armed = False
     opt.adam.reduce_gradients()
     opt.muon.reduce_gradients()
     opt.adam.step(1.0)
     opt.muon.step(1.0, 0.9)
-    counts = (len(opt.adam.entries), len(opt.muon.groups))
+    # every unit but the tied embedding's, which has no gradient of its own (its tokens read the head's matrix)
+    counts = (len(opt.adam.entries) - (opt.adam.tied is not None), len(opt.muon.groups))
     torch.save({"launched": launched, "counts": counts}, os.path.join(out_dir, f"overlap_r{rank}.pt"))
     opt.close()
     dist.destroy_process_group()
@@ -558,30 +455,19 @@ def test_distributed_optimizer_two_processes_equal_one(tmp_path):
 # End-to-end runs of the trainer on the committed sample
 
 
-def test_two_processes_equal_one_process_with_accumulation(tmp_path):
-    steps = ["--train-steps", "4", "--val-every", "2"]
-    one = run_trainer(tiny_args(tmp_path, "one", *steps, "--save-model", str(tmp_path / "one.pt")))
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = run_trainer(tiny_args(tmp_path, "two", *steps, "--save-model", str(tmp_path / "two.pt")), nproc=2)
-    assert two.returncode == 0, two.stderr[-2000:]
-    log_one, log_two = parse_log_file(tmp_path / "logs/one.txt"), parse_log_file(tmp_path / "logs/two.txt")
-    assert (log_one.world_size, log_one.grad_accum_steps, log_two.world_size, log_two.grad_accum_steps) == (1, 2, 2, 1)
-    losses_one = [p.val_loss for p in log_one.val_points]
-    losses_two = [p.val_loss for p in log_two.val_points]
-    assert len(losses_one) == 3 and losses_one == pytest.approx(losses_two, abs=2e-3)
-    assert losses_one[-1] < losses_one[0] - 0.5
-    w1, w2 = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    assert w1.keys() == w2.keys()
-    for name in w1:
-        # Summation order differs, so bf16 rounding in Muon differs by ~1e-3; Adam at the embeddings' LR (0.6) turns
-        # the sign of a few near-zero gradient entries into +-0.6 steps: allow those, nothing systematic.
-        diff = (w2[name] - w1[name]).abs()
-        assert (diff > 1e-2).float().mean().item() < 1e-3, name
-        assert diff.norm().item() <= 0.1 * w1[name].norm().item() + 1e-6, name
+def squeezed(steps):
+    """The tiny preset's schedule squeezed into `steps` steps: three equal stages, then a 1-step extension."""
+    third = (steps - 1) // 3
+    return ["--train-steps", str(steps), "--stage-steps", f"0,{third},{2 * third},{steps - 1}", "--extension-steps", "1",
+            "--muon-momentum-warmup-steps", "1", "--muon-momentum-cooldown-steps", "1"]
+
+
+FOUR_STEPS = squeezed(4)  # every stage, the split at step 3, the extension
 
 
 def test_warmup_then_reset_leaves_no_trace(tmp_path):
-    base = ["--train-steps", "3", "--val-every", "0"]
+    # the warm-up steps are 0-3 (those around every stage start): every stage's shapes, the split, then the reset
+    base = [*FOUR_STEPS, "--val-every", "0"]
     cold = run_trainer(tiny_args(tmp_path, "cold", *base, "--warmup-steps", "0"))
     warm = run_trainer(tiny_args(tmp_path, "warm", *base, "--warmup-steps", "2"))
     assert cold.returncode == 0 and warm.returncode == 0, warm.stderr[-2000:]
@@ -595,8 +481,8 @@ def test_non_finite_loss_stops_the_run_with_a_clear_line(tmp_path, monkeypatch):
     # third training forward pass on, the head's loss is NaN (validation passes are left alone).
     real_head_loss, train_calls = tg.head_loss, []
 
-    def head_loss_diverging(x, head_w, targets, logit_cap, fp8_scales):
-        loss = real_head_loss(x, head_w, targets, logit_cap, fp8_scales)
+    def head_loss_diverging(x, head_w, targets, logit_cap, fp8_scales, **options):
+        loss = real_head_loss(x, head_w, targets, logit_cap, fp8_scales, **options)
         if torch.is_grad_enabled():
             train_calls.append(1)
             if len(train_calls) >= 3:
@@ -604,7 +490,7 @@ def test_non_finite_loss_stops_the_run_with_a_clear_line(tmp_path, monkeypatch):
         return loss
 
     monkeypatch.setattr(tg, "head_loss", head_loss_diverging)
-    assert tg.main(tiny_args(tmp_path, "nan", "--train-steps", "10", "--val-every", "0")) == 1
+    assert tg.main(tiny_args(tmp_path, "nan", *squeezed(10), "--val-every", "0")) == 1
     log = parse_log_file(tmp_path / "logs/nan.txt")
     assert log.stopping is not None and log.stopping.startswith("non-finite train loss at step")
     assert not log.complete
@@ -619,7 +505,7 @@ def test_tiny_run_learns_and_writes_a_complete_log(tmp_path):
     assert text.startswith(source) and text[len(source):].startswith("\n" + "=" * 100 + "\n")
     log = parse_log_file(tmp_path / "logs/tiny.txt")
     assert log.complete and log.steps_total == 50 and [p.step for p in log.val_points] == [0, 25, 50]
-    assert log.val_points[0].val_loss == pytest.approx(np.log(50304), abs=1e-3)  # zero-init head: uniform
+    assert log.val_points[0].val_loss == pytest.approx(np.log(50304), abs=0.01)  # a small random head: near uniform
     assert log.final_val_loss < log.val_points[0].val_loss - 3.0
     assert log.gpu == "cpu" and log.world_size == 1 and log.config["train_steps"] == 50
     assert log.peak_memory_mib > 0 and log.train_time_ms > 0
