@@ -2,7 +2,7 @@
 accumulation steps differ, and across the split step where the embedding parts from the head.
 
 The trainer's main() runs in this process and in 2 spawned gloo processes with torchrun's environment, as
-test_train_gpt's #28 check runs the command line with python and torchrun: the same code from main() on."""
+a user runs the command line with python and torchrun: the same code from main() on."""
 
 import os
 import sys
@@ -39,9 +39,7 @@ def r2026_small_args(log_dir: Path, run_id: str) -> list:
             "--stage-steps", ",".join(map(str, STAGE_STEPS)),
             "--stage-batch-tokens", ",".join(map(str, batch_tokens)),
             "--stage-seq-len", ",".join(map(str, STAGE_SEQ_LEN)), "--stage-max-doc-len", "64,128,128,128",
-            "--train-batch-tokens", str(batch_tokens[0]), "--train-seq-len", str(STAGE_SEQ_LEN[0]),
-            # (--num-value-embeds is replaced by --value-embed-layers, but still checked against 4 layers)
-            "--num-layers", "4", "--model-dim", "32", "--num-heads", "2", "--head-dim", "16", "--num-value-embeds", "2",
+            "--num-layers", "4", "--model-dim", "32", "--num-heads", "2", "--head-dim", "16",
             "--paired-head-layers", "0", "--no-attn-layers", "2", "--long-window-layers", "1,3",
             "--value-embed-layers", "0,3", "--skip-connection", "1,2", "--backout-layer", "2",
             "--bigram-rows", "1000", "--bigram-dim", "16",
