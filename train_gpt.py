@@ -2783,8 +2783,10 @@ def load_optimizer_state(opt: Optimizers, state: dict, comm: Comm):
             own.copy_(padded[group.own])
     for e, saved in zip(opt.adam.entries, state["adam"]):
         for name, whole in saved.items():
-            rows = e[name].size(0)
-            e[name].copy_(whole[comm.rank * rows : (comm.rank + 1) * rows] if e["sharded"] else whole)
+            if e["sharded"]:
+                rows = e[name].size(0)
+                whole = whole[comm.rank * rows : (comm.rank + 1) * rows]
+            e[name].copy_(whole)  # (a replicated entry may be a 0-d scalar: the smear, skip, backout lambdas)
     opt.adam.step_count = state["adam_step_count"]
 
 
@@ -2839,7 +2841,10 @@ def restore_checkpoint(path: str, model: GPT, opt: Optimizers, loader: TrainLoad
                         f"resume with the same settings")
     with torch.no_grad():
         model.load_state_dict({k: v.to(device) for k, v in state["model"].items()})
+    if opt.adam.tied is not None and state["step"] > opt.split_step:
+        opt.adam.untie()  # a checkpoint after the split: the two train apart (their moments come next)
     load_optimizer_state(opt, state["optimizer"], comm)
+    opt.adam.accepting = is_adam_step(state["step"], cfg)
     loader.load_state(state["loader"])
     torch.set_rng_state(state["rng"]["cpu"])
     if device.type == "cuda" and "cuda" in state["rng"]:
