@@ -1314,12 +1314,12 @@ def softcapped_ce_op():
 def softcapped_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor | None, cap: float, shift: float,
                              div: float) -> Tensor:
     """The Triton path of head_loss after its matmul: the summed (weighted multi-token) cross-entropy of
-    cap*sigmoid((logits + shift)/(div or cap/4)); weights None: next-token only."""
+    cap*sigmoid((logits + shift)/div); weights None: next-token only."""
     if weights is None:
         weights = torch.ones(1, dtype=torch.float32, device=logits.device)
     if not torch.compiler.is_compiling():
         softcapped_ce_op()  # registers the op on first use (register_kernel_ops does before compiling)
-    return torch.ops.speedrun_gpt.softcapped_ce(logits, targets, weights.float(), cap, shift, div or cap / 4)[0].sum()
+    return torch.ops.speedrun_gpt.softcapped_ce(logits, targets, weights.float(), cap, shift, div)[0].sum()
 
 
 def symmetric_matmul(x: Tensor, alpha: float = 1.0, beta: float = 0.0, add_input: bool = False) -> Tensor:

@@ -58,7 +58,7 @@ def ce_case(rows, vocab, dtype, seed=0):
 
 
 # cap, shift, div: #28 (div 0 means cap/4) and 2026
-SOFTCAPS = [(30.0, 0.0, 0.0), (23.0, 5.0, 7.5)]
+SOFTCAPS = [(30.0, 0.0, 7.5), (23.0, 5.0, 7.5)]
 # next-token only; 2026's first stage; a zero weight; offsets past several sequence ends (rows 10 < 4 + ...)
 WEIGHTS = [None, (1.0, 0.5, 0.25), (1.0, 0.5, 0.0), (1.0, 0.0, 0.75, 0.5)]
 
@@ -96,8 +96,8 @@ def test_fused_cross_entropy_rows_and_no_grad():
     expected = torch.stack([sum(w[k] * nll[r, targets[r + k]] for k in range(3) if r + k < 6) for r in range(6)])
     torch.testing.assert_close(losses, expected, rtol=1e-5, atol=0)
     with torch.no_grad():
-        torch.testing.assert_close(tg.softcapped_cross_entropy(logits, targets, None, 30.0, 0.0, 0.0),
-                                   reference_head_loss(logits, targets, None, 30.0, 0.0, 0.0), rtol=1e-5, atol=0)
+        torch.testing.assert_close(tg.softcapped_cross_entropy(logits, targets, None, 30.0, 0.0, 7.5),
+                                   reference_head_loss(logits, targets, None, 30.0, 0.0, 7.5), rtol=1e-5, atol=0)
 
 
 def test_head_loss_with_fused_ce_is_head_loss():
@@ -247,15 +247,17 @@ def test_kernels_compile_for_hopper_without_a_gpu(monkeypatch, tmp_path):
 
 def tiny_config(*extra):
     """The tiny preset, smaller still (the interpreter's cost is per kernel launch, program and operation)."""
-    return tg.parse_config(["--preset", "tiny", "--device", "cpu", "--vocab-size", "384", "--train-seq-len", "128",
-                            "--train-batch-tokens", "128", "--num-layers", "2", "--long-window-layers", "0",
-                            "--num-value-embeds", "1", "--model-dim", "64", "--num-heads", "1", "--head-dim", "64",
-                            "--orthogonalizer", "polar_express_2026", *extra])
+    return tg.parse_config(["--preset", "tiny", "--device", "cpu", "--vocab-size", "384", "--stage-seq-len", "128,128,128,128",
+                            "--stage-batch-tokens", "128,128,128,128", "--num-layers", "2", "--no-attn-layers", "",
+                            "--long-window-layers", "0", "--paired-head-layers", "", "--value-embed-layers", "1",
+                            "--skip-connection", "", "--backout-layer", "-1", "--bigram-rows", "0", "--model-dim", "64",
+                            "--num-heads", "2", "--head-dim", "32", "--val-seq-len", "128", "--val-tokens", "128",
+                            "--no-adam-odd-steps-only", "--embed-split-stage", "0", *extra])
 
 
 def perturbed_model(cfg):
     torch.manual_seed(0)
-    model = tg.GPT(cfg, cfg.train_seq_len)
+    model = tg.GPT(cfg, 128)
     with torch.no_grad():  # the zero-init head and projections would hide the MLP and the optimizer from the loss
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -283,7 +285,7 @@ def test_flag_wires_every_kernel_into_the_training_step(monkeypatch):
         opt = tg.build_optimizers(model, cfg, tg.Comm())
         assert opt.muon.symmetric_kernels == ("symmetric" in kernels)
         assert all(block.mlp.fused == ("mlp" in kernels) for block in model.blocks)
-        assert model.head_options(None).get("fused_ce", False) == ("ce" in kernels)
+        assert model.head_options(tg.schedule_at(1, cfg)).get("fused_ce", False) == ("ce" in kernels)
         loss = tg.train_step(model, [(inputs, targets)], opt, 1, cfg).item()
         results.append((loss, {n: p.detach() - before[n] for n, p in model.named_parameters()}))
     (plain_loss, plain_updates), (kernel_loss, kernel_updates) = results

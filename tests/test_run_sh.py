@@ -74,7 +74,7 @@ def test_world_size_that_does_not_divide_the_batch(tmp_path):
     assert result.stderr.splitlines() == [
         "run.sh: error: NPROC=3: stage 0: world size 3 x --stage-seq-len 16384 = 49152 tokens does not divide its "
         "--stage-batch-tokens 131072: each step must be whole sequences on every process (use a world size "
-        "that divides 8, or a shorter --stage-seq-len); here NPROC can be 1, 2, 4 or 8, e.g. NPROC=8 ./run.sh"]
+        "that divides its 8 sequences, or shorter --stage-seq-len); here NPROC can be 1, 2, 4 or 8, e.g. NPROC=8 ./run.sh"]
 
 
 @pytest.mark.parametrize("gpus,nproc,args", [(4, 4, ["--seed", "1"]), (0, 2, ["--preset", "tiny", "--device", "cpu"])],
