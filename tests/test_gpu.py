@@ -27,6 +27,11 @@ def small_model(device, **overrides):
     return model
 
 
+def at_stage(model, step=30):
+    """The tiny schedule's step (30: stage 2, tied, the next-token loss; windows of 2 and 4 blocks)."""
+    return tg.schedule_at(step, model.cfg)
+
+
 def sample_tokens(length, device):
     tokens = tg.load_shard(str(REPO / "data/sample/sample_train_000001.bin"))[: length + 1]
     window = torch.from_numpy(tokens.astype("int64")).to(device)
@@ -37,9 +42,9 @@ def test_compiled_blocks_match_eager():
     device = torch.device("cuda")
     inputs, targets = sample_tokens(1024, device)
     model = small_model(device)
-    eager = model(inputs, targets, 4)
+    eager = model(inputs, targets, at_stage(model))
     model.compile_regions()
-    compiled = model(inputs, targets, 4)
+    compiled = model(inputs, targets, at_stage(model))
     assert compiled.item() == pytest.approx(eager.item(), rel=1e-2)
 
 
@@ -48,9 +53,9 @@ def test_flex_attention_on_gpu_matches_dense_mask():
     inputs, targets = sample_tokens(1024, device)
     model = small_model(device)
     with torch.no_grad():
-        flex = model(inputs, targets, 3)
+        flex = model(inputs, targets, at_stage(model, 16))
         model.use_flex = False
-        dense = model(inputs, targets, 3)
+        dense = model(inputs, targets, at_stage(model, 16))
     assert flex.item() == pytest.approx(dense.item(), rel=1e-2)
 
 
@@ -183,7 +188,7 @@ def test_triton_kernels_flag_in_the_compiled_model(compiled_triton):
     for kernels in ("", "ce,mlp"):
         model = small_model(device, **({"triton-kernels": kernels} if kernels else {}))
         model.compile_regions()
-        loss = model(inputs, targets, 4)
+        loss = model(inputs, targets, at_stage(model))
         loss.backward()
         results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (plain_loss, plain_grads), (kernel_loss, kernel_grads) = results
@@ -203,7 +208,8 @@ def test_timed_steps_have_no_host_syncs_and_no_recompiles():
     # .item(), a blocking copy to or from the host, nonzero, ...). The batch is built outside, as run_training does.
     device = torch.device("cuda")
     cfg = tg.parse_config(["--preset", "tiny", "--device", "cuda", "--compile", "--fp8-head", "--warmup-steps", "2",
-                           "--train-steps", "12", "--train-batch-tokens", "1024", "--train-seq-len", "1024"])
+                           "--train-steps", "12", "--stage-steps", "0,3,6,10", "--extension-steps", "2",
+                           "--muon-momentum-warmup-steps", "2", "--muon-momentum-cooldown-steps", "1"])
     torch._dynamo.reset()
     model = tg.build_model(cfg, device, 1, _NoLog())
     opt = tg.build_optimizers(model, cfg, tg.Comm())
@@ -212,8 +218,8 @@ def test_timed_steps_have_no_host_syncs_and_no_recompiles():
         tg.train_step(model, loader.batch_for(tg.schedule_at(step, cfg)), opt, step, cfg)
     torch.cuda.synchronize()
     losses = []
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for step in range(2, cfg.train_steps):
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the warm-up steps span every stage start
+        for step in range(cfg.train_steps):
             batch = loader.batch_for(tg.schedule_at(step, cfg))
             torch.cuda.set_sync_debug_mode("error")
             try:
@@ -258,7 +264,7 @@ def test_compiled_glue_on_gpu_trains_as_eager_glue(monkeypatch):
         for step in (1, 10):
             schedule = tg.schedule_at(step, cfg)
             model.zero_grad(set_to_none=True)
-            loss = model(inputs[: schedule.seq_len], targets[: schedule.seq_len], 0, schedule=schedule)
+            loss = model(inputs[: schedule.seq_len], targets[: schedule.seq_len], schedule)
             loss.backward()
             losses[glue, step] = loss.item()
             grads[glue, step] = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
