@@ -123,7 +123,7 @@ class Config:
     compile_glue: bool = field(default=False, metadata={"help": "with --compile, compile the code between the compiled blocks too: the attention masks (BlockMask building), the embeddings (smear, bigram, value embeddings, norm) and the final backout and norm; the same math in fewer kernels; not yet A/B-timed on GPUs"})
     triton_kernels: str = field(default="", metadata={"help": "Triton kernels instead of their PyTorch code, comma-separated: ce (fused softcapped cross-entropy with the multi-token weights, forward and backward), symmetric (Muon's XX^T and bA+cA^2 on the tiles above the diagonal, mirrored), mlp (ReLU^2 in the epilogues of the MLP's first matmul and its backward); needs triton, on --device cpu TRITON_INTERPRET=1; not yet A/B-timed on GPUs ('': none)"})
     warmup_steps: int = field(default=3, metadata={"help": "untimed steps that compile every shape, then everything is reset (0: none)"})
-    run_id: str = field(default="", metadata={"help": "log name under --log-dir ('': a random uuid)"})
+    run_id: str = field(default="", metadata={"help": "log name under --log-dir (default: a random uuid)"})
     log_dir: str = field(default="logs", metadata={"help": "folder of the run logs"})
     save_model: str = field(default="", metadata={"help": "write the final weights to this path (rank 0)"})
     gpu_peak_tflops: float = field(default=800.0, metadata={"help": "dense bf16 peak per GPU, for the MFU figure (H100 measured: ~800)"})
@@ -236,7 +236,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        help_text = f"{f.metadata['help']} (default: {format_default(default)})"
+        help_text = f.metadata["help"]
+        if "(default:" not in help_text:  # a help that says its own default in words keeps only that
+            help_text += f" (default: {format_default(default)})"
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif isinstance(default, tuple):
@@ -2744,10 +2746,11 @@ def checkpoint_path(cfg: Config) -> str:
     return os.path.join(cfg.checkpoint_dir, f"{cfg.run_id}.pt")
 
 
-# Settings that do not change the math of a step: a resumed run may change these, and nothing else.
-RESUME_MAY_CHANGE = {"train_files", "val_files", "val_every", "seed", "device", "compile", "warmup_steps", "run_id",
-                     "log_dir", "save_model", "gpu_peak_tflops", "save_every", "checkpoint_dir", "resume", "triton_kernels",
-                     "compile_glue"}
+# Settings that do not change the math of a step: a resumed run may change these, and nothing else. Not the seed
+# (the log would name a seed the weights never came from) nor the val files (another val loss); the train files only
+# by their path: the loader checks that they are the same shards (names and sizes), and the log says what moved.
+RESUME_MAY_CHANGE = {"train_files", "val_every", "device", "compile", "warmup_steps", "run_id", "log_dir", "save_model",
+                     "gpu_peak_tflops", "save_every", "checkpoint_dir", "resume", "triton_kernels", "compile_glue"}
 
 
 def gather_shards(shard: Tensor, comm: Comm) -> Tensor:
@@ -2819,11 +2822,30 @@ def save_checkpoint(step: int, train_ms: float, val_losses: list, model: GPT, op
 
 
 def read_checkpoint(path: str) -> dict:
+    """The checkpoint as a dict; one short line of ours for anything else (torch's own message would advise
+    weights_only=False, which would run code from the file)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file fails in many ways inside the unpickler
-        raise DataError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        f"pass a file written by --save-every") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a truncated or foreign file fails in many ways inside the unpickler
+        with open(path, "rb") as f:
+            torch_file = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+        what = "a truncated or damaged torch file" if torch_file else "not a torch checkpoint (truncated, or another kind of file)"
+        raise DataError(f"--resume {path}: {what}; pass a checkpoint written by --save-every") from None
+    if not isinstance(state, dict) or not {"config", "step", "model", "optimizer"} <= state.keys():
+        raise DataError(f"--resume {path}: a torch file, but not a train_gpt.py checkpoint; pass one written by --save-every")
+    return state
+
+
+def read_resume_state(cfg: Config) -> dict | None:
+    """The checkpoint of --resume, its settings checked against this run's before anything large is built."""
+    if not cfg.resume:
+        return None
+    state = read_checkpoint(cfg.resume)
+    changes = config_changes(state["config"], cfg)
+    if changes:
+        raise DataError(f"--resume {cfg.resume}: settings differ from the checkpoint's ({'; '.join(changes)}); "
+                        f"resume with the same settings")
+    return state
 
 
 def config_changes(saved_json: str, cfg: Config) -> list:
@@ -2831,14 +2853,9 @@ def config_changes(saved_json: str, cfg: Config) -> list:
     return [f"{flag_name(k)} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
 
 
-def restore_checkpoint(path: str, model: GPT, opt: Optimizers, loader: TrainLoader, cfg: Config, comm: Comm,
+def restore_checkpoint(state: dict, model: GPT, opt: Optimizers, loader: TrainLoader, cfg: Config, comm: Comm,
                        device: torch.device) -> tuple:
-    """Load what training_state wrote (every rank reads the file); returns (step, train_ms, val_losses)."""
-    state = read_checkpoint(path)
-    changes = config_changes(state["config"], cfg)
-    if changes:
-        raise DataError(f"--resume {path}: settings differ from the checkpoint's ({'; '.join(changes)}); "
-                        f"resume with the same settings")
+    """Load what training_state wrote (every rank read the file); returns (step, train_ms, val_losses)."""
     with torch.no_grad():
         model.load_state_dict({k: v.to(device) for k, v in state["model"].items()})
     if opt.adam.tied is not None and state["step"] > opt.split_step:
@@ -2874,6 +2891,7 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
     """Compile and warm up (untimed), reset, then the timed run with validation off the clock."""
     logger.log(schedule_summary(cfg))
     progress = progress or RunProgress()
+    resume_state = read_resume_state(cfg)
     val_files = resolve_files(cfg.val_files, "--val-files")
     train_files = resolve_files(cfg.train_files, "--train-files")
     val_tokens = load_val_tokens(val_files, cfg.val_tokens, cfg.vocab_size, cfg.val_seq_len)
@@ -2905,9 +2923,12 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
     loader = make_train_loader(cfg, train_files, comm.rank, comm.world_size, device)
     train_ms, val_losses, stopped = 0.0, [], None
     first_step = 0
-    if cfg.resume:
-        first_step, train_ms, val_losses = restore_checkpoint(cfg.resume, model, opt, loader, cfg, comm, device)
-        logger.log(f"resumed: {cfg.resume} at step {first_step} (train_time {train_ms:.0f}ms)")
+    if resume_state is not None:
+        first_step, train_ms, val_losses = restore_checkpoint(resume_state, model, opt, loader, cfg, comm, device)
+        moved = json.loads(resume_state["config"])["train_files"]
+        moved = f"; --train-files {moved!r} -> {cfg.train_files!r}, the same shards" if moved != cfg.train_files else ""
+        logger.log(f"resumed: {cfg.resume} at step {first_step} (train_time {train_ms:.0f}ms){moved}")
+        del resume_state
     passes_logged = loader.passes
     pending_loss, clock = None, time.perf_counter()
     launch_to_first_step = None
@@ -2924,7 +2945,7 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
             logger.log(f"step:{step}/{cfg.train_steps} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms "
                        f"step_avg:{train_ms / max(step, 1):.2f}ms")
             if not math.isfinite(val_loss):
-                stopped = f"stopping: non-finite val loss {val_loss} at step {step}"
+                stopped = f"non-finite val loss {val_loss} at step {step}"
                 break
             synchronize(device)
             clock = time.perf_counter()
@@ -2942,7 +2963,7 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
             logger.log(f"data: pass {passes_logged} over the training data done at step {step + 1}")
         loss = train_step(model, batch, opt, step, cfg)
         if pending_loss is not None and not pending_loss.is_finite():
-            stopped = f"stopping: non-finite train loss at step {step}"
+            stopped = f"non-finite train loss at step {step}"
             break
         pending_loss = DeferredValue(loss)
         approx_ms = train_ms + 1000 * (time.perf_counter() - clock)
@@ -2953,7 +2974,7 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
     loader.close()
     opt.close()
     if stopped:
-        logger.log(stopped)
+        logger.log(f"stopping: {stopped}")
     return dict(model=model, train_ms=train_ms, val_losses=val_losses, stopped=stopped,
                 launch_to_first_step=launch_to_first_step)
 
@@ -3198,7 +3219,8 @@ def main(argv=None) -> int:
         log_summary(logger, result, cfg, device, comm)
         if cfg.save_model and comm.rank == 0:
             write_atomically(result["model"].state_dict(), cfg.save_model, f"--save-model {cfg.save_model}")
-        status = 1 if result["stopped"] else 0
+        if result["stopped"]:  # the same error line as every other stop
+            problem, status = f"stopped: {result['stopped']}{resume_hint(progress)}", 1
     except (DataError, ConfigError) as e:
         logger.log(f"stopping: data error: {e}", console=False)
         problem, status = str(e), 2
@@ -3207,7 +3229,9 @@ def main(argv=None) -> int:
         problem, status = f"stopped at step {progress.step}: {e}{resume_hint(progress)}", 1
     except (KeyboardInterrupt, StopSignal) as e:
         status, problem = stopped_by_signal(e, logger, progress)
-    except Exception as e:
+    except Exception:
+        if not signals and comm.world_size > 1:  # a peer stopped on SIGTERM before ours came: a collective failed here
+            wait_for_signal(signals)
         if not signals:
             raise
         # A peer process stopped on the same SIGTERM, so a collective failed here: the same stop.
@@ -3225,9 +3249,20 @@ def main(argv=None) -> int:
     return status
 
 
+def wait_for_signal(received: list, seconds: float = 3.0):
+    """Give this process's own SIGTERM a moment to arrive (torchrun signals every process, not all at once): it is
+    then this stop's reason instead of the broken collective it caused. A real crash only waits these seconds."""
+    deadline = time.monotonic() + seconds
+    try:
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except StopSignal:  # the handler noted it in `received` before raising
+        pass
+
+
 def stopped_by_signal(e: BaseException, logger: Logger, progress: RunProgress) -> tuple:
     """Ctrl-C (exit 130) or SIGTERM (exit 143, as if the signal had killed the process): (status, message)."""
-    what = "SIGTERM" if isinstance(e, StopSignal) else "interrupted (Ctrl-C)"
+    what = "SIGTERM" if isinstance(e, StopSignal) else "Ctrl-C"
     line = f"{what} at step {progress.step}"
     try:
         logger.log(f"stopping: {line}")

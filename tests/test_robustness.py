@@ -338,10 +338,70 @@ def test_resumed_run_is_bit_identical_to_an_unbroken_one(tmp_path, nproc):
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):
-    checkpoint = tmp_path / "fake.pt"
-    config = tg.config_json(tg.parse_config(micro_args(tmp_path, "x")))
-    torch.save({"config": config}, checkpoint)
+    checkpoint = fake_checkpoint(tmp_path, micro_args(tmp_path, "x"))
     status, err = run_main(micro_args(tmp_path, "other", "--muon-lr", "0.1", "--resume", str(checkpoint)), capsys)
     assert status == 2 and err == [
         f"train_gpt.py: error: --resume {checkpoint}: settings differ from the checkpoint's (--muon-lr 0.023 -> 0.1); "
         "resume with the same settings"]
+
+
+# -----------------------------------------------------------------------------
+# Issue 21: every stop says why in the same line, resume checks what it must before anything is built
+
+
+def test_a_run_whose_val_loss_turns_nan_ends_with_the_error_line_and_no_data_advice(tmp_path, capsys):
+    # An absurd attention scale makes the very first validation NaN: the run stops there, before any step.
+    status, err = run_main(micro_args(tmp_path, "nan", *micro_steps(4), "--attn-scale", "1e38"), capsys)
+    assert status == 1 and err == ["train_gpt.py: error: stopped: non-finite val loss nan at step 0; "
+                                   "no checkpoint was written (--save-every N keeps one)"]
+    lines = (tmp_path / "logs/nan.txt").read_text().splitlines()
+    assert "stopping: non-finite val loss nan at step 0" in lines
+    data = [line for line in lines if line.startswith("data: ")]
+    assert data == ["data: no training step ran (1500 training tokens)"]  # no share of tokens from zero steps
+
+
+def fake_checkpoint(tmp_path: Path, args: list) -> Path:
+    path = tmp_path / "fake.pt"
+    torch.save({"config": tg.config_json(tg.parse_config(args)), "step": 2, "model": {}, "optimizer": {}}, path)
+    return path
+
+
+@pytest.mark.parametrize("flag, value, change", [("--seed", "1", "--seed 0 -> 1"),
+                                                 ("--val-files", "other_val_*.bin", "--val-files ")])
+def test_resume_with_another_seed_or_val_files_is_refused(tmp_path, capsys, flag, value, change):
+    checkpoint = fake_checkpoint(tmp_path, micro_args(tmp_path, "x"))
+    status, err = run_main(micro_args(tmp_path, "other", flag, value, "--resume", str(checkpoint)), capsys)
+    assert status == 2 and len(err) == 1 and f"settings differ from the checkpoint's ({change}" in err[0]
+
+
+def test_resume_settings_are_checked_before_the_model_or_the_data_is_built(tmp_path, capsys, monkeypatch):
+    # A tiny checkpoint resumed under the record preset on a CPU: refused at once, not killed for memory later.
+    checkpoint = fake_checkpoint(tmp_path, micro_args(tmp_path, "x"))
+    for name in ("build_model", "load_val_tokens", "make_train_loader"):
+        monkeypatch.setattr(tg, name, lambda *args, name=name, **kwargs: pytest.fail(f"{name} ran before the check"))
+    status, err = run_main(["--device", "cpu", "--log-dir", str(tmp_path / "logs"), "--run-id", "big",
+                            "--resume", str(checkpoint)], capsys)
+    assert status == 2 and len(err) == 1 and "settings differ from the checkpoint's (" in err[0]
+    assert "--num-layers 2 -> 11" in err[0]
+
+
+@pytest.mark.parametrize("content, what", [(b"\x00garbage" * 40, "not a torch checkpoint"),
+                                           (None, "a truncated or damaged torch file")])
+def test_resume_from_a_garbage_or_truncated_file_is_one_short_line_of_ours(tmp_path, capsys, content, what):
+    path = tmp_path / "bad.pt"
+    if content is None:  # the first half of a real torch file
+        torch.save({"config": "{}", "weights": torch.zeros(1000)}, path)
+        content = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(content)
+    status, err = run_main(micro_args(tmp_path, "bad", "--resume", str(path)), capsys)
+    assert status == 2 and len(err) == 1
+    assert err[0] == f"train_gpt.py: error: --resume {path}: {what}" + (
+        " (truncated, or another kind of file)" if what.startswith("not") else "") + "; pass a checkpoint written by --save-every"
+    assert "weights_only" not in err[0] and len(err[0]) < 150 + len(str(path))
+
+
+def test_ctrl_c_says_ctrl_c_and_run_id_help_names_its_default_once():
+    assert tg.stopped_by_signal(KeyboardInterrupt(), tg.Logger(None), tg.RunProgress(step=7)) == (
+        130, "stopped by Ctrl-C at step 7; no checkpoint was written (--save-every N keeps one)")
+    help_text = " ".join(tg.build_arg_parser().format_help().split())
+    assert "--run-id STR log name under --log-dir (default: a random uuid) --log-dir" in help_text
