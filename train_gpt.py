@@ -2545,7 +2545,8 @@ def check_schedule(cfg: Config, training: bool):
         raise ConfigError("--final-long-window-blocks and --muon-momentum-cooldown-steps must be >= 0")
     starts = cfg.stage_steps
     if not starts or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= cfg.train_steps:
-        raise ConfigError(f"--stage-steps {','.join(map(str, starts))}: must start at 0 and increase, below --train-steps {cfg.train_steps}")
+        raise ConfigError(f"--stage-steps {','.join(map(str, starts))}: must start at 0 and increase, below --train-steps "
+                          f"{cfg.train_steps}{squeezed_stages_hint(cfg)}")
     for name in STAGE_TABLES:
         if len(getattr(cfg, name)) != len(starts):
             raise ConfigError(f"{flag_name(name)}: one value per stage ({len(starts)} stages), got {len(getattr(cfg, name))}")
@@ -2562,6 +2563,18 @@ def check_schedule(cfg: Config, training: bool):
     if training and cfg.attn_scale_log_growth and not cfg.yarn:
         raise ConfigError("--attn-scale-log-growth grows the attention scale at each window change, which needs --yarn "
                           "(or --attn-scale-log-growth 0)")
+
+
+def squeezed_stages_hint(cfg: Config) -> str:
+    """For a --train-steps below the preset's: its stage starts scaled down, as a flag to copy."""
+    if not cfg.stage_steps or cfg.stage_steps[-1] < cfg.train_steps or cfg.train_steps < 2 * len(cfg.stage_steps):
+        return ""
+    last = cfg.stage_steps[-1] + cfg.extension_steps  # the preset's own train_steps, if its extension is intact
+    scaled = sorted({round(start * cfg.train_steps / last) for start in cfg.stage_steps})
+    if len(scaled) < len(cfg.stage_steps) or scaled[-1] >= cfg.train_steps:
+        return ""
+    extension = cfg.train_steps - scaled[-1]
+    return f" (for {cfg.train_steps} steps, e.g. --stage-steps {','.join(map(str, scaled))} --extension-steps {extension})"
 
 
 def warmup_steps(cfg: Config) -> list:

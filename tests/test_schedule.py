@@ -208,3 +208,13 @@ def test_a_run_prints_its_steps_stage_tokens_and_total_at_start_up(tmp_path):
     # printed before the data is looked at: nothing after it comes from the data or training
     after = result.stdout.split(summary[0], 1)[1]
     assert "train_files:" not in after and "step:" not in after
+
+
+def test_fewer_train_steps_than_the_stages_are_refused_with_scaled_stages_to_copy():
+    result = run_train_gpt("--preset", "tiny", "--device", "cpu", "--train-steps", "20")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "train_gpt.py: error: --stage-steps 0,15,30,46: must start at 0 and increase, below --train-steps 20 "
+        "(for 20 steps, e.g. --stage-steps 0,6,12,18 --extension-steps 2)"]
+    cfg = tg.parse_config(["--preset", "tiny", "--train-steps", "20", "--stage-steps", "0,6,12,18", "--extension-steps", "2"])
+    tg.check_schedule(cfg, training=True)  # the proposal is a schedule the trainer takes
+    assert tg.embed_split_step(cfg) == 13 and tg.schedule_at(19, cfg).stage == 3
