@@ -7,7 +7,7 @@ Importing it starts nothing; `python train_gpt.py` (or torchrun) trains.
     torchrun --standalone --nproc_per_node=1 train_gpt.py        # same math on 1 GPU (8 accumulation steps)
     python train_gpt.py --preset tiny --device cpu               # a small model on data/sample/, on CPU
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        train_gpt.py --stage-seq-len 8192,16384,24576,24576 --train-seq-len 24576  # 16 GPUs: half-length sequences
+        train_gpt.py --stage-seq-len 8192,16384,24576,24576  # 16 GPUs: half-length sequences
 
 The global batch (tokens per optimizer step) of each stage is fixed by the config; the number of processes only
 changes how it is split: accumulation steps = stage batch tokens / (world_size * stage sequence length).
@@ -149,9 +149,10 @@ TINY = dict(
     stage_batch_tokens=(512, 768, 1024, 1024), stage_seq_len=(256, 384, 512, 512), stage_max_doc_len=(128, 256, 256, 256),
     stage_short_window_blocks=(1, 1, 2, 2), stage_long_window_blocks=(2, 3, 4, 5), final_long_window_blocks=6,
     muon_momentum_warmup_steps=10, muon_momentum_cooldown_steps=5,
-    # 6 layers in the record's pattern: paired heads first, no attention in the skip's target, backout after it
-    num_layers=6, model_dim=128, num_heads=2, head_dim=64, no_attn_layers=(3,), long_window_layers=(2, 5),
-    paired_head_layers=(0, 4), value_embed_layers=(1, 4, 5), skip_connection=(2, 3), backout_layer=4,
+    # 4 layers in the record's pattern: paired heads first, the skip into the layer without attention, whose output
+    # is the backout (the last layer's attention reads it), key offset and value embeddings on the long-window layers
+    num_layers=4, model_dim=128, num_heads=2, head_dim=64, no_attn_layers=(2,), long_window_layers=(1, 3),
+    paired_head_layers=(0,), value_embed_layers=(1, 3), skip_connection=(1, 2), backout_layer=2,
     bigram_rows=4099, bigram_dim=32, bigram_sign_rows=256,
     compile=False, warmup_steps=0, fp8_head=False,
 )

@@ -467,7 +467,7 @@ FOUR_STEPS = squeezed(4)  # every stage, the split at step 3, the extension
 
 def test_warmup_then_reset_leaves_no_trace(tmp_path):
     # the warm-up steps are 0-3 (those around every stage start): every stage's shapes, the split, then the reset
-    base = [*FOUR_STEPS, "--val-every", "0"]
+    base = [*FOUR_STEPS, "--val-every", "0", "--val-tokens", "1024"]
     cold = run_trainer(tiny_args(tmp_path, "cold", *base, "--warmup-steps", "0"))
     warm = run_trainer(tiny_args(tmp_path, "warm", *base, "--warmup-steps", "2"))
     assert cold.returncode == 0 and warm.returncode == 0, warm.stderr[-2000:]
