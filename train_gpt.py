@@ -425,6 +425,25 @@ def uniform_init_(weight: Tensor, fan_in: int) -> Tensor:
         return weight.uniform_(-bound, bound)
 
 
+# Each parameter carries the init it was created with as a string (`init`), which --print-recipe shows.
+def tagged(param: nn.Parameter, init: str) -> nn.Parameter:
+    param.init = init
+    return param
+
+
+def uniform_param(*shape: int, fan_in: int) -> nn.Parameter:
+    bound = math.sqrt(3) * 0.5 * fan_in ** -0.5
+    return tagged(nn.Parameter(uniform_init_(torch.empty(*shape), fan_in)), f"U(+-{bound:.4g})")
+
+
+def zeros_param(*shape: int) -> nn.Parameter:
+    return tagged(nn.Parameter(torch.zeros(shape)), "zeros")
+
+
+def constant_param(value: float, *shape: int) -> nn.Parameter:
+    return tagged(nn.Parameter(torch.full(shape, value)), f"{value:.4g}")
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float | Tensor) -> Tensor:
     """(B, T, H, D) in and out. A BlockMask runs FlexAttention; a dense bool mask runs SDPA (the CPU path).
     scale: a float (compiled in), or a 0-d tensor (YaRN: a new value each stage is data, not a recompile)."""
@@ -462,13 +481,15 @@ class CausalSelfAttention(nn.Module):
         else:
             self.scale = cfg.attn_scale
         hidden = cfg.num_heads * cfg.head_dim
-        self.qk_w = nn.Parameter(uniform_init_(torch.empty(2, hidden, cfg.model_dim), cfg.model_dim))
-        self.v_w = nn.Parameter(uniform_init_(torch.empty(hidden, cfg.model_dim), cfg.model_dim))
-        self.proj_w = nn.Parameter(torch.zeros(cfg.model_dim, hidden))  # zero-init: each block starts as identity
-        self.sa_lambdas = nn.Parameter(torch.tensor([0.5, 1.0]))  # QKV and output scales (Q, K are normed: V's)
-        self.gate_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.attn_gate_dim))  # sigmoid gate per head, starts at 0.5
+        self.qk_w = uniform_param(2, hidden, cfg.model_dim, fan_in=cfg.model_dim)
+        self.v_w = uniform_param(hidden, cfg.model_dim, fan_in=cfg.model_dim)
+        # O drawn like V and right after it, as the script's vo_bank (r2026.py 1205-1213); only the MLP's output
+        # matrix starts at zero, so a block starts as identity plus its attention output
+        self.proj_w = uniform_param(cfg.model_dim, hidden, fan_in=cfg.model_dim)
+        self.sa_lambdas = tagged(nn.Parameter(torch.tensor([0.5, 1.0])), "[0.5,1]")  # QKV and output scales (Q, K are normed: V's)
+        self.gate_w = zeros_param(cfg.num_heads, cfg.attn_gate_dim)  # sigmoid gate per head, starts at 0.5
         # the value embedding enters each head through a gate 2*sigmoid(W [x[:6], ve[:6]]), 1 at init
-        self.value_gate_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.attn_gate_dim)) if value_gated else None
+        self.value_gate_w = zeros_param(cfg.num_heads, cfg.attn_gate_dim) if value_gated else None
         self.paired = paired
         self.key_offset = False  # set by the model on its long-window layers (--key-offset)
 
@@ -539,8 +560,8 @@ class MLP(nn.Module):
         super().__init__()
         hidden = cfg.mlp_ratio * cfg.model_dim
         # Both matrices stored (dim, hidden): one Muon shape group (the recipe's shape factor reads them as tall)
-        self.fc_w = nn.Parameter(uniform_init_(torch.empty(cfg.model_dim, hidden), cfg.model_dim))
-        self.proj_w = nn.Parameter(torch.zeros(cfg.model_dim, hidden))
+        self.fc_w = uniform_param(cfg.model_dim, hidden, fan_in=cfg.model_dim)
+        self.proj_w = zeros_param(cfg.model_dim, hidden)  # zero-init as the script's c_proj
         self.fused = "mlp" in kernel_names(cfg)  # --triton-kernels mlp
 
     def forward(self, x: Tensor) -> Tensor:
@@ -739,37 +760,38 @@ class GPT(nn.Module):
         # N(0, 0.01), one table per listed layer (the script's one (5 x vocab)-row table: the same elementwise Adam)
         self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.model_dim) for _ in cfg.value_embed_layers)
         for table in self.value_embeds:
-            nn.init.normal_(table.weight, std=0.01)
+            tagged(nn.init.normal_(table.weight, std=0.01), "N(0,0.01)")
         self.blocks = nn.ModuleList(Block(cfg, i not in cfg.no_attn_layers, i in cfg.value_embed_layers,
                                           i in cfg.paired_head_layers) for i in range(cfg.num_layers))
         self.rotary = Rotary(cfg.head_dim, 2 * max_seq_len if cfg.paired_head_layers else max_seq_len)
         # per layer, [attention, MLP] sublayer scales of the stream (which grows 1.1x a layer) and of the output
-        self.resid_lambdas = nn.Parameter(torch.full((cfg.num_layers, 2), 1.1 ** 0.5))
-        self.post_lambdas = nn.Parameter(torch.ones(cfg.num_layers, 2))
-        self.x0_lambdas = nn.Parameter(torch.zeros(cfg.num_layers))
+        self.resid_lambdas = constant_param(1.1 ** 0.5, cfg.num_layers, 2)
+        self.post_lambdas = constant_param(1.0, cfg.num_layers, 2)
+        self.x0_lambdas = zeros_param(cfg.num_layers)
         if cfg.smear_gate:
             self.smear_gate = nn.Linear(cfg.attn_gate_dim, 1, bias=False)
-            nn.init.zeros_(self.smear_gate.weight)
-            self.smear_lambda = nn.Parameter(torch.zeros(()))
+            tagged(nn.init.zeros_(self.smear_gate.weight), "zeros")
+            self.smear_lambda = zeros_param()
         if cfg.skip_connection:
             self.skip_gate = nn.Linear(cfg.attn_gate_dim, 1, bias=False)
-            nn.init.zeros_(self.skip_gate.weight)
-            self.skip_lambda = nn.Parameter(torch.tensor(-1.5))  # sigmoid(-1.5) ~ 0.18
+            tagged(nn.init.zeros_(self.skip_gate.weight), "zeros")
+            self.skip_lambda = constant_param(-1.5)  # sigmoid(-1.5) ~ 0.18
         if cfg.backout_layer >= 0:
-            self.backout_lambda = nn.Parameter(torch.tensor(0.5))
+            self.backout_lambda = constant_param(0.5)
         for i in cfg.long_window_layers if cfg.key_offset else ():
             if self.blocks[i].attn is not None:
                 self.blocks[i].attn.key_offset = True
         # a small random head, and the embedding starts as the same matrix (tied until the split step)
-        self.lm_head_w = nn.Parameter(torch.empty(cfg.vocab_size, cfg.model_dim))
+        self.lm_head_w = tagged(nn.Parameter(torch.empty(cfg.vocab_size, cfg.model_dim)), f"N(0,{cfg.head_init_std:g})")
         with torch.no_grad():
             self.lm_head_w.normal_(0, cfg.head_init_std)
             self.embed.weight.copy_(self.lm_head_w)
+        tagged(self.embed.weight, f"copy of {HEAD}")
         self.bigram_embed = None
         if cfg.bigram_rows:  # zero-init table, per-layer lambdas from 0.05, a fixed sign table (a buffer, saved)
             self.bigram_embed = nn.Embedding(cfg.bigram_rows, cfg.bigram_dim)
-            nn.init.zeros_(self.bigram_embed.weight)
-            self.bigram_lambdas = nn.Parameter(torch.full((cfg.num_layers,), 0.05))
+            tagged(nn.init.zeros_(self.bigram_embed.weight), "zeros")
+            self.bigram_lambdas = constant_param(0.05, cfg.num_layers)
             self.register_buffer("bigram_signs", random_signs(cfg.bigram_sign_rows, cfg.bigram_dim, cfg.seed))
         self.yarn_windows = None  # the long windows YaRN has been applied for (--yarn)
         self.compute_dtype = torch.float32
