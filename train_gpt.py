@@ -104,7 +104,7 @@ class Config:
     fp8_x_max: float = field(default=100.0, metadata={"help": "FP8 head: largest |input| kept, its scale is this/448"})
     fp8_w_max: float = field(default=1.6, metadata={"help": "FP8 head: largest |weight| kept, larger ones saturate; its scale is this/448"})
     fp8_grad_max: float = field(default=0.75, metadata={"help": "FP8 head backward: the output gradient's scale is this/448/accumulation steps"})
-    bf16_embeddings: bool = field(default=False, metadata={"help": "store the embedding tables in bf16, as the 2026 script does: half the bytes in their reduce-scatters and all-gathers; Adam's moments stay fp32"})
+    fp32_masters: bool = field(default=False, metadata={"help": "store every parameter in fp32 and Muon's weights as plain fp32 (the storage before issue 19, for a GPU A/B); default: the script's storage, bf16 tables, head, gates and Muon matrices (plus 16 low bits each in Muon's state), fp32 lambdas"})
     # optimizer: the per-parameter table is recipe(); these are its base values
     muon_lr: float = field(default=0.023, metadata={"help": "Muon base learning rate (hidden matrices; the table adds shape factors)"})
     muon_momentum: float = field(default=0.95, metadata={"help": "Muon Nesterov momentum after warm-up"})
@@ -872,13 +872,14 @@ class GPT(nn.Module):
             skip_gate = torch.sigmoid(self.skip_lambda) * 2 * torch.sigmoid(
                 F.linear(x0[..., : self.skip_gate.weight.size(-1)], self.skip_gate.weight.type_as(x0)))
         rope = self.rotary.cos, self.rotary.sin
+        # the lambdas stay fp32 parameters and enter in the compute dtype, as the script's .bfloat16() (r2026.py 1280-1285)
+        resid, post, x0_lambdas = (p.type_as(x0) for p in (self.resid_lambdas, self.post_lambdas, self.x0_lambdas))
         x, skip, backout = x0, None, None
         for i, block_call in enumerate(self.block_calls):
             if i == skip_to:
                 x = x + skip_gate * skip
             attn_input = x if backout is None else backout
-            x = block_call(x, x0, attn_input, value_embeds[i], masks[i], bigrams[i],
-                           self.resid_lambdas[i], self.post_lambdas[i], self.x0_lambdas[i], *rope)
+            x = block_call(x, x0, attn_input, value_embeds[i], masks[i], bigrams[i], resid[i], post[i], x0_lambdas[i], *rope)
             if i == skip_from:
                 skip = x
             if i == self.cfg.backout_layer:
@@ -897,9 +898,9 @@ class GPT(nn.Module):
         layers 1.. add lambda_i * bigram with their attention output."""
         if self.bigram_embed is None:
             return x0, [None] * self.cfg.num_layers
-        bigram = self.bigram_features(input_ids)
-        x0 = add_to_leading_channels(x0, self.bigram_lambdas[0] * bigram)
-        return x0, [None] + [self.bigram_lambdas[i] * bigram for i in range(1, self.cfg.num_layers)]
+        bigram, lambdas = self.bigram_features(input_ids), self.bigram_lambdas.type_as(x0)  # as the others (layers)
+        x0 = add_to_leading_channels(x0, lambdas[0] * bigram)
+        return x0, [None] + [lambdas[i] * bigram for i in range(1, self.cfg.num_layers)]
 
     def attention_masks(self, input_ids: Tensor, schedule: StepSchedule) -> list:
         """Each layer's mask for the schedule's long and short windows (in tokens). They go in as device tensors,
@@ -1721,8 +1722,13 @@ class MatrixGroup:
         self.stats_dim = -1 if rows >= cols else -2
         moment_shape = (per_rank, rows, 1) if self.stats_dim == -1 else (per_rank, 1, cols)
         self.second_moment = torch.zeros(*moment_shape, dtype=torch.float32, device=p0.device)
-        self.grad_shard = torch.empty_like(self.momentum)
+        self.grad_shard = torch.empty(per_rank, *shape, dtype=p0.dtype, device=p0.device)  # reduce-scattered in the gradients' dtype
         self.gathered = torch.empty(self.padded, *shape, dtype=p0.dtype, device=p0.device)
+        # bf16 weights (the record's storage): the low 16 bits of each owned matrix's fp32 master, zero at init (the
+        # master is then the weight rounded to nearest), as the script's uint16 mantissa (r2026.py 568-570)
+        self.low_bits = None
+        if p0.dtype == torch.bfloat16:
+            self.low_bits = torch.zeros(per_rank, *shape, dtype=torch.int16, device=p0.device)
 
     def stacked_grads(self) -> Tensor:
         grads = [p.grad.view(-1, *self.shape) for p in self.params]
@@ -1734,8 +1740,38 @@ class MatrixGroup:
     def own_params(self) -> Tensor:
         owned = self.views[self.own]
         pad = self.per_rank - len(owned)
-        stacked = torch.stack(owned) if owned else self.momentum.new_zeros(0, *self.shape)
+        stacked = torch.stack(owned) if owned else self.views[0].new_zeros(0, *self.shape)
         return torch.cat([stacked, stacked.new_zeros(pad, *self.shape)]) if pad else stacked
+
+    def own_masters(self) -> Tensor:
+        """The fp32 masters of the owned matrices: the weights themselves, or bf16 weights joined with their low bits."""
+        own = self.own_params()
+        return own if self.low_bits is None else join_low_bits(own, self.low_bits)
+
+    def keep_masters(self, masters: Tensor) -> Tensor:
+        """Store updated masters; returns what the weights become (and all ranks gather): the masters, or with bf16
+        weights their top 16 bits (truncation, as the script), the low 16 staying on this rank."""
+        if self.low_bits is None:
+            return masters.to(self.gathered.dtype)
+        high, low = split_low_bits(masters)
+        self.low_bits.copy_(low)
+        return high.contiguous()
+
+
+# An fp32 number is its bf16 truncation (the high 16 bits) and 16 low bits. Joined and split by reinterpreting the
+# memory (int16 pairs <-> fp32, little-endian: low half first), with no integer shifts (uint32 shifts are missing
+# from eager CPU torch): exact, and a bf16 weight with low bits 0 is its own fp32 value.
+assert sys.byteorder == "little", "the bf16 + low bits storage reinterprets fp32 memory as little-endian halves"
+
+
+def join_low_bits(high: Tensor, low: Tensor) -> Tensor:
+    return torch.stack([low, high.view(torch.int16)], dim=-1).view(torch.float32).squeeze(-1)
+
+
+def split_low_bits(master: Tensor) -> tuple:
+    """(the bf16 truncation of each fp32 value, its low 16 bits as int16)."""
+    halves = master.contiguous().view(torch.int16).unflatten(-1, (-1, 2))
+    return halves[..., 1].view(torch.bfloat16), halves[..., 0]
 
 
 def cautious_decay_and_step_(param: Tensor, update: Tensor, lr, decay) -> Tensor:
@@ -1806,14 +1842,15 @@ class DistributedMuon(GradientReduction):
         gathers = []
         for group, handle in zip(self.groups, self.pending):
             wait(handle)
-            group.momentum.lerp_(group.grad_shard, 1 - momentum)
-            nesterov = group.grad_shard.lerp(group.momentum, momentum)
+            grad = group.grad_shard.float()  # bf16 from the record's reduce-scatter; momentum in fp32
+            group.momentum.lerp_(grad, 1 - momentum)
+            nesterov = grad.lerp(group.momentum, momentum)
             update = orthogonalize(nesterov, self.orthogonalizer, self.symmetric_kernels)
             if self.normuon_beta2:
                 update = self._reduce_variance(group, update)
             lrs = group.own_lrs * lr_mult  # decay x base LR x effective LR (per matrix), both scheduled
-            new_own = cautious_decay_and_step_(group.own_params(), update, lrs, group.decay * lr_mult * lrs)
-            gathers.append(self.comm.all_gather(group.gathered, new_own.to(group.gathered.dtype)))
+            new_masters = cautious_decay_and_step_(group.own_masters(), update, lrs, group.decay * lr_mult * lrs)
+            gathers.append(self.comm.all_gather(group.gathered, group.keep_masters(new_masters)))
         for group, handle in zip(self.groups, gathers):
             wait(handle)
             torch._foreach_copy_(group.views, list(group.gathered[: len(group.views)].unbind(0)))
@@ -2046,13 +2083,20 @@ class DistributedAdam(GradientReduction):
 
     def _apply_cautious(self, e: dict, betas: tuple, lr_mult: float):
         """The 2026 step: the same Adam update, plus weight decay of (effective LR)^2 x decay where the update
-        and the weight have the same sign (strictly: a zero weight or update is not decayed)."""
+        and the weight have the same sign (strictly: a zero weight or update is not decayed). A bf16 weight (the
+        record's storage) is updated as the script's (r2026.py 853-857): the whole update in fp32, subtracted from
+        the weight in fp32 and rounded once into bf16, p = bf16(f32(p) - u); no fp32 master."""
         bias1, bias2 = self._bias_corrections(betas)
         lr = e["lr"] * lr_mult
         param = e["param_view"]
         update = e["exp_avg"] / (e["exp_avg_sq"].sqrt() + self.eps) * (lr * math.sqrt(bias2) / bias1)
-        agrees = (update * param) > 0
-        param.sub_(update.addcmul_(param.to(update.dtype), agrees, value=lr * lr * e["decay"]))
+        weight = param.to(update.dtype)
+        agrees = (update * weight) > 0
+        update.addcmul_(weight, agrees, value=lr * lr * e["decay"])
+        if param.dtype == update.dtype:
+            param.sub_(update)
+        else:
+            param.copy_(weight.sub_(update))
 
 
 class OverlapHooks:
@@ -2661,13 +2705,25 @@ def setup_distributed(cfg: Config):
     return Comm(rank, world_size), device
 
 
+def store_as_record(model: nn.Module, cfg: Config) -> nn.Module:
+    """The script's storage (r2026.py 1908-1915): every parameter bf16 (round to nearest from the fp32 init) but the
+    lambdas (its `scalars` and resid/post/x0/bigram lambdas), which stay fp32; the bigram sign table bf16 (exact).
+    Adam keeps fp32 moments and rounds each step once into the weight; Muon keeps the 16 bits a bf16 weight lacks
+    of its fp32 master (MatrixGroup.low_bits). --fp32-masters: everything stays fp32. In place: the Parameter
+    objects (and their init tags) are kept."""
+    if cfg.fp32_masters:
+        return model
+    for name, p in model.named_parameters():
+        if "lambda" not in name:
+            p.data = p.data.to(torch.bfloat16)
+    if getattr(model, "bigram_signs", None) is not None:
+        model.bigram_signs = model.bigram_signs.to(torch.bfloat16)
+    return model
+
+
 def build_model(cfg: Config, device: torch.device, accumulation: int, logger) -> GPT:
     torch.manual_seed(cfg.seed)  # initialized on the CPU: identical weights on every rank and device
-    model = GPT(cfg, max_seq_len(cfg)).to(device)
-    if cfg.bf16_embeddings:  # r2026.py 1909-1910; Adam keeps fp32 moments (moment_dtype)
-        for module in model.modules():
-            if isinstance(module, nn.Embedding):
-                module.bfloat16()
+    model = store_as_record(GPT(cfg, max_seq_len(cfg)), cfg).to(device)
     if device.type == "cuda":
         model.compute_dtype, model.use_flex = torch.bfloat16, True
         if cfg.fp8_head and fp8_supported(device):
@@ -2773,10 +2829,13 @@ RESUME_MAY_CHANGE = {"train_files", "val_files", "val_every", "seed", "device", 
 
 
 def gather_shards(shard: Tensor, comm: Comm) -> Tensor:
-    """Each rank's rows of an optimizer state tensor, concatenated in rank order (every rank calls this)."""
+    """Each rank's rows of an optimizer state tensor, concatenated in rank order (every rank calls this). Muon's
+    int16 low bits travel as bf16 of the same bits (NCCL has no 16-bit integers; a gather only copies)."""
+    bits = shard.dtype == torch.int16
+    shard = shard.view(torch.bfloat16) if bits else shard
     full = shard.new_empty(comm.world_size * shard.size(0), *shard.shape[1:])
     wait(comm.all_gather(full, shard.contiguous()))
-    return full
+    return full.view(torch.int16) if bits else full
 
 
 def optimizer_state(opt: Optimizers, comm: Comm) -> dict:
@@ -2785,8 +2844,8 @@ def optimizer_state(opt: Optimizers, comm: Comm) -> dict:
     muon = []
     for group in opt.muon.groups:
         n = len(group.views)  # the rest is padding to a multiple of the world size: always zero
-        muon.append({name: gather_shards(getattr(group, name), comm)[:n].cpu().clone()
-                     for name in ("momentum", "second_moment")})
+        names = ("momentum", "second_moment") + (("low_bits",) if group.low_bits is not None else ())  # bf16 weights' masters
+        muon.append({name: gather_shards(getattr(group, name), comm)[:n].cpu().clone() for name in names})
     adam = []
     for e in opt.adam.entries:
         adam.append({name: (gather_shards(e[name], comm) if e["sharded"] else e[name]).cpu().clone()
