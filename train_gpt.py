@@ -1565,13 +1565,27 @@ def layer_ranges(layers: list) -> str:
     return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int16: "int16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def optimizer_state_dtypes(s: ParamSetting) -> str:
+    """What the optimizer keeps per weight, as DistributedAdam / MatrixGroup allocate it."""
+    if s.optimizer == "adam":
+        return f"m,v:{dtype_name(moment_dtype(s.param))}"
+    return "mom:fp32" + ("+low:int16" if s.param.dtype == torch.bfloat16 else "")
+
+
 def recipe_report(cfg: Config, model: nn.Module | None = None) -> str:
-    """The recipe as applied to this config's model (built on the meta device: no memory, no data), one line
-    per kind of parameter, with the layers that have it: optimizer, LR, Adam's betas, the weight decay coefficient
-    and Muon's matrix shape."""
+    """The recipe as applied to this config's model (built on the meta device with the trainer's storage: no memory,
+    no data), one line per kind of parameter, with the layers that have it: init, storage dtype, the optimizer's
+    state per weight, optimizer, LR, Adam's betas, the weight decay coefficient and Muon's matrix shape."""
     if model is None:
         with torch.device("meta"):
-            model = GPT(cfg, max_seq_len(cfg))
+            model = store_as_record(GPT(cfg, max_seq_len(cfg)), cfg)
     try:
         settings = assign_params(model, cfg)
     except ValueError as e:
@@ -1583,15 +1597,16 @@ def recipe_report(cfg: Config, model: nn.Module | None = None) -> str:
         shape = "x".join(map(str, s.param.shape)) or "scalar"
         betas = f"{s.betas[0]},{s.betas[1]}" if s.optimizer == "adam" else "-"
         matrix = "x".join(map(str, s.matrix_shape)) if s.optimizer == "muon" else "-"
-        key = (name, shape, s.optimizer, s.lr, s.shape_factor, s.effective_lr, betas, s.weight_decay, matrix)
+        storage = (getattr(s.param, "init", "-"), dtype_name(s.param.dtype), optimizer_state_dtypes(s))
+        key = (name, shape, *storage, s.optimizer, s.lr, s.shape_factor, s.effective_lr, betas, s.weight_decay, matrix)
         kinds.setdefault(key, []).append(int(layer.group(1)) if layer else None)
-    header = (f"{'parameter':24} {'layers':>10} {'shape':>12} {'optimizer':>9} {'lr':>7} {'shape x':>7} {'effective lr':>12}"
-              f" {'betas':>10} {'wd':>7} {'matrix':>9}")
+    header = (f"{'parameter':24} {'layers':>10} {'shape':>12} {'init':>17} {'dtype':>5} {'optimizer state':>19}"
+              f" {'optimizer':>9} {'lr':>7} {'shape x':>7} {'effective lr':>12} {'betas':>10} {'wd':>7} {'matrix':>9}")
     lines = [header]
-    for (name, shape, optimizer, lr, factor, effective, betas, decay, matrix), layers in kinds.items():
+    for (name, shape, init, dtype, state, optimizer, lr, factor, effective, betas, decay, matrix), layers in kinds.items():
         where = layer_ranges(layers) if layers[0] is not None else "-"
-        lines.append(f"{name:24} {where:>10} {shape:>12} {optimizer:>9} {lr:>7.4g} {factor:>7.4g} {effective:>12.4g}"
-                     f" {betas:>10} {decay:>7.4g} {matrix:>9}")
+        lines.append(f"{name:24} {where:>10} {shape:>12} {init:>17} {dtype:>5} {state:>19} {optimizer:>9} {lr:>7.4g}"
+                     f" {factor:>7.4g} {effective:>12.4g} {betas:>10} {decay:>7.4g} {matrix:>9}")
     adam = (f"adam: eps {cfg.adam_eps}, cautious weight decay: wd ({cfg.adam_weight_decay} x the row's multiplier) x effective LR^2"
             + (", odd steps only (even steps' gradients accumulate)" if cfg.adam_odd_steps_only else ""))
     muon = (f"muon: {cfg.orthogonalizer}, Nesterov momentum {cfg.muon_momentum_start} -> {cfg.muon_momentum} over "
