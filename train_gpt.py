@@ -2879,8 +2879,10 @@ def load_optimizer_state(opt: Optimizers, state: dict, comm: Comm):
             own.copy_(padded[group.own])
     for e, saved in zip(opt.adam.entries, state["adam"]):
         for name, whole in saved.items():
-            rows = e[name].size(0)
-            e[name].copy_(whole[comm.rank * rows : (comm.rank + 1) * rows] if e["sharded"] else whole)
+            if e["sharded"]:
+                rows = e[name].size(0)
+                whole = whole[comm.rank * rows : (comm.rank + 1) * rows]
+            e[name].copy_(whole)  # a replicated one whole: 0-d scalars too
     opt.adam.step_count = state["adam_step_count"]
 
 
