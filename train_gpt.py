@@ -2865,13 +2865,15 @@ def optimizer_state(opt: Optimizers, comm: Comm) -> dict:
     for e in opt.adam.entries:
         adam.append({name: (gather_shards(e[name], comm) if e["sharded"] else e[name]).cpu().clone()
                      for name in ("exp_avg", "exp_avg_sq")})
-    return dict(muon=muon, adam=adam, adam_step_count=opt.adam.step_count)
+    return dict(muon=muon, adam=adam, adam_step_count=opt.adam.step_count, adam_tied=opt.adam.tied is not None)
 
 
 def load_optimizer_state(opt: Optimizers, state: dict, comm: Comm):
     """Each rank takes its own rows of the whole tensors that optimizer_state wrote."""
     if len(state["muon"]) != len(opt.muon.groups) or len(state["adam"]) != len(opt.adam.entries):
         raise DataError("the checkpoint's optimizer state does not match this model: was it written by another version of train_gpt.py?")
+    if opt.adam.tied is not None and not state.get("adam_tied", True):
+        opt.adam.untie()  # written after the split: the embedding trains apart (its moments are loaded below)
     for group, saved in zip(opt.muon.groups, state["muon"]):
         for name, whole in saved.items():
             own = getattr(group, name)

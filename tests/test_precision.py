@@ -195,3 +195,14 @@ def test_optimizer_state_round_trip_resumes_bit_exactly_with_bf16_weights():
     trained(resumed, resumed_opt, cfg, [2, 3])
     for name, p in model.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], p), name
+
+
+def test_a_run_resumed_after_the_split_ends_bit_identical_to_an_unbroken_one(tmp_path):
+    # The whole trainer (main, one process) on the small 2026 configuration of test_distributed_2026: a checkpoint
+    # at step 6, after the split (step 5), holds the bf16 weights, the low bits and the untied optimizer.
+    from test_distributed_2026 import one_thread_main, r2026_small_args
+    assert one_thread_main(r2026_small_args(tmp_path, "whole")) == 0
+    assert one_thread_main(r2026_small_args(tmp_path, "resumed", "--resume", str(tmp_path / "checkpoints/whole.pt"))) == 0
+    whole, resumed = torch.load(tmp_path / "whole.pt"), torch.load(tmp_path / "resumed.pt")
+    assert whole["blocks.0.attn.proj_w"].dtype == torch.bfloat16
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
