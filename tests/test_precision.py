@@ -206,3 +206,27 @@ def test_a_run_resumed_after_the_split_ends_bit_identical_to_an_unbroken_one(tmp
     whole, resumed = torch.load(tmp_path / "whole.pt"), torch.load(tmp_path / "resumed.pt")
     assert whole["blocks.0.attn.proj_w"].dtype == torch.bfloat16
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_the_lambdas_enter_the_layers_in_the_compute_dtype_as_the_scripts_casts():
+    # r2026.py 1280-1285: resid, post, x0 and bigram lambdas rounded to bf16 for the forward; the parameters stay fp32
+    cfg = tiny_cfg()
+    model = tg.build_model(cfg, torch.device("cpu"), 1, None)
+    model.compute_dtype = torch.bfloat16  # as on the GPU
+    seen = []
+
+    def recording(call):
+        def block(x, x0, attn_input, value_embed, mask, bigram, resid, post, x0_lambda, cos, sin):
+            seen.append((resid, post, x0_lambda, bigram))
+            return call(x, x0, attn_input, value_embed, mask, bigram, resid, post, x0_lambda, cos, sin)
+        return block
+
+    model.block_calls = [recording(call) for call in model.block_calls]
+    ids = torch.randint(0, 50000, (257,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids[:-1], ids[1:], tg.schedule_at(0, cfg))
+    assert model.resid_lambdas.dtype == torch.float32
+    for i, (resid, post, x0_lambda, bigram) in enumerate(seen):
+        assert torch.equal(resid, model.resid_lambdas[i].bfloat16()) and resid.dtype == torch.bfloat16
+        assert post.dtype == x0_lambda.dtype == torch.bfloat16 and torch.equal(post, model.post_lambdas[i].bfloat16())
+        assert bigram is None or bigram.dtype == torch.bfloat16
