@@ -104,7 +104,7 @@ class Config:
     fp8_x_max: float = field(default=100.0, metadata={"help": "FP8 head: largest |input| kept, its scale is this/448"})
     fp8_w_max: float = field(default=1.6, metadata={"help": "FP8 head: largest |weight| kept, larger ones saturate; its scale is this/448"})
     fp8_grad_max: float = field(default=0.75, metadata={"help": "FP8 head backward: the output gradient's scale is this/448/accumulation steps"})
-    bf16_embeddings: bool = field(default=False, metadata={"help": "store the embedding tables in bf16, as the 2026 script does: half the bytes in their reduce-scatters and all-gathers; Adam's moments stay fp32"})
+    fp32_masters: bool = field(default=False, metadata={"help": "store every parameter in fp32 and Muon's weights as plain fp32 (the storage before issue 19, for a GPU A/B); default: the script's storage, bf16 tables, head, gates and Muon matrices (plus 16 low bits each in Muon's state), fp32 lambdas"})
     # optimizer: the per-parameter table is recipe(); these are its base values
     muon_lr: float = field(default=0.023, metadata={"help": "Muon base learning rate (hidden matrices; the table adds shape factors)"})
     muon_momentum: float = field(default=0.95, metadata={"help": "Muon Nesterov momentum after warm-up"})
@@ -428,6 +428,25 @@ def uniform_init_(weight: Tensor, fan_in: int) -> Tensor:
         return weight.uniform_(-bound, bound)
 
 
+# Each parameter carries the init it was created with as a string (`init`), which --print-recipe shows.
+def tagged(param: nn.Parameter, init: str) -> nn.Parameter:
+    param.init = init
+    return param
+
+
+def uniform_param(*shape: int, fan_in: int) -> nn.Parameter:
+    bound = math.sqrt(3) * 0.5 * fan_in ** -0.5
+    return tagged(nn.Parameter(uniform_init_(torch.empty(*shape), fan_in)), f"U(+-{bound:.4g})")
+
+
+def zeros_param(*shape: int) -> nn.Parameter:
+    return tagged(nn.Parameter(torch.zeros(shape)), "zeros")
+
+
+def constant_param(value: float, *shape: int) -> nn.Parameter:
+    return tagged(nn.Parameter(torch.full(shape, value)), f"{value:.4g}")
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float | Tensor) -> Tensor:
     """(B, T, H, D) in and out. A BlockMask runs FlexAttention; a dense bool mask runs SDPA (the CPU path).
     scale: a float (compiled in), or a 0-d tensor (YaRN: a new value each stage is data, not a recompile)."""
@@ -465,13 +484,15 @@ class CausalSelfAttention(nn.Module):
         else:
             self.scale = cfg.attn_scale
         hidden = cfg.num_heads * cfg.head_dim
-        self.qk_w = nn.Parameter(uniform_init_(torch.empty(2, hidden, cfg.model_dim), cfg.model_dim))
-        self.v_w = nn.Parameter(uniform_init_(torch.empty(hidden, cfg.model_dim), cfg.model_dim))
-        self.proj_w = nn.Parameter(torch.zeros(cfg.model_dim, hidden))  # zero-init: each block starts as identity
-        self.sa_lambdas = nn.Parameter(torch.tensor([0.5, 1.0]))  # QKV and output scales (Q, K are normed: V's)
-        self.gate_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.attn_gate_dim))  # sigmoid gate per head, starts at 0.5
+        self.qk_w = uniform_param(2, hidden, cfg.model_dim, fan_in=cfg.model_dim)
+        self.v_w = uniform_param(hidden, cfg.model_dim, fan_in=cfg.model_dim)
+        # O drawn like V and right after it, as the script's vo_bank (r2026.py 1205-1213); only the MLP's output
+        # matrix starts at zero, so a block starts as identity plus its attention output
+        self.proj_w = uniform_param(cfg.model_dim, hidden, fan_in=cfg.model_dim)
+        self.sa_lambdas = tagged(nn.Parameter(torch.tensor([0.5, 1.0])), "[0.5,1]")  # QKV and output scales (Q, K are normed: V's)
+        self.gate_w = zeros_param(cfg.num_heads, cfg.attn_gate_dim)  # sigmoid gate per head, starts at 0.5
         # the value embedding enters each head through a gate 2*sigmoid(W [x[:6], ve[:6]]), 1 at init
-        self.value_gate_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.attn_gate_dim)) if value_gated else None
+        self.value_gate_w = zeros_param(cfg.num_heads, cfg.attn_gate_dim) if value_gated else None
         self.paired = paired
         self.key_offset = False  # set by the model on its long-window layers (--key-offset)
 
@@ -542,8 +563,8 @@ class MLP(nn.Module):
         super().__init__()
         hidden = cfg.mlp_ratio * cfg.model_dim
         # Both matrices stored (dim, hidden): one Muon shape group (the recipe's shape factor reads them as tall)
-        self.fc_w = nn.Parameter(uniform_init_(torch.empty(cfg.model_dim, hidden), cfg.model_dim))
-        self.proj_w = nn.Parameter(torch.zeros(cfg.model_dim, hidden))
+        self.fc_w = uniform_param(cfg.model_dim, hidden, fan_in=cfg.model_dim)
+        self.proj_w = zeros_param(cfg.model_dim, hidden)  # zero-init as the script's c_proj
         self.fused = "mlp" in kernel_names(cfg)  # --triton-kernels mlp
 
     def forward(self, x: Tensor) -> Tensor:
@@ -742,37 +763,38 @@ class GPT(nn.Module):
         # N(0, 0.01), one table per listed layer (the script's one (5 x vocab)-row table: the same elementwise Adam)
         self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.model_dim) for _ in cfg.value_embed_layers)
         for table in self.value_embeds:
-            nn.init.normal_(table.weight, std=0.01)
+            tagged(nn.init.normal_(table.weight, std=0.01), "N(0,0.01)")
         self.blocks = nn.ModuleList(Block(cfg, i not in cfg.no_attn_layers, i in cfg.value_embed_layers,
                                           i in cfg.paired_head_layers) for i in range(cfg.num_layers))
         self.rotary = Rotary(cfg.head_dim, 2 * max_seq_len if cfg.paired_head_layers else max_seq_len)
         # per layer, [attention, MLP] sublayer scales of the stream (which grows 1.1x a layer) and of the output
-        self.resid_lambdas = nn.Parameter(torch.full((cfg.num_layers, 2), 1.1 ** 0.5))
-        self.post_lambdas = nn.Parameter(torch.ones(cfg.num_layers, 2))
-        self.x0_lambdas = nn.Parameter(torch.zeros(cfg.num_layers))
+        self.resid_lambdas = constant_param(1.1 ** 0.5, cfg.num_layers, 2)
+        self.post_lambdas = constant_param(1.0, cfg.num_layers, 2)
+        self.x0_lambdas = zeros_param(cfg.num_layers)
         if cfg.smear_gate:
             self.smear_gate = nn.Linear(cfg.attn_gate_dim, 1, bias=False)
-            nn.init.zeros_(self.smear_gate.weight)
-            self.smear_lambda = nn.Parameter(torch.zeros(()))
+            tagged(nn.init.zeros_(self.smear_gate.weight), "zeros")
+            self.smear_lambda = zeros_param()
         if cfg.skip_connection:
             self.skip_gate = nn.Linear(cfg.attn_gate_dim, 1, bias=False)
-            nn.init.zeros_(self.skip_gate.weight)
-            self.skip_lambda = nn.Parameter(torch.tensor(-1.5))  # sigmoid(-1.5) ~ 0.18
+            tagged(nn.init.zeros_(self.skip_gate.weight), "zeros")
+            self.skip_lambda = constant_param(-1.5)  # sigmoid(-1.5) ~ 0.18
         if cfg.backout_layer >= 0:
-            self.backout_lambda = nn.Parameter(torch.tensor(0.5))
+            self.backout_lambda = constant_param(0.5)
         for i in cfg.long_window_layers if cfg.key_offset else ():
             if self.blocks[i].attn is not None:
                 self.blocks[i].attn.key_offset = True
         # a small random head, and the embedding starts as the same matrix (tied until the split step)
-        self.lm_head_w = nn.Parameter(torch.empty(cfg.vocab_size, cfg.model_dim))
+        self.lm_head_w = tagged(nn.Parameter(torch.empty(cfg.vocab_size, cfg.model_dim)), f"N(0,{cfg.head_init_std:g})")
         with torch.no_grad():
             self.lm_head_w.normal_(0, cfg.head_init_std)
             self.embed.weight.copy_(self.lm_head_w)
+        tagged(self.embed.weight, f"copy of {HEAD}")
         self.bigram_embed = None
         if cfg.bigram_rows:  # zero-init table, per-layer lambdas from 0.05, a fixed sign table (a buffer, saved)
             self.bigram_embed = nn.Embedding(cfg.bigram_rows, cfg.bigram_dim)
-            nn.init.zeros_(self.bigram_embed.weight)
-            self.bigram_lambdas = nn.Parameter(torch.full((cfg.num_layers,), 0.05))
+            tagged(nn.init.zeros_(self.bigram_embed.weight), "zeros")
+            self.bigram_lambdas = constant_param(0.05, cfg.num_layers)
             self.register_buffer("bigram_signs", random_signs(cfg.bigram_sign_rows, cfg.bigram_dim, cfg.seed))
         self.yarn_windows = None  # the long windows YaRN has been applied for (--yarn)
         self.compute_dtype = torch.float32
@@ -853,13 +875,14 @@ class GPT(nn.Module):
             skip_gate = torch.sigmoid(self.skip_lambda) * 2 * torch.sigmoid(
                 F.linear(x0[..., : self.skip_gate.weight.size(-1)], self.skip_gate.weight.type_as(x0)))
         rope = self.rotary.cos, self.rotary.sin
+        # the lambdas stay fp32 parameters and enter in the compute dtype, as the script's .bfloat16() (r2026.py 1280-1285)
+        resid, post, x0_lambdas = (p.type_as(x0) for p in (self.resid_lambdas, self.post_lambdas, self.x0_lambdas))
         x, skip, backout = x0, None, None
         for i, block_call in enumerate(self.block_calls):
             if i == skip_to:
                 x = x + skip_gate * skip
             attn_input = x if backout is None else backout
-            x = block_call(x, x0, attn_input, value_embeds[i], masks[i], bigrams[i],
-                           self.resid_lambdas[i], self.post_lambdas[i], self.x0_lambdas[i], *rope)
+            x = block_call(x, x0, attn_input, value_embeds[i], masks[i], bigrams[i], resid[i], post[i], x0_lambdas[i], *rope)
             if i == skip_from:
                 skip = x
             if i == self.cfg.backout_layer:
@@ -878,9 +901,9 @@ class GPT(nn.Module):
         layers 1.. add lambda_i * bigram with their attention output."""
         if self.bigram_embed is None:
             return x0, [None] * self.cfg.num_layers
-        bigram = self.bigram_features(input_ids)
-        x0 = add_to_leading_channels(x0, self.bigram_lambdas[0] * bigram)
-        return x0, [None] + [self.bigram_lambdas[i] * bigram for i in range(1, self.cfg.num_layers)]
+        bigram, lambdas = self.bigram_features(input_ids), self.bigram_lambdas.type_as(x0)  # as the others (layers)
+        x0 = add_to_leading_channels(x0, lambdas[0] * bigram)
+        return x0, [None] + [lambdas[i] * bigram for i in range(1, self.cfg.num_layers)]
 
     def attention_masks(self, input_ids: Tensor, schedule: StepSchedule) -> list:
         """Each layer's mask for the schedule's long and short windows (in tokens). They go in as device tensors,
@@ -1545,13 +1568,27 @@ def layer_ranges(layers: list) -> str:
     return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int16: "int16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def optimizer_state_dtypes(s: ParamSetting) -> str:
+    """What the optimizer keeps per weight, as DistributedAdam / MatrixGroup allocate it."""
+    if s.optimizer == "adam":
+        return f"m,v:{dtype_name(moment_dtype(s.param))}"
+    return "mom:fp32" + ("+low:int16" if s.param.dtype == torch.bfloat16 else "")
+
+
 def recipe_report(cfg: Config, model: nn.Module | None = None) -> str:
-    """The recipe as applied to this config's model (built on the meta device: no memory, no data), one line
-    per kind of parameter, with the layers that have it: optimizer, LR, Adam's betas, the weight decay coefficient
-    and Muon's matrix shape."""
+    """The recipe as applied to this config's model (built on the meta device with the trainer's storage: no memory,
+    no data), one line per kind of parameter, with the layers that have it: init, storage dtype, the optimizer's
+    state per weight, optimizer, LR, Adam's betas, the weight decay coefficient and Muon's matrix shape."""
     if model is None:
         with torch.device("meta"):
-            model = GPT(cfg, max_seq_len(cfg))
+            model = store_as_record(GPT(cfg, max_seq_len(cfg)), cfg)
     try:
         settings = assign_params(model, cfg)
     except ValueError as e:
@@ -1563,15 +1600,16 @@ def recipe_report(cfg: Config, model: nn.Module | None = None) -> str:
         shape = "x".join(map(str, s.param.shape)) or "scalar"
         betas = f"{s.betas[0]},{s.betas[1]}" if s.optimizer == "adam" else "-"
         matrix = "x".join(map(str, s.matrix_shape)) if s.optimizer == "muon" else "-"
-        key = (name, shape, s.optimizer, s.lr, s.shape_factor, s.effective_lr, betas, s.weight_decay, matrix)
+        storage = (getattr(s.param, "init", "-"), dtype_name(s.param.dtype), optimizer_state_dtypes(s))
+        key = (name, shape, *storage, s.optimizer, s.lr, s.shape_factor, s.effective_lr, betas, s.weight_decay, matrix)
         kinds.setdefault(key, []).append(int(layer.group(1)) if layer else None)
-    header = (f"{'parameter':24} {'layers':>10} {'shape':>12} {'optimizer':>9} {'lr':>7} {'shape x':>7} {'effective lr':>12}"
-              f" {'betas':>10} {'wd':>7} {'matrix':>9}")
+    header = (f"{'parameter':24} {'layers':>10} {'shape':>12} {'init':>17} {'dtype':>5} {'optimizer state':>19}"
+              f" {'optimizer':>9} {'lr':>7} {'shape x':>7} {'effective lr':>12} {'betas':>10} {'wd':>7} {'matrix':>9}")
     lines = [header]
-    for (name, shape, optimizer, lr, factor, effective, betas, decay, matrix), layers in kinds.items():
+    for (name, shape, init, dtype, state, optimizer, lr, factor, effective, betas, decay, matrix), layers in kinds.items():
         where = layer_ranges(layers) if layers[0] is not None else "-"
-        lines.append(f"{name:24} {where:>10} {shape:>12} {optimizer:>9} {lr:>7.4g} {factor:>7.4g} {effective:>12.4g}"
-                     f" {betas:>10} {decay:>7.4g} {matrix:>9}")
+        lines.append(f"{name:24} {where:>10} {shape:>12} {init:>17} {dtype:>5} {state:>19} {optimizer:>9} {lr:>7.4g}"
+                     f" {factor:>7.4g} {effective:>12.4g} {betas:>10} {decay:>7.4g} {matrix:>9}")
     adam = (f"adam: eps {cfg.adam_eps}, cautious weight decay: wd ({cfg.adam_weight_decay} x the row's multiplier) x effective LR^2"
             + (", odd steps only (even steps' gradients accumulate)" if cfg.adam_odd_steps_only else ""))
     muon = (f"muon: {cfg.orthogonalizer}, Nesterov momentum {cfg.muon_momentum_start} -> {cfg.muon_momentum} over "
@@ -1702,8 +1740,13 @@ class MatrixGroup:
         self.stats_dim = -1 if rows >= cols else -2
         moment_shape = (per_rank, rows, 1) if self.stats_dim == -1 else (per_rank, 1, cols)
         self.second_moment = torch.zeros(*moment_shape, dtype=torch.float32, device=p0.device)
-        self.grad_shard = torch.empty_like(self.momentum)
+        self.grad_shard = torch.empty(per_rank, *shape, dtype=p0.dtype, device=p0.device)  # reduce-scattered in the gradients' dtype
         self.gathered = torch.empty(self.padded, *shape, dtype=p0.dtype, device=p0.device)
+        # bf16 weights (the record's storage): the low 16 bits of each owned matrix's fp32 master, zero at init (the
+        # master is then the weight rounded to nearest), as the script's uint16 mantissa (r2026.py 568-570)
+        self.low_bits = None
+        if p0.dtype == torch.bfloat16:
+            self.low_bits = torch.zeros(per_rank, *shape, dtype=torch.int16, device=p0.device)
 
     def stacked_grads(self) -> Tensor:
         grads = [p.grad.view(-1, *self.shape) for p in self.params]
@@ -1715,8 +1758,38 @@ class MatrixGroup:
     def own_params(self) -> Tensor:
         owned = self.views[self.own]
         pad = self.per_rank - len(owned)
-        stacked = torch.stack(owned) if owned else self.momentum.new_zeros(0, *self.shape)
+        stacked = torch.stack(owned) if owned else self.views[0].new_zeros(0, *self.shape)
         return torch.cat([stacked, stacked.new_zeros(pad, *self.shape)]) if pad else stacked
+
+    def own_masters(self) -> Tensor:
+        """The fp32 masters of the owned matrices: the weights themselves, or bf16 weights joined with their low bits."""
+        own = self.own_params()
+        return own if self.low_bits is None else join_low_bits(own, self.low_bits)
+
+    def keep_masters(self, masters: Tensor) -> Tensor:
+        """Store updated masters; returns what the weights become (and all ranks gather): the masters, or with bf16
+        weights their top 16 bits (truncation, as the script), the low 16 staying on this rank."""
+        if self.low_bits is None:
+            return masters.to(self.gathered.dtype)
+        high, low = split_low_bits(masters)
+        self.low_bits.copy_(low)
+        return high.contiguous()
+
+
+# An fp32 number is its bf16 truncation (the high 16 bits) and 16 low bits. Joined and split by reinterpreting the
+# memory (int16 pairs <-> fp32, little-endian: low half first), with no integer shifts (uint32 shifts are missing
+# from eager CPU torch): exact, and a bf16 weight with low bits 0 is its own fp32 value.
+assert sys.byteorder == "little", "the bf16 + low bits storage reinterprets fp32 memory as little-endian halves"
+
+
+def join_low_bits(high: Tensor, low: Tensor) -> Tensor:
+    return torch.stack([low, high.view(torch.int16)], dim=-1).view(torch.float32).squeeze(-1)
+
+
+def split_low_bits(master: Tensor) -> tuple:
+    """(the bf16 truncation of each fp32 value, its low 16 bits as int16)."""
+    halves = master.contiguous().view(torch.int16).unflatten(-1, (-1, 2))
+    return halves[..., 1].view(torch.bfloat16), halves[..., 0]
 
 
 def cautious_decay_and_step_(param: Tensor, update: Tensor, lr, decay) -> Tensor:
@@ -1787,14 +1860,15 @@ class DistributedMuon(GradientReduction):
         gathers = []
         for group, handle in zip(self.groups, self.pending):
             wait(handle)
-            group.momentum.lerp_(group.grad_shard, 1 - momentum)
-            nesterov = group.grad_shard.lerp(group.momentum, momentum)
+            grad = group.grad_shard.float()  # bf16 from the record's reduce-scatter; momentum in fp32
+            group.momentum.lerp_(grad, 1 - momentum)
+            nesterov = grad.lerp(group.momentum, momentum)
             update = orthogonalize(nesterov, self.orthogonalizer, self.symmetric_kernels)
             if self.normuon_beta2:
                 update = self._reduce_variance(group, update)
             lrs = group.own_lrs * lr_mult  # decay x base LR x effective LR (per matrix), both scheduled
-            new_own = cautious_decay_and_step_(group.own_params(), update, lrs, group.decay * lr_mult * lrs)
-            gathers.append(self.comm.all_gather(group.gathered, new_own.to(group.gathered.dtype)))
+            new_masters = cautious_decay_and_step_(group.own_masters(), update, lrs, group.decay * lr_mult * lrs)
+            gathers.append(self.comm.all_gather(group.gathered, group.keep_masters(new_masters)))
         for group, handle in zip(self.groups, gathers):
             wait(handle)
             torch._foreach_copy_(group.views, list(group.gathered[: len(group.views)].unbind(0)))
@@ -2027,13 +2101,20 @@ class DistributedAdam(GradientReduction):
 
     def _apply_cautious(self, e: dict, betas: tuple, lr_mult: float):
         """The 2026 step: the same Adam update, plus weight decay of (effective LR)^2 x decay where the update
-        and the weight have the same sign (strictly: a zero weight or update is not decayed)."""
+        and the weight have the same sign (strictly: a zero weight or update is not decayed). A bf16 weight (the
+        record's storage) is updated as the script's (r2026.py 853-857): the whole update in fp32, subtracted from
+        the weight in fp32 and rounded once into bf16, p = bf16(f32(p) - u); no fp32 master."""
         bias1, bias2 = self._bias_corrections(betas)
         lr = e["lr"] * lr_mult
         param = e["param_view"]
         update = e["exp_avg"] / (e["exp_avg_sq"].sqrt() + self.eps) * (lr * math.sqrt(bias2) / bias1)
-        agrees = (update * param) > 0
-        param.sub_(update.addcmul_(param.to(update.dtype), agrees, value=lr * lr * e["decay"]))
+        weight = param.to(update.dtype)
+        agrees = (update * weight) > 0
+        update.addcmul_(weight, agrees, value=lr * lr * e["decay"])
+        if param.dtype == update.dtype:
+            param.sub_(update)
+        else:
+            param.copy_(weight.sub_(update))
 
 
 class OverlapHooks:
@@ -2655,13 +2736,25 @@ def setup_distributed(cfg: Config):
     return Comm(rank, world_size), device
 
 
+def store_as_record(model: nn.Module, cfg: Config) -> nn.Module:
+    """The script's storage (r2026.py 1908-1915): every parameter bf16 (round to nearest from the fp32 init) but the
+    lambdas (its `scalars` and resid/post/x0/bigram lambdas), which stay fp32; the bigram sign table bf16 (exact).
+    Adam keeps fp32 moments and rounds each step once into the weight; Muon keeps the 16 bits a bf16 weight lacks
+    of its fp32 master (MatrixGroup.low_bits). --fp32-masters: everything stays fp32. In place: the Parameter
+    objects (and their init tags) are kept."""
+    if cfg.fp32_masters:
+        return model
+    for name, p in model.named_parameters():
+        if "lambda" not in name:
+            p.data = p.data.to(torch.bfloat16)
+    if getattr(model, "bigram_signs", None) is not None:
+        model.bigram_signs = model.bigram_signs.to(torch.bfloat16)
+    return model
+
+
 def build_model(cfg: Config, device: torch.device, accumulation: int, logger) -> GPT:
     torch.manual_seed(cfg.seed)  # initialized on the CPU: identical weights on every rank and device
-    model = GPT(cfg, max_seq_len(cfg)).to(device)
-    if cfg.bf16_embeddings:  # r2026.py 1909-1910; Adam keeps fp32 moments (moment_dtype)
-        for module in model.modules():
-            if isinstance(module, nn.Embedding):
-                module.bfloat16()
+    model = store_as_record(GPT(cfg, max_seq_len(cfg)), cfg).to(device)
     if device.type == "cuda":
         model.compute_dtype, model.use_flex = torch.bfloat16, True
         if cfg.fp8_head and fp8_supported(device):
@@ -2768,10 +2861,13 @@ RESUME_MAY_CHANGE = {"train_files", "val_every", "device", "compile", "warmup_st
 
 
 def gather_shards(shard: Tensor, comm: Comm) -> Tensor:
-    """Each rank's rows of an optimizer state tensor, concatenated in rank order (every rank calls this)."""
+    """Each rank's rows of an optimizer state tensor, concatenated in rank order (every rank calls this). Muon's
+    int16 low bits travel as bf16 of the same bits (NCCL has no 16-bit integers; a gather only copies)."""
+    bits = shard.dtype == torch.int16
+    shard = shard.view(torch.bfloat16) if bits else shard
     full = shard.new_empty(comm.world_size * shard.size(0), *shard.shape[1:])
     wait(comm.all_gather(full, shard.contiguous()))
-    return full
+    return full.view(torch.int16) if bits else full
 
 
 def optimizer_state(opt: Optimizers, comm: Comm) -> dict:
@@ -2780,19 +2876,21 @@ def optimizer_state(opt: Optimizers, comm: Comm) -> dict:
     muon = []
     for group in opt.muon.groups:
         n = len(group.views)  # the rest is padding to a multiple of the world size: always zero
-        muon.append({name: gather_shards(getattr(group, name), comm)[:n].cpu().clone()
-                     for name in ("momentum", "second_moment")})
+        names = ("momentum", "second_moment") + (("low_bits",) if group.low_bits is not None else ())  # bf16 weights' masters
+        muon.append({name: gather_shards(getattr(group, name), comm)[:n].cpu().clone() for name in names})
     adam = []
     for e in opt.adam.entries:
         adam.append({name: (gather_shards(e[name], comm) if e["sharded"] else e[name]).cpu().clone()
                      for name in ("exp_avg", "exp_avg_sq")})
-    return dict(muon=muon, adam=adam, adam_step_count=opt.adam.step_count)
+    return dict(muon=muon, adam=adam, adam_step_count=opt.adam.step_count, adam_tied=opt.adam.tied is not None)
 
 
 def load_optimizer_state(opt: Optimizers, state: dict, comm: Comm):
     """Each rank takes its own rows of the whole tensors that optimizer_state wrote."""
     if len(state["muon"]) != len(opt.muon.groups) or len(state["adam"]) != len(opt.adam.entries):
         raise DataError("the checkpoint's optimizer state does not match this model: was it written by another version of train_gpt.py?")
+    if opt.adam.tied is not None and not state.get("adam_tied", True):
+        opt.adam.untie()  # written after the split: the embedding trains apart (its moments are loaded below)
     for group, saved in zip(opt.muon.groups, state["muon"]):
         for name, whole in saved.items():
             own = getattr(group, name)
@@ -2803,7 +2901,7 @@ def load_optimizer_state(opt: Optimizers, state: dict, comm: Comm):
             if e["sharded"]:
                 rows = e[name].size(0)
                 whole = whole[comm.rank * rows : (comm.rank + 1) * rows]
-            e[name].copy_(whole)  # (a replicated entry may be a 0-d scalar: the smear, skip, backout lambdas)
+            e[name].copy_(whole)  # a replicated one whole: 0-d scalars too
     opt.adam.step_count = state["adam_step_count"]
 
 
@@ -2872,8 +2970,6 @@ def restore_checkpoint(state: dict, model: GPT, opt: Optimizers, loader: TrainLo
     """Load what training_state wrote (every rank read the file); returns (step, train_ms, val_losses)."""
     with torch.no_grad():
         model.load_state_dict({k: v.to(device) for k, v in state["model"].items()})
-    if opt.adam.tied is not None and state["step"] > opt.split_step:
-        opt.adam.untie()  # a checkpoint after the split: the two train apart (their moments come next)
     load_optimizer_state(opt, state["optimizer"], comm)
     opt.adam.accepting = is_adam_step(state["step"], cfg)
     loader.load_state(state["loader"])

@@ -26,7 +26,7 @@ TRAIN_STEPS = 8
 CHECKPOINT_STEP = 6  # the split step is 5
 
 
-def r2026_small_args(log_dir: Path, run_id: str) -> list:
+def r2026_small_args(log_dir: Path, run_id: str, *extra: str) -> list:
     """The 2026 preset at CPU size with its structure kept: paired heads (layer 0), a layer without attention
     (2) that the skip connection (1 -> 2) feeds, the backout layer (2), value embeddings (0, 3), key offset on the
     long-window layers (1, 3), the bigram hash, MTP weights per stage, YaRN, the tied head split at step 5."""
@@ -45,7 +45,7 @@ def r2026_small_args(log_dir: Path, run_id: str) -> list:
             "--bigram-rows", "1000", "--bigram-dim", "16",
             "--log-dir", str(log_dir), "--run-id", run_id, "--save-model", str(log_dir / f"{run_id}.pt"),
             # a checkpoint (weights and whole optimizer state) at step 6, right after the split step
-            "--save-every", str(CHECKPOINT_STEP), "--checkpoint-dir", str(log_dir / "checkpoints")]
+            "--save-every", str(CHECKPOINT_STEP), "--checkpoint-dir", str(log_dir / "checkpoints"), *extra]
 
 
 def one_thread_main(args: list) -> int:
@@ -97,9 +97,13 @@ def test_the_small_r2026_configuration_crosses_stages_and_the_split():
     assert {s.seq_len for s in schedules} == {128, 256}
 
 
-def test_two_processes_equal_one_process_across_stages_and_the_split(tmp_path):
-    run_trainer(r2026_small_args(tmp_path, "one"), nproc=1)
-    run_trainer(r2026_small_args(tmp_path, "two"), nproc=2)
+# The record's storage (issue 19) has bf16 gradients: the two runs' sums of them (bf16 accumulation of 2 or 4
+# backward passes vs 1 or 2 and a gloo mean) differ at bf16 rounding (4e-3 relative), not in the last fp32 bit.
+# Measured: the val losses agree within 2.3e-3 over the 8 steps (fp32 storage: 2e-4); 1e-2 leaves room for that.
+@pytest.mark.parametrize("storage, loss_tolerance", [("--fp32-masters", 2e-3), ("--no-fp32-masters", 1e-2)])
+def test_two_processes_equal_one_process_across_stages_and_the_split(tmp_path, storage, loss_tolerance):
+    run_trainer(r2026_small_args(tmp_path, "one", storage), nproc=1)
+    run_trainer(r2026_small_args(tmp_path, "two", storage), nproc=2)
     log_one, log_two = parse_log_file(tmp_path / "one.txt"), parse_log_file(tmp_path / "two.txt")
     assert (log_one.world_size, log_one.grad_accum_steps, log_two.world_size, log_two.grad_accum_steps) == (1, 2, 2, 1)
     losses_one = [p.val_loss for p in log_one.val_points]
@@ -111,7 +115,7 @@ def test_two_processes_equal_one_process_across_stages_and_the_split(tmp_path):
     # and NorMuon and Adam (eps 1e-10) scale near-zero rows and entries up to full-size steps. Measured: the
     # val losses (logged to 4 decimals) agree within 2e-4 over all 8 steps; 2e-3 leaves room for that (another
     # CPU rounds otherwise) and is 50x smaller than what one training step moves the loss from step 3 on (0.1-0.2).
-    assert losses_one == pytest.approx(losses_two, abs=2e-3)
+    assert losses_one == pytest.approx(losses_two, abs=loss_tolerance)
     assert losses_one[-1] < losses_one[0] - 0.2  # it trained: equality is not two untouched models
     # Weights and optimizer state right after the split step (the checkpoint: every rank's shards gathered, so
     # a wrong row of the embedding's Adam moments on one rank shows), and the final weights.
@@ -127,12 +131,14 @@ def test_two_processes_equal_one_process_across_stages_and_the_split(tmp_path):
 
 def assert_close_in_norm(one: dict, two: dict, what: str = ""):
     """Each tensor of two within 25% of the norm of one's. The recipe amplifies the last-bit differences of the
-    two summation orders (see the losses above): measured over these 8 steps, at most 14% in the
-    zero-initialized attention output projections (whose NorMuon statistics start at noise level), at most
+    two summation orders (see the losses above): measured over these 8 steps (before issue 19), at most 14% in
+    the then zero-initialized attention output projections (whose NorMuon statistics start at noise level), at most
     3% in every other weight and in every Adam and Muon moment. A rank training on other sequences, or a
     misplaced shard of state, differs by about 100% (checked by breaking the loader's share of each rank and
     the untie's copy of the head's moments into the embedding's rows)."""
     assert one.keys() == two.keys()
     for name in one:
+        if one[name].dtype == torch.int16:  # Muon's low bits of bf16 weights: the masters' noise-like last bits,
+            continue                        # no norm to compare (their save and restore: tests/test_precision.py)
         a, b = one[name].float(), two[name].float()
         assert (b - a).norm().item() <= 0.25 * a.norm().item() + 1e-12, what + name

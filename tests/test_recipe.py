@@ -19,8 +19,10 @@ def applied_recipe(argv):
 def test_the_record_prints_the_2026_table(capsys):
     assert tg.main(["--print-recipe"]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
-    assert rows["blocks.*.attn.qk_w"][2:8] == ["2x768x768", "muon", "0.023", "1", "0.023", "-"]
-    assert rows["bigram_embed.weight"][2:6] == ["754560x192", "adam", "0.6", "1"]
+    # shape, init, storage dtype, optimizer state, then the optimizer's settings
+    assert rows["blocks.*.attn.qk_w"][2:11] == ["2x768x768", "U(+-0.03125)", "bf16", "mom:fp32+low:int16", "muon",
+                                                "0.023", "1", "0.023", "-"]
+    assert rows["bigram_embed.weight"][2:9] == ["754560x192", "zeros", "bf16", "m,v:fp32", "adam", "0.6", "1"]
     assert rows["muon:"][1] == "polar_express_2026,"
 
 

@@ -289,38 +289,6 @@ def test_the_host_sync_check_catches_an_item_in_the_step(monkeypatch):
         tg.train_step(model, [(ids[:-1], ids[1:])], opt, 0, cfg)
 
 
-# -----------------------------------------------------------------------------
-# --bf16-embeddings: half the bytes of every embedding's reduce-scatter and all-gather; off by default
-
-
-def test_bf16_embeddings_flag_halves_the_table_bytes_and_keeps_the_forward():
-    cfg = tg.parse_config(["--preset", "tiny", "--device", "cpu"])
-    assert not cfg.bf16_embeddings  # the default keeps fp32 tables
-    default = tg.build_model(cfg, torch.device("cpu"), 1, None)
-    bf16 = tg.build_model(tg.dataclasses.replace(cfg, bf16_embeddings=True), torch.device("cpu"), 1, None)
-    tables = [n for n, m in bf16.named_modules() if isinstance(m, torch.nn.Embedding)]
-    assert tables == ["embed", "value_embeds.0", "value_embeds.1", "bigram_embed"]
-    for name, p in bf16.named_parameters():
-        is_table = name.split(".weight")[0] in tables
-        assert p.dtype == (torch.bfloat16 if is_table else torch.float32), name
-        same = dict(default.named_parameters())[name].detach()
-        assert torch.equal(p.detach(), same.bfloat16() if is_table else same)
-    # on two ranks the tables are sharded: their gradient shards (what the reduce-scatter fills) are bf16,
-    # Adam's moments fp32
-    adam = tg.build_optimizers(bf16, cfg, tg.Comm(0, 2)).adam
-    embed = adam.entries[adam.entry_of(bf16.embed.weight)]
-    assert embed["sharded"] and embed["grad"].dtype == torch.bfloat16 and embed["exp_avg"].dtype == torch.float32
-    # with bf16 compute (as on the GPU) the forward is unchanged: a bf16 lookup of the rounded table is the
-    # rounded fp32 lookup
-    ids = token_ids(513, [0, 100, 300])
-    with torch.no_grad():
-        for model in (default, bf16):
-            model.lm_head_w.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
-            model.compute_dtype = torch.bfloat16
-        losses = [model(ids[:256], ids[1:257], tg.schedule_at(40, cfg)) for model in (default, bf16)]  # untied
-    assert torch.equal(losses[0], losses[1])
-
-
 def test_the_recompile_check_catches_a_recompile(monkeypatch):
     # The check above can fail: a compiled block whose constant changes after the warm-up recompiles, an error.
     cfg = two_layer_cfg()

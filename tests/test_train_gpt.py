@@ -238,8 +238,10 @@ def test_regional_compile_matches_eager_and_reuses_code_across_layers():
     compiled.backward()
     assert compiled.item() == pytest.approx(eager.item(), rel=1e-4)
     for p, g in zip([p for p in model.parameters() if p.grad is not None], eager_grads, strict=True):
-        # inductor sums in another order: a few of the head's 6.4M entries land 0.4% apart, the whole stays close
-        assert ((p.grad - g).norm() / g.norm()).item() < 1e-3
+        # inductor sums in another order: a few of the head's 6.4M entries land 0.4% apart, the whole stays close.
+        # A scalar's gradient is one sum over every token, which can cancel to near zero (the smear lambda's: 0.009
+        # with issue 19's init, 0.46 before, 8e-5 apart either way): an absolute floor of 2e-4 besides the 1e-3
+        assert (p.grad - g).norm().item() < 1e-3 * g.norm().item() + 2e-4
     # 3 kinds of block, layer 0 (its input is x0 itself: aliased inputs compile apart), the head
     assert counters["stats"]["unique_graphs"] <= 5
 
