@@ -230,3 +230,22 @@ def test_the_lambdas_enter_the_layers_in_the_compute_dtype_as_the_scripts_casts(
         assert torch.equal(resid, model.resid_lambdas[i].bfloat16()) and resid.dtype == torch.bfloat16
         assert post.dtype == x0_lambda.dtype == torch.bfloat16 and torch.equal(post, model.post_lambdas[i].bfloat16())
         assert bigram is None or bigram.dtype == torch.bfloat16
+
+
+def test_every_attention_layer_reads_one_rope_table():
+    # The record's layers once held a table each at the validation length (1.75 GiB of identical fp32 per GPU);
+    # now the model holds one, long enough for the paired layers' doubled sequences, passed to every block.
+    cfg = tg.parse_config([])
+    with torch.device("meta"):
+        model = tg.GPT(cfg, tg.max_seq_len(cfg))
+    tables = [name for name, _ in model.named_buffers() if name.endswith(("cos", "sin"))]
+    assert tables == ["rotary.cos", "rotary.sin"] and tuple(model.rotary.cos.shape) == (2 * 262_144, 64)
+    assert not any(hasattr(block.attn, "rotary") for block in model.blocks if block.attn is not None)
+    seen = []
+    small = tg.GPT(tiny_cfg(), 512)
+    for i, block in enumerate(small.blocks):
+        small.block_calls[i] = lambda *args, block=block: seen.append(args[-2:]) or block(*args)
+    ids = torch.randint(0, 50000, (257,), generator=torch.Generator().manual_seed(0))
+    ids[0] = tg.EOT_TOKEN
+    small(ids[:-1], ids[1:], tg.schedule_at(0, small.cfg))
+    assert len(seen) == 4 and all(cos is small.rotary.cos and sin is small.rotary.sin for cos, sin in seen)
