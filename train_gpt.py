@@ -421,13 +421,6 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 
 
-def uniform_init_(weight: Tensor, fan_in: int) -> Tensor:
-    """Uniform with std 0.5/sqrt(fan_in): the speedrun's init for matrices Muon will train."""
-    bound = math.sqrt(3) * 0.5 * fan_in ** -0.5
-    with torch.no_grad():
-        return weight.uniform_(-bound, bound)
-
-
 # Each parameter carries the init it was created with as a string (`init`), which --print-recipe shows.
 def tagged(param: nn.Parameter, init: str) -> nn.Parameter:
     param.init = init
@@ -435,8 +428,9 @@ def tagged(param: nn.Parameter, init: str) -> nn.Parameter:
 
 
 def uniform_param(*shape: int, fan_in: int) -> nn.Parameter:
+    """Uniform with std 0.5/sqrt(fan_in): the speedrun's init for matrices Muon will train."""
     bound = math.sqrt(3) * 0.5 * fan_in ** -0.5
-    return tagged(nn.Parameter(uniform_init_(torch.empty(*shape), fan_in)), f"U(+-{bound:.4g})")
+    return tagged(nn.Parameter(torch.empty(*shape).uniform_(-bound, bound)), f"U(+-{bound:.4g})")
 
 
 def zeros_param(*shape: int) -> nn.Parameter:
