@@ -188,16 +188,16 @@ def make_steps_log(source=SCRIPT, final_loss=3.2774, steps=3250, gpu=H100, world
 
 
 def make_steps_submission(root, name="2026-12-02_Example", *, losses=STEPS_LOSSES, steps=3250, claimed=None,
-                          gpu=H100, world_size=8, config=None, extra_logs=None):
+                          gpu=H100, world_size=8, config=None, extra_logs=None, source=SCRIPT):
     """A track_3_optimization folder whose every rule passes unless an argument breaks one; claimed: record.json's
     steps (default: steps, the runs' last step)."""
     folder = Path(root) / "track_3_optimization" / name
     for index, loss in enumerate(losses):
         run_config = {"seed": index, "run_id": f"run{index}", **(config or {})}  # separate runs, not copies of one
-        write(folder / f"run{index}.txt", make_steps_log(SCRIPT, loss, steps, gpu=gpu, world_size=world_size, config=run_config))
+        write(folder / f"run{index}.txt", make_steps_log(source, loss, steps, gpu=gpu, world_size=world_size, config=run_config))
     for file_name, text in (extra_logs or {}).items():
         write(folder / file_name, text)
-    write(folder / "train_gpt.py", SCRIPT)
+    write(folder / "train_gpt.py", source)
     record = {"date": name[:10], "steps": claimed or steps, "description": "Fixture: a better optimizer",
               "contributors": ["Test Person"]}
     write(folder / "record.json", json.dumps(record, indent=2) + "\n")

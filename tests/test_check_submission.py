@@ -20,8 +20,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from records import check_submission, leaderboard  # noqa: E402
-from submission_fixtures import (A100, SCRIPT, TIMES_MS, make_log, make_refused_log, make_steps_log,  # noqa: E402
-                                 make_steps_submission, make_submission, write)
+from submission_fixtures import (A100, SCRIPT, STEPS_CONFIG, STEPS_LOSSES, TIMES_MS, make_log,  # noqa: E402
+                                 make_refused_log, make_steps_log, make_steps_submission, make_submission, write)
 
 PASSING = REPO / "tests" / "fixtures" / "submissions" / "track_1_short" / "2026-11-24_Example"
 README_TEMPLATE = f"# Records\n\n{leaderboard.START_MARKER}\nold table\n{leaderboard.END_MARKER}\n"
@@ -106,8 +106,15 @@ BROKEN = {
                                                    "    torch._inductor.config.coordinate_descent_tuning = True\n"
                                                    "    return torch.compile(")),
                         {"compiler options"}, "sets torch._inductor.config.coordinate_descent_tuning"),
-    "copied log": (dict(extra_logs={"run3.txt": make_log(SCRIPT, 3.2772, TIMES_MS[1])}), {"statistics"},  # = run1.txt
+    "copied log": (dict(extra_logs={"run3.txt": make_log(SCRIPT, 3.2772, TIMES_MS[1])}), {"distinct runs"},  # = run1.txt
                    "run3.txt repeats run1.txt (same content): a run counts once: remove the copies"),
+    "record log copied into baseline/": (dict(extra_logs={"baseline/base3.txt": make_log(SCRIPT, 3.2772, TIMES_MS[1])}),
+                                         {"distinct runs"}, "baseline/base3.txt repeats run1.txt (same content)"),
+    "a run id twice": (dict(extra_logs={"crashed/run4.txt": make_log(crash_at=3, config={"run_id": "r1"}),
+                                        "run5.txt": make_log(SCRIPT, 3.2771, 150_250, config={"run_id": "r1"})}),
+                       {"distinct runs"}, "crashed/run4.txt repeats run5.txt (same run id r1)"),
+    "a track-3 log": (dict(extra_logs={"crashed/run3.txt": make_steps_log(stopping=500)}), {"track"},
+                      "crashed/run3.txt: track_3_optimization: logs of another track's trainer (track_1_short needs its own"),
     "slower than baseline": (dict(baseline_times_ms=(140_000, 140_500, 141_000)), {"speed"},
                              "mean 150.250 s vs baseline 140.500 s: +9.750 s (+6.94%)"),
 }
@@ -144,6 +151,21 @@ def test_log_without_a_step_line_is_skipped_with_one_note(tmp_path, capsys):
                         "a run that stops before its first step (a config or data error: see its stopping: line) "
                         "has nothing to count")
     assert results["logs"][1] == "3 logs parsed, 3 complete"
+
+
+def test_a_log_cut_inside_its_source_is_noted_by_the_check_and_the_leaderboard(tmp_path, capsys):
+    """Issue 28: such a file was left out silently; every file left out is named."""
+    text = make_log(final_loss=3.2900)
+    cut = text[:text.index("def main")]
+    folder = make_submission(tmp_path, extra_logs={"run3.txt": cut, "crashed/run4.txt": cut})
+    code, results, lines = run_check(capsys, folder)
+    assert code == 0, "\n".join(lines)
+    assert lines[1] == (f"note: {folder}: skipped 2 .txt/.log file(s) that are not logs (run3.txt, crashed/run4.txt): no "
+                        "line of 100 '=' and no step line: a log cut inside its embedded source (use the whole log, or "
+                        "move a crashed run's log to crashed/), or a file that is no log")
+    write(tmp_path / "README.md", README_TEMPLATE)
+    assert leaderboard.main(["--root", str(tmp_path)]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == "note: " + lines[1][len("note: "):]
 
 
 def test_log_without_header_lines_is_not_parsed(tmp_path, capsys):
@@ -188,9 +210,34 @@ def test_claimed_time_is_the_mean_rounded_to_the_written_decimals(text, mean, ok
      "line 2: sets torch._inductor.config.coordinate_descent_tuning"),
     ("from torch._inductor import config\nconfig.triton.unique_kernel_names = True\n",
      "line 2: sets torch._inductor.config.triton.unique_kernel_names"),
-    ("import torch\nsetattr(torch._inductor.config, 'max_autotune', True)\n", "line 2: setattr(torch._inductor.config, ...)"),
+    ("import torch\nsetattr(torch._inductor.config, 'max_autotune', True)\n",
+     "line 2: sets torch._inductor.config.max_autotune (setattr)"),
     ("import torch\nwith torch._inductor.config.patch(max_autotune=True):\n    pass\n",
-     "line 2: torch._inductor.config.patch(...)"),
+     "line 2: sets torch._inductor.config.max_autotune (patch)"),
+    # issue 28: every other way a script passes a compiler option or mode
+    ("import torch\nmodel.compile(mode='max-autotune')\n", "line 2: model.compile(... mode)"),
+    ("import torch\nself.model.compile(options={'max_autotune': True})\n", "line 2: self.model.compile(... options)"),
+    ("import torch\ntorch.nn.Module.compile(model, options={'max_autotune': True})\n",
+     "line 2: torch.nn.Module.compile(... options)"),
+    ("from torch import nn\nnn.Module.compile(model, backend='eager')\n", "line 2: nn.Module.compile(... backend)"),
+    ("import torch as t\nm = t.compile(f, mode='max-autotune')\n", "line 2: t.compile(... mode)"),
+    ("from torch import compile as tc\nm = tc(f, mode='max-autotune')\n", "line 2: tc(... mode)"),
+    ("import torch\nbuild = torch.compile\nm = build(f, mode='max-autotune')\n", "line 3: build(... mode)"),
+    ("import torch\nm = torch.compiler.compile(f, mode='max-autotune')\n", "line 2: torch.compiler.compile(... mode)"),
+    ("import functools, torch\nc = functools.partial(torch.compile, mode='max-autotune')\n",
+     "line 2: partial(torch.compile, ... mode)"),
+    ("import torch\ntorch._inductor.config.patch('max_autotune', True)\n", "line 2: sets torch._inductor.config.max_autotune (patch)"),
+    ("import torch\ntorch._inductor.config.patch({'max_autotune': True})\n",
+     "line 2: sets torch._inductor.config.max_autotune (patch)"),
+    ("import torch\ntorch._inductor.config.load_config(saved)\n", "line 2: calls torch._inductor.config.load_config(...)"),
+    ("import torch\ntorch.compiler.config.dynamic_sources = 'x'\n", "line 2: sets torch.compiler.config.dynamic_sources"),
+    ("import importlib\nc = importlib.import_module('torch._inductor.config')\nc.max_autotune = True\n",
+     "line 3: sets torch._inductor.config.max_autotune"),
+    ("import torch\ntorch.compiler.set_stance('eager_on_recompile')\n", "line 2: calls torch.compiler.set_stance(...)"),
+    ("import torch\nf = torch._dynamo.optimize('inductor')(f)\n", "line 2: calls torch._dynamo.optimize(...)"),
+    ("import os\nos.environ.update(TORCHINDUCTOR_MAX_AUTOTUNE='1')\n",
+     "line 2: names the compiler variable 'TORCHINDUCTOR_MAX_AUTOTUNE'"),
+    ("import os\nos.environ[f'TORCHINDUCTOR_{name}'] = '1'\n", "line 2: names the compiler variable 'TORCHINDUCTOR_'"),
     ("import os\nos.environ['TORCHINDUCTOR_MAX_AUTOTUNE'] = '1'\n", "line 2: names the compiler variable 'TORCHINDUCTOR_MAX_AUTOTUNE'"),
     ("def f(:\n", "line 1: the source does not parse"),
 ])
@@ -202,14 +249,33 @@ def test_compiler_options_are_found(source, expected):
 def test_allowed_compile_calls_and_unrelated_config_pass():
     source = ("import torch\nimport json\nconfig = {}\nconfig['mode'] = 'fast'\n"
               "a = torch.compile(f)\nb = torch.compile(f, dynamic=False, fullgraph=True)\n"
-              "torch.backends.cuda.matmul.allow_tf32 = True\nprint('TORCHINDUCTOR is not a prefix here')\n")
+              "torch.backends.cuda.matmul.allow_tf32 = True\nprint('TORCHINDUCTOR is not a prefix here')\n"
+              "import re\npattern = re.compile(r'step:(\\d+)', flags=re.I)\n"  # not a torch compile
+              "code = compile('1 + 1', '<x>', mode='eval')\n"  # the builtin
+              "model.compile(dynamic=False)\nsaved = torch._inductor.config.get_config_copy()\n")
     assert check_submission.compiler_option_violations(source) == []
+    assert check_submission.scan_compiler_use(source)[1] == 3  # a, b and model.compile
 
 
 def test_raising_the_recompile_limit_is_the_one_allowed_setting():
     source = ("import torch\ntorch._dynamo.config.recompile_limit = 64\nd = torch._dynamo.config\n"
-              "d.cache_size_limit = max(d.cache_size_limit, 64)\n")
+              "d.cache_size_limit = max(d.cache_size_limit, 64)\nm = torch.compile(f, recompile_limit=64)\n")
     assert check_submission.compiler_option_violations(source) == []
+
+
+@pytest.mark.parametrize("track", ["track_1_short", "track_3_optimization"])
+def test_module_compile_with_a_mode_fails_the_compiler_rule_on_every_track(tmp_path, capsys, track):
+    """Issue 28: model.compile(mode=...) and Module.compile(options=...) in a logged script passed on both tracks."""
+    source = SCRIPT.replace("return torch.compile(model, dynamic=False)",
+                            "model.compile(mode='max-autotune')\n    torch.nn.Module.compile(model, options={'a': 1})\n"
+                            "    return model")
+    assert source != SCRIPT
+    make = make_submission if track == "track_1_short" else make_steps_submission
+    folder = make(tmp_path, source=source)
+    code, results, _ = run_check(capsys, folder)
+    line = next(n for n, text in enumerate(source.splitlines(), 1) if "model.compile(" in text)
+    assert code == 1 and results["compiler options"] == (
+        "FAIL", f"line {line}: model.compile(... mode); line {line + 1}: torch.nn.Module.compile(... options)")
 
 
 def test_repository_trainer_breaks_no_compiler_rule():
@@ -288,7 +354,7 @@ def test_leaderboard_refuses_a_record_with_a_copied_log_and_notes_a_refused_one(
     err = capsys.readouterr().err.splitlines()
     assert err[0] == (f"note: {folder}: skipped 1 log(s) without a step line (refused.txt): a run that stops before "
                       "its first step (a config or data error: see its stopping: line) has nothing to count")
-    assert err[1] == (f"refused: {folder}: statistics: run3.txt repeats run1.txt (same content): a run counts once: "
+    assert err[1] == (f"refused: {folder}: distinct runs: run3.txt repeats run1.txt (same content): a run counts once: "
                       "remove the copies")
     assert readme.read_text() == README_TEMPLATE
 
@@ -302,6 +368,8 @@ def test_leaderboard_and_check_share_the_rule_functions():
 # ----------------------------------------------------------------------------- the steps track (track_3_optimization)
 
 STEPS_RULES = [name for name, _ in check_submission.STEPS_TRACK_RULES]
+# a main-trainer log with the benchmark's model and batch: only its missing track: line gives it away
+STEPS_CONFIG_FOR_MAIN = {key: value for key, value in STEPS_CONFIG.items() if key != "train_steps"}
 
 
 def test_steps_track_submission_passes_its_rules_with_their_figures(tmp_path, capsys):
@@ -339,6 +407,12 @@ BROKEN_STEPS = {
     "two GPU models": (dict(extra_logs={"run4.txt": make_steps_log(gpu=A100, world_size=4)}), {"hardware"},
                        "8 x NVIDIA H100 80GB HBM3, 4 x NVIDIA A100-SXM4-80GB"),
     "3 GPUs": (dict(world_size=3), {"hardware"}, "3 x NVIDIA H100 80GB HBM3"),
+    # issue 28: a copied log counted n = 4 in the z-rule on this track, while track 1 caught it
+    "a copied log": (dict(losses=STEPS_LOSSES[:3], extra_logs={"run3.txt": make_steps_log(
+        final_loss=STEPS_LOSSES[0], config={"seed": 0, "run_id": "run0"})}), {"distinct runs"},
+                     "run3.txt repeats run0.txt (same content): a run counts once: remove the copies"),
+    "a main-trainer log": (dict(extra_logs={"run4.txt": make_log(config=STEPS_CONFIG_FOR_MAIN)}), {"track", "stopping step"},
+                           "run4.txt: track_1_short: logs of another track's trainer (track_3_optimization needs"),
     "a wider model": (dict(config={"model_dim": 1024}), {"fixed model"}, "run0.txt: model_dim 1024"),
 }
 
@@ -351,6 +425,20 @@ def test_each_broken_steps_rule_fails_with_its_own_line(tmp_path, capsys, case):
     assert failed(results) == rules, "\n".join(lines)
     first = sorted(rules, key=STEPS_RULES.index)[0]
     assert figure in results[first][1], results[first][1]
+
+
+def test_a_copy_counts_once_in_the_steps_statistics(tmp_path, capsys):
+    """The z-rule scores the three runs, not the copy: mean of 3.2770, 3.2778, 3.2772 = 3.2773, z = 0.0027 * sqrt 3."""
+    copy = make_steps_log(final_loss=STEPS_LOSSES[0], config={"seed": 0, "run_id": "run0"})
+    code, results, _ = run_check(capsys, make_steps_submission(tmp_path, losses=STEPS_LOSSES[:3], extra_logs={"run3.txt": copy}))
+    assert code == 1 and failed(results) == {"distinct runs"}
+    assert results["statistics"][1].startswith(f"mean val loss 3.27733 at step 3250 over n=3: z = {0.0026667 * 3 ** 0.5:.5f}")
+
+
+def test_the_copy_rule_is_one_rule_of_every_track_and_of_the_leaderboard():
+    for track in check_submission.TRACKS.values():
+        assert "distinct runs" in [name for name, _ in check_submission.rules_of(track)], track.name
+    assert {"distinct runs", "track"} <= set(check_submission.LEADERBOARD_RULES)
 
 
 def test_steps_record_json_claims_steps_not_time(tmp_path, capsys):

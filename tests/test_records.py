@@ -906,3 +906,74 @@ def test_steps_track_scores_one_earlier_step_and_warns_on_mixed_lengths(tmp_path
     assert "Steps track" in out and "step n/a, n = 0" in out
     plain = write_group(tmp_path / "main", [3.2790, 3.2785], [150.0, 151.0])
     assert "Steps track" not in run_compare(capsys, plain)[1]  # main-track logs have no track: line
+
+
+# ----------------------------------------------------------------------------- issue 28: what compare.py let through
+
+def test_a_folder_mixing_two_tracks_is_refused_naming_each_log(tmp_path, capsys):
+    """A track-1 and a track-3 log were pooled into one p-value; each track has its own target and rules."""
+    folder = write_group(tmp_path / "mixed", [3.2770], [150.0])
+    write(folder / "t3.txt", make_steps_log(final_loss=3.2760))
+    code, out, err = run_compare(capsys, folder)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [f"error: {folder}: mixes the logs of 2 tracks (track_1_short: run0.txt; "
+                                "track_3_optimization: t3.txt): each track has its own target and rules, so their runs "
+                                "make no one group: put each track's logs in its own folder"]
+
+
+def test_groups_of_two_tracks_are_compared_with_a_warning_and_each_its_own_track(tmp_path, capsys):
+    main = write_group(tmp_path / "main", [3.2770, 3.2780], [150.0, 151.0])
+    steps = write_steps_group(tmp_path / "steps", [3.2760, 3.2770], 3250)
+    code, out, err = run_compare(capsys, main, steps, "--json")
+    assert code == 0
+    assert [(g["track"], g["target"]) for g in json.loads(out)["groups"]] == [("track_1_short", 3.28),
+                                                                             ("track_3_optimization", 3.28)]
+    assert err.splitlines() == [f"warning: the groups come from different tracks ({main}: track_1_short; {steps}: "
+                                "track_3_optimization): the comparison sets different races side by side"]
+
+
+def test_a_run_two_groups_share_is_named(tmp_path, capsys):
+    a = write_group(tmp_path / "a", [3.2770, 3.2780], [150.0, 151.0])
+    b = write_group(tmp_path / "b", [3.2790], [152.0])
+    write(b / "copy.txt", (a / "run1.txt").read_text())
+    code, _, err = run_compare(capsys, a, b)
+    assert code == 0 and err.splitlines() == ["warning: copy.txt repeats run1.txt (same content) across groups: the groups "
+                                              "share these runs"]
+
+
+def test_a_log_cut_inside_its_source_is_skipped_with_one_line(tmp_path, capsys):
+    """It has no separator and no step line: it was skipped silently, as if it were no file at all."""
+    folder = write_group(tmp_path / "logs", [3.27, 3.28], [100.0, 101.0])
+    text = make_log(final_loss=3.2600)
+    write(folder / "cut.txt", text[:text.index("step:100/100")])  # inside SOURCE, above the separator
+    code, out, err = run_compare(capsys, folder)
+    assert code == 0 and "cut.txt" not in out
+    assert err.splitlines() == [f"warning: {folder}: skipped 1 .txt/.log file(s) that are not logs (cut.txt): no line of "
+                                "100 '=' and no step line: a log cut inside its embedded source (use the whole log, or "
+                                "move a crashed run's log to crashed/), or a file that is no log"]
+    code, _, err = run_compare(capsys, folder / "cut.txt")
+    assert code == 2 and err.startswith(f"error: {folder / 'cut.txt'}: not a training log (no line of 100 '=' and no step line")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--at-step", "-5"], "argument --at-step: must be a step number of 1 or more, got -5"),
+    (["--at-step", "0"], "argument --at-step: must be a step number of 1 or more, got 0"),
+    (["--at-step", "3.5"], "argument --at-step: must be a whole number of steps, got '3.5'"),
+    (["--target", "nan"], "argument --target: must be a finite val loss above 0, got nan"),
+    (["--target", "-1"], "argument --target: must be a finite val loss above 0, got -1"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, capsys, argv, message):
+    folder = write_steps_group(tmp_path / "g", [3.2760, 3.2770], 3250)
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main([str(folder), *argv])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == ""
+    assert err == f"compare.py: error: {message} (see --help)\n"
+
+
+def test_at_step_on_logs_of_another_track_is_said_to_be_ignored(tmp_path, capsys):
+    folder = write_group(tmp_path / "main", [3.2790, 3.2785], [150.0, 151.0])
+    code, out, err = run_compare(capsys, folder, "--at-step", "50")
+    assert code == 0 and "Steps track" not in out
+    assert err.splitlines() == [f"warning: --at-step 50 ignored: it scores track_3_optimization logs, and not every group "
+                                f"is of that track ({folder}: track_1_short)"]
