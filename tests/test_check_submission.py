@@ -499,6 +499,28 @@ def test_workflows_parse_and_call_the_real_scripts():
         assert (REPO / script).is_file(), script
 
 
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def test_every_ci_job_installs_the_cpu_build_of_torch():
+    """Issue 28: the tests job set no TORCH_INDEX_URL, so .ci/run pulled the multi-GB CUDA build from PyPI."""
+    for path in sorted(WORKFLOWS.glob("*.y*ml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        for job_name, job in data["jobs"].items():
+            for step in job["steps"]:
+                env = {**data.get("env", {}), **job.get("env", {}), **step.get("env", {})}
+                run = step.get("run", "")
+                if ".ci/run" in run:
+                    assert env.get("TORCH_INDEX_URL") == CPU_INDEX, f"{path.name} {job_name}: .ci/run without the CPU index"
+                for line in run.splitlines():
+                    if "pip install" in line and " torch" in line:
+                        index = line.split("--index-url", 1)[1].split()[0].strip('"') if "--index-url" in line else None
+                        index = env.get("TORCH_INDEX_URL") if index == "$TORCH_INDEX_URL" else index
+                        assert index == CPU_INDEX, f"{path.name} {job_name}: {line.strip()}"
+    ci_run = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    assert '--index-url "$TORCH_INDEX_URL"' in ci_run
+
+
 def test_pull_request_template_has_the_record_checklist():
     template = (REPO / ".github" / "PULL_REQUEST_TEMPLATE" / "record.md").read_text(encoding="utf-8")
     boxes = [line for line in template.splitlines() if line.lstrip().startswith("- [ ]")]
