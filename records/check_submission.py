@@ -47,7 +47,7 @@ class Track:
     name: str
     gpu_model: str          # substring of the logged GPU name, e.g. "H100 80GB" in "NVIDIA H100 80GB HBM3"
     world_size: int
-    target: float = compare.DEFAULT_TARGET
+    target: float = compare.DEFAULT_TARGET  # the val loss a record must reach (compare.TRACK_TARGETS)
     train_files_name: str = "fineweb_train_*.bin"  # last component of --train-files: every FineWeb train shard, in order
     val_files_name: str = "fineweb_val_*.bin"
     val_tokens: int = 10_485_760
@@ -60,6 +60,14 @@ class Track:
     fixed_config: tuple = ()
     # Compiler config settings this track allows besides dynamo's recompile limit (rule 5), as dotted names.
     allowed_compiler_settings: tuple = ()
+    model: str = ""  # what races, and its trainer (the leaderboard's line under the track's header)
+
+    @property
+    def race(self):
+        """One line for the leaderboard: the model, the target, the hardware and the score."""
+        score = ("the fewest steps (the z-rule at one step for every run)" if self.score == "steps"
+                 else f"the fastest mean time (with a one-sided t-test p < {MAX_P})")
+        return f"{self.model} to a val loss of {self.target} on {self.hardware}; the record is {score}."
 
     @property
     def hardware(self):
@@ -70,11 +78,19 @@ class Track:
 
 
 TRACKS = {
-    "track_1_short": Track("track_1_short", gpu_model="H100 80GB", world_size=8),
+    "track_1_short": Track("track_1_short", gpu_model="H100 80GB", world_size=8, target=compare.TRACK_TARGETS["track_1_short"],
+                           model="GPT-2 small (`train_gpt.py`)"),
+    # GPT-2 medium to 2.92 (records/track_2_medium/train_gpt.py): track 1's rules with its own target, and the one
+    # inductor option the public track allows since its record 6.
+    "track_2_medium": Track("track_2_medium", gpu_model="H100 80GB", world_size=8, target=compare.TRACK_TARGETS["track_2_medium"],
+                            allowed_compiler_settings=("torch._inductor.config.coordinate_descent_tuning",),
+                            model="GPT-2 medium (`records/track_2_medium/train_gpt.py`)"),
     "track_3_optimization": Track(
-        "track_3_optimization", gpu_model="", world_size=0, val_seq_len=1024, score="steps", world_sizes=(1, 2, 4, 8),
+        "track_3_optimization", gpu_model="", world_size=0, target=compare.TRACK_TARGETS["track_3_optimization"],
+        val_seq_len=1024, score="steps", world_sizes=(1, 2, 4, 8),
         gpu_models=("A100", "H100"), fixed_config=(("num_layers", 12), ("model_dim", 768), ("head_dim", 128),
-                                                   ("vocab_size", 50304), ("batch_seqs", 512), ("train_seq_len", 1024))),
+                                                   ("vocab_size", 50304), ("batch_seqs", 512), ("train_seq_len", 1024)),
+        model="The optimizer benchmark's fixed GPT-2 small and batch (`records/track_3_optimization/train_gpt.py`)"),
 }
 
 

@@ -36,7 +36,6 @@ RECORDS_DIR = os.path.dirname(os.path.abspath(__file__))
 FOLDER_RE = check_submission.FOLDER_RE
 LEADERBOARD_RULES = check_submission.LEADERBOARD_RULES
 TRACK_RE = re.compile(r"^track_[A-Za-z0-9_]+$")
-NO_RECORDS = "No records yet: the first folder under `records/track_1_short/` will appear here."
 
 
 class LeaderboardError(Exception):
@@ -146,11 +145,21 @@ def table_head(columns):
             "|" + "|".join("-" * (len(name) + 1) + ":" if right else "-" * (len(name) + 2) for name, right in columns) + "|"]
 
 
+def no_records(track):
+    """What a track without records shows under its header."""
+    return f"No records yet: the first folder under `records/{track}/` will appear here."
+
+
 def render_track(track, entries, base):
-    """The Markdown table of one track; links are relative to base (the README's folder)."""
+    """One track's section: its header, what races (check_submission.TRACKS) and the Markdown table of its records
+    (or a line saying there are none); links are relative to base (the README's folder)."""
+    known = check_submission.TRACKS.get(track)
+    lines = [f"### {track}", ""] + ([known.race, ""] if known else [])
+    if not entries:
+        return "\n".join(lines + [no_records(track)])
     score_columns, scores = (STEPS_COLUMNS, steps_scores) if "steps" in entries[0] else (TIME_COLUMNS, time_scores)
     columns = [("#", True), ("Date", False), *score_columns, ("Description", False), ("Contributors", False), ("Record", False)]
-    lines = [f"### {track}", "", *table_head(columns)]
+    lines += table_head(columns)
     for number, entry in enumerate(entries, 1):
         meta = entry["meta"]
         rel = os.path.relpath(os.path.abspath(entry["folder"]), base).replace(os.sep, "/")
@@ -162,10 +171,10 @@ def render_track(track, entries, base):
 
 
 def render_leaderboard(tracks, base):
-    """Everything between the markers (without the markers); base as in render_track."""
-    if not tracks:
-        return NO_RECORDS
-    return "\n\n".join(render_track(name, entries, base) for name, entries in tracks.items())
+    """Everything between the markers (without the markers): a section for every track check_submission knows, with
+    or without records, in name order; base as in render_track."""
+    names = sorted(set(check_submission.TRACKS) | set(tracks))
+    return "\n\n".join(render_track(name, tracks.get(name, []), base) for name in names)
 
 
 def splice(readme_text, body, readme_path):

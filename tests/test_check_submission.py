@@ -20,8 +20,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from records import check_submission, leaderboard  # noqa: E402
-from submission_fixtures import (A100, SCRIPT, STEPS_CONFIG, STEPS_LOSSES, TIMES_MS, make_log,  # noqa: E402
-                                 make_refused_log, make_steps_log, make_steps_submission, make_submission, write)
+from submission_fixtures import (A100, MEDIUM_LOSSES, MEDIUM_TIMES_MS, SCRIPT, STEPS_CONFIG, STEPS_LOSSES,  # noqa: E402
+                                 TIMES_MS, make_log, make_medium_log, make_medium_submission, make_refused_log,
+                                 make_steps_log, make_steps_submission, make_submission, write)
 
 PASSING = REPO / "tests" / "fixtures" / "submissions" / "track_1_short" / "2026-11-24_Example"
 README_TEMPLATE = f"# Records\n\n{leaderboard.START_MARKER}\nold table\n{leaderboard.END_MARKER}\n"
@@ -181,8 +182,10 @@ def test_unknown_track_fails_the_folder_and_the_track_rules(tmp_path, capsys):
     folder = make_submission(tmp_path, track="track_9_laptop")
     code, results, _ = run_check(capsys, folder)
     assert code == 1
-    assert results["folder"] == ("FAIL", "parent 'track_9_laptop' is not a track (track_1_short, track_3_optimization)")
-    assert results["hardware"] == ("FAIL", "unknown track 'track_9_laptop' (known: track_1_short, track_3_optimization)")
+    assert results["folder"] == ("FAIL", "parent 'track_9_laptop' is not a track (track_1_short, track_2_medium, "
+                                 "track_3_optimization)")
+    assert results["hardware"] == ("FAIL", "unknown track 'track_9_laptop' (known: track_1_short, track_2_medium, "
+                                   "track_3_optimization)")
 
 
 @pytest.mark.parametrize("text, mean, ok", [
@@ -467,6 +470,138 @@ def test_leaderboard_publishes_a_steps_record_and_refuses_a_self_stopped_one(tmp
     assert leaderboard.main(["--root", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "refused: " in err and "2026-12-03_Stopped: stopping step: run4.txt ended at step 3200/3250" in err
+
+
+# ----------------------------------------------------------------------------- track 2 (track_2_medium)
+
+COORDINATE_DESCENT = "    torch._inductor.config.coordinate_descent_tuning = True\n    return torch.compile("
+MAX_AUTOTUNE = "    torch._inductor.config.max_autotune = True\n    return torch.compile("
+
+
+def with_line(before):
+    """SCRIPT with lines set in compile_model before its torch.compile call."""
+    source = SCRIPT.replace("    return torch.compile(", before)
+    assert source != SCRIPT
+    return source
+
+
+def line_of(source, text):
+    return next(number for number, line in enumerate(source.splitlines(), 1) if text in line)
+
+
+def test_medium_record_passes_the_rules_of_track_1_against_2_92(tmp_path, capsys):
+    """Public record #18's figures: 2.9165 and 2.9166 over n = 2 give p = 0.0046 against 2.92 (the public README's
+    scipy.stats.ttest_1samp(losses, 2.92, alternative="less")), 1041.071 and 1041.483 s, 1379.574 s before it."""
+    code, results, lines = run_check(capsys, make_medium_submission(tmp_path))
+    assert code == 0, "\n".join(lines)
+    assert list(results) == [name for name, _ in check_submission.RULES]
+    # t = (2.91655 - 2.92) / (0.0001 / sqrt 2 / sqrt 2) = -69 with df = 1 (Cauchy): p = 1/2 + atan(t) / pi
+    mean, std = (2.9165 + 2.9166) / 2, 0.0001 / math.sqrt(2)
+    p = 0.5 + math.atan((mean - 2.92) / (std / math.sqrt(2))) / math.pi
+    assert f"{p:.4f}" == "0.0046"
+    assert results["statistics"][1] == f"mean val loss {mean:.4f} over n=2, p={p:.4f} (needs mean <= 2.92 and p < 0.01)"
+    assert results["track"][1] == "5 logs of track_2_medium's trainer"
+    assert results["hardware"][1] == "8 x NVIDIA H100 80GB HBM3 (track_2_medium needs 8 x H100 80GB)"
+    assert results["claimed time"][1] == "claimed 1041.28 s = mean official time 1041.277 s of 2 logs, rounded to 2 decimal(s)"
+    assert results["speed"][1].startswith("mean 1041.277 s vs baseline 1379.574 s: -338.297 s (-24.52%)")
+
+
+def test_medium_p_value_is_scipys():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    from records import stats
+    want = scipy_stats.ttest_1samp(MEDIUM_LOSSES, 2.92, alternative="less").pvalue
+    assert stats.one_sided_p_below(MEDIUM_LOSSES, check_submission.TRACKS["track_2_medium"].target) == pytest.approx(want, rel=1e-12)
+
+
+BROKEN_MEDIUM = {
+    "mean above 2.92": (dict(losses=(2.9230, 2.9240)), {"statistics"},
+                        "mean val loss 2.9235 over n=2, p=0.9548 (needs mean <= 2.92 and p < 0.01)"),  # 1/2 + atan(7) / pi
+    "a track-1 result (3.28)": (dict(losses=(3.2768, 3.2772, 3.2770), times_ms=(1_041_000,) * 3), {"statistics"},
+                                "mean val loss 3.2770 over n=3, p=1.0000 (needs mean <= 2.92"),
+    "p too large": (dict(losses=(2.9150, 2.9195)), {"statistics"}, "mean val loss 2.9173 over n=2, p=0.2183"),  # t = -1.2222, df = 1
+    "one run": (dict(losses=(2.9165,), times_ms=(1_041_071,)), {"statistics"},
+                "1 complete run(s): the t-test needs at least 2 (needs mean <= 2.92 and p < 0.01)"),
+    "max_autotune": (dict(source=with_line(MAX_AUTOTUNE)), {"compiler options"},
+                     "sets torch._inductor.config.max_autotune"),
+    "compile mode": (dict(source=SCRIPT.replace("dynamic=False", 'mode="max-autotune-no-cudagraphs"')),
+                     {"compiler options"}, "torch.compile(... mode)"),
+    "patch beyond the allowed key": (dict(source=with_line(
+        "    torch._inductor.config.patch(coordinate_descent_tuning=True, epilogue_fusion=False)\n    return torch.compile(")),
+        {"compiler options"}, "sets torch._inductor.config.epilogue_fusion (patch)"),
+    "a copied log": (dict(extra_logs={"run2.txt": make_medium_log(SCRIPT, MEDIUM_LOSSES[1], MEDIUM_TIMES_MS[1],
+                                                                  config={"seed": 1, "run_id": "run1"})}),
+                     {"distinct runs"}, "run2.txt repeats run1.txt (same content): a run counts once: remove the copies"),
+    "a main-trainer log": (dict(extra_logs={"crashed/run2.txt": make_medium_log(track=None)}), {"track"},
+                           "crashed/run2.txt: track_1_short: logs of another track's trainer (track_2_medium needs"),
+    "4 GPUs": (dict(world_size=4), {"hardware", "baseline hardware"}, "4 x NVIDIA H100 80GB HBM3 (track_2_medium needs 8 x H100 80GB)"),
+    "short val sequences": (dict(config={"val_seq_len": 65_536}), {"val sequences"}, "run0.txt: val_seq_len 65536"),
+    "slower than the baseline": (dict(baseline_times_ms=(1_000_000, 1_000_500)), {"speed"},
+                                 "mean 1041.277 s vs baseline 1000.250 s"),
+    "time claimed as the record's minutes": (dict(claimed="1041.3"), {"claimed time"}, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_MEDIUM))
+def test_each_broken_medium_rule_fails_with_its_own_line(tmp_path, capsys, case):
+    kwargs, rules, figure = BROKEN_MEDIUM[case]
+    code, results, lines = run_check(capsys, make_medium_submission(tmp_path, **kwargs))
+    if figure is None:  # 1041.3 is the mean 1041.277 rounded to 1 decimal: a correct claim, the control case
+        assert code == 0, "\n".join(lines)
+        return
+    assert code == 1
+    assert failed(results) == rules, "\n".join(lines)
+    first = sorted(rules, key=[name for name, _ in check_submission.RULES].index)[0]
+    assert figure in results[first][1], results[first][1]
+
+
+@pytest.mark.parametrize("way", [
+    COORDINATE_DESCENT,
+    "    import torch._inductor.config as inductor_config\n    inductor_config.coordinate_descent_tuning = True\n"
+    "    return torch.compile(",
+    "    torch._inductor.config.patch(coordinate_descent_tuning=True)\n    return torch.compile(",
+    "    setattr(torch._inductor.config, 'coordinate_descent_tuning', True)\n    return torch.compile(",
+    "    import os\n    os.environ['TORCHINDUCTOR_COORDINATE_DESCENT_TUNING'] = '1'\n    return torch.compile(",
+])
+def test_coordinate_descent_tuning_is_allowed_on_track_2_and_refused_on_the_others(tmp_path, capsys, way):
+    """The public README: coordinate_descent_tuning is allowed for the GPT-2 medium track; rule 5 elsewhere."""
+    source = with_line(way)
+    code, results, lines = run_check(capsys, make_medium_submission(tmp_path / "t2", source=source))
+    assert code == 0, "\n".join(lines)
+    line = line_of(source, "coordinate_descent_tuning" if "COORDINATE" not in way else "COORDINATE")
+    (use,) = check_submission.scan_compiler_use(source)[0]
+    assert use.setting == "torch._inductor.config.coordinate_descent_tuning" and use.line == line
+    assert results["compiler options"][1].endswith(f"; allowed: line {line} {use.text}")
+    for make, track in ((make_submission, "track_1_short"), (make_steps_submission, "track_3_optimization")):
+        code, results, _ = run_check(capsys, make(tmp_path / track, source=source))
+        assert code == 1 and failed(results) == {"compiler options"}, track
+        assert results["compiler options"][1] == f"line {line}: {use.text} (allowed on track_2_medium only)"
+
+
+def test_track_2_trainer_source_runs_and_sets_no_other_compiler_option():
+    """The real records/track_2_medium/train_gpt.py (written for issue 27), as its logs embed it."""
+    path = REPO / "records" / "track_2_medium" / "train_gpt.py"
+    if not path.is_file():
+        pytest.skip("records/track_2_medium/train_gpt.py is not in this checkout")
+    source = path.read_text(encoding="utf-8")
+    assert 'TRACK = "track_2_medium"' in source  # the track: line its logs carry
+    allowed = check_submission.TRACKS["track_2_medium"].allowed_compiler_settings
+    assert check_submission.compiler_option_violations(source, allowed) == []
+    ok, figure = check_submission.source_help(source)
+    assert ok and figure.startswith("`train_gpt.py --help` exits 0 (usage: train_gpt.py"), figure
+
+
+def test_leaderboard_has_a_medium_section_with_its_own_p_and_refuses_a_3_28_result(tmp_path, capsys):
+    readme = write(tmp_path / "README.md", README_TEMPLATE)
+    make_medium_submission(tmp_path, "2026-12-10_Good")
+    assert leaderboard.main(["--root", str(tmp_path)]) == 0, capsys.readouterr().err
+    text = readme.read_text()
+    section = text[text.index("### track_2_medium"):text.index("### track_3_optimization")]
+    assert "| 1 | 2026-12-10 | 1041.28 s | 2.9165 (n=2, p=0.0046) | 1041.28 s | Fixture: a faster medium run |" in section
+    assert "(track_2_medium/2026-12-10_Good/)" in section
+    make_medium_submission(tmp_path, "2026-12-11_Small", losses=(3.2768, 3.2772, 3.2770), times_ms=(1_000_000,) * 3)
+    assert leaderboard.main(["--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "2026-12-11_Small: statistics: mean val loss 3.2770 over n=3, p=1.0000 (needs mean <= 2.92 and p < 0.01)" in err
 
 
 # ----------------------------------------------------------------------------- CI files
