@@ -47,7 +47,7 @@ class Track:
     name: str
     gpu_model: str          # substring of the logged GPU name, e.g. "H100 80GB" in "NVIDIA H100 80GB HBM3"
     world_size: int
-    target: float = compare.DEFAULT_TARGET
+    target: float = compare.DEFAULT_TARGET  # the val loss a record must reach (compare.TRACK_TARGETS)
     train_files_name: str = "fineweb_train_*.bin"  # last component of --train-files: every FineWeb train shard, in order
     val_files_name: str = "fineweb_val_*.bin"
     val_tokens: int = 10_485_760
@@ -58,6 +58,16 @@ class Track:
     world_sizes: tuple = ()
     gpu_models: tuple = ()
     fixed_config: tuple = ()
+    # Compiler config settings this track allows besides dynamo's recompile limit (rule 5), as dotted names.
+    allowed_compiler_settings: tuple = ()
+    model: str = ""  # what races, and its trainer (the leaderboard's line under the track's header)
+
+    @property
+    def race(self):
+        """One line for the leaderboard: the model, the target, the hardware and the score."""
+        score = ("the fewest steps (the z-rule at one step for every run)" if self.score == "steps"
+                 else f"the fastest mean time (with a one-sided t-test p < {MAX_P})")
+        return f"{self.model} to a val loss of {self.target} on {self.hardware}; the record is {score}."
 
     @property
     def hardware(self):
@@ -68,11 +78,19 @@ class Track:
 
 
 TRACKS = {
-    "track_1_short": Track("track_1_short", gpu_model="H100 80GB", world_size=8),
+    "track_1_short": Track("track_1_short", gpu_model="H100 80GB", world_size=8, target=compare.TRACK_TARGETS["track_1_short"],
+                           model="GPT-2 small (`train_gpt.py`)"),
+    # GPT-2 medium to 2.92 (records/track_2_medium/train_gpt.py): track 1's rules with its own target, and the one
+    # inductor option the public track allows since its record 6.
+    "track_2_medium": Track("track_2_medium", gpu_model="H100 80GB", world_size=8, target=compare.TRACK_TARGETS["track_2_medium"],
+                            allowed_compiler_settings=("torch._inductor.config.coordinate_descent_tuning",),
+                            model="GPT-2 medium (`records/track_2_medium/train_gpt.py`)"),
     "track_3_optimization": Track(
-        "track_3_optimization", gpu_model="", world_size=0, val_seq_len=1024, score="steps", world_sizes=(1, 2, 4, 8),
+        "track_3_optimization", gpu_model="", world_size=0, target=compare.TRACK_TARGETS["track_3_optimization"],
+        val_seq_len=1024, score="steps", world_sizes=(1, 2, 4, 8),
         gpu_models=("A100", "H100"), fixed_config=(("num_layers", 12), ("model_dim", 768), ("head_dim", 128),
-                                                   ("vocab_size", 50304), ("batch_seqs", 512), ("train_seq_len", 1024))),
+                                                   ("vocab_size", 50304), ("batch_seqs", 512), ("train_seq_len", 1024)),
+        model="The optimizer benchmark's fixed GPT-2 small and batch (`records/track_3_optimization/train_gpt.py`)"),
 }
 
 
@@ -98,7 +116,7 @@ class Log:
 
 @dataclasses.dataclass
 class Submission:
-    """Everything the rules look at, read once from a record folder."""
+    """Everything the rules look at, read once from a record folder (logs, baseline/ and crashed/ each by name)."""
     folder: str
     track: Track = None
     meta: dict = None
@@ -108,7 +126,7 @@ class Submission:
     baseline: list = dataclasses.field(default_factory=list)
     crashed: list = dataclasses.field(default_factory=list)
     script: str = None  # the train_gpt.py in the folder, if any
-    stepless: list = dataclasses.field(default_factory=list)  # logs without a step line, left out (paths)
+    skipped: compare.Scan = dataclasses.field(default_factory=compare.Scan)  # files left out (.stepless, .not_logs)
 
     @property
     def name(self):
@@ -121,6 +139,17 @@ class Submission:
     @property
     def complete(self):
         return [log for log in self.logs if log.run.complete]
+
+    @property
+    def copies(self):
+        """runlog.duplicates over every log of the folder (its own, crashed/ and baseline/ together): a run is one
+        run wherever its copy lies; the first of each set is kept."""
+        return runlog.duplicates([log.run for log in self.logs + self.crashed + self.baseline])
+
+    def counted(self, logs):
+        """The complete logs of logs, each run once: what the statistics, the claimed time and the speed count."""
+        copied = {id(run) for run, _, _ in self.copies}
+        return [log for log in logs if log.run.complete and id(log.run) not in copied]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -199,16 +228,16 @@ def read_record_json(folder):
     return meta, time_text
 
 
-def read_logs(folder, stepless=None):
+def read_logs(folder, skipped=None):
     """The logs directly in folder (compare.py's notion of a log), parsed; [] if no such folder.
-    Logs without a step line are not read; their paths are appended to stepless when given."""
+    Logs without a step line and files that are no log are not read; they are added to skipped (a compare.Scan) when given."""
     if not os.path.isdir(folder):
         return []
-    paths, skipped = compare.scan_folder(folder)
-    if stepless is not None:
-        stepless += skipped
+    scan = compare.scan_folder(folder)
+    if skipped is not None:
+        skipped += compare.Scan(stepless=scan.stepless, not_logs=scan.not_logs)
     logs = []
-    for path in paths:
+    for path in scan.logs:
         text = runlog.read_text(path)
         logs.append(Log(path, text, runlog.parse_log_text(text, path)))
     return logs
@@ -235,9 +264,9 @@ def load_submission(folder):
     except SubmissionError as error:
         sub.meta_error = str(error)
         sub.time_text = claimed_time_text(folder)
-    sub.logs = read_logs(folder, sub.stepless)
-    sub.baseline = read_logs(os.path.join(folder, BASELINE_DIR), sub.stepless)
-    sub.crashed = read_logs(os.path.join(folder, CRASHED_DIR), sub.stepless)
+    sub.logs = read_logs(folder, sub.skipped)
+    sub.baseline = read_logs(os.path.join(folder, BASELINE_DIR), sub.skipped)
+    sub.crashed = read_logs(os.path.join(folder, CRASHED_DIR), sub.skipped)
     script = os.path.join(folder, SCRIPT_NAME)
     if os.path.isfile(script):
         sub.script = runlog.read_text(script)
@@ -276,14 +305,6 @@ def _need_track(sub):
 def _need_logs(sub):
     if not sub.logs:
         return False, "no logs in the folder"
-    return None
-
-
-def _copies(logs, where=""):
-    """(False, figure) naming the logs that are copies of another (runlog.duplicates), else None."""
-    found = runlog.duplicates([log.run for log in logs])
-    if found:
-        return False, f"{where}{runlog.describe_duplicates(found)}: a run counts once: remove the copies"
     return None
 
 
@@ -348,6 +369,43 @@ def rule_logs(sub):
     if sub.crashed:
         figure += f", {len(sub.crashed)} in {CRASHED_DIR}/ (not counted)"
     return True, figure
+
+
+def _where(sub, log):
+    """A log's name as the folder holds it: 'run1.txt', 'baseline/base0.txt', 'crashed/run4.txt'."""
+    folder = BASELINE_DIR if any(log is l for l in sub.baseline) else CRASHED_DIR if any(log is l for l in sub.crashed) else ""
+    return os.path.join(folder, log.name) if folder else log.name
+
+
+def rule_track(sub):
+    """Every log (crashed/ and baseline/ too) comes from the folder's track's trainer: its `track:` line names the
+    track (track_1_short: the repository's train_gpt.py, which writes none)."""
+    missing = _need_track(sub) or _need_logs(sub)
+    if missing:
+        return missing
+    everything = sub.logs + sub.crashed + sub.baseline
+    wrong = [log for log in everything if compare.run_track(log.run) != sub.track.name]
+    if wrong:
+        found = "; ".join(f"{_where(sub, log)}: {compare.run_track(log.run)}" for log in wrong[:4])
+        more = f" and {len(wrong) - 4} more" if len(wrong) > 4 else ""
+        return False, f"{found}{more}: logs of another track's trainer ({sub.track.name} needs its own trainer's logs)"
+    return True, f"{len(everything)} logs of {sub.track.name}'s trainer"
+
+
+def rule_distinct_runs(sub):
+    """Each run counts once: no log of the folder (its own, crashed/, baseline/) repeats another, by the same text
+    or the same run id on its config: line. The statistics, the claimed time and the speed count each run once."""
+    missing = _need_logs(sub)
+    if missing:
+        return missing
+    found = sub.copies
+    if found:
+        everything = sub.logs + sub.crashed + sub.baseline
+        where = {id(log.run): _where(sub, log) for log in everything}
+        text = "; ".join(f"{where[id(run)]} repeats {where[id(earlier)]} (same {what})" for run, earlier, what in found)
+        return False, f"{text}: a run counts once: remove the copies"
+    total = len(sub.logs) + len(sub.crashed) + len(sub.baseline)
+    return True, f"{total} logs (with {CRASHED_DIR}/ and {BASELINE_DIR}/), no two with the same text or run id"
 
 
 def _same_script(a, b):
@@ -500,11 +558,8 @@ def rule_statistics(sub):
     missing = _need_track(sub)
     if missing:
         return missing
-    copies = _copies(sub.logs + sub.crashed)
-    if copies:
-        return copies
     target = sub.track.target
-    losses = [log.run.final_val_loss for log in sub.complete]
+    losses = [log.run.final_val_loss for log in sub.counted(sub.logs)]
     need = f"needs mean <= {target} and p < {MAX_P}"
     if len(losses) < 2:
         return False, f"{len(losses)} complete run(s): the t-test needs at least 2 ({need})"
@@ -530,7 +585,7 @@ def rule_claimed_time(sub):
     """record.json's time_s is the mean official time of the complete logs, within its written rounding."""
     if sub.time_text is None:
         return False, f"no claimed time ({sub.meta_error})"
-    times = [log.run.train_time_s for log in sub.complete]
+    times = [log.run.train_time_s for log in sub.counted(sub.logs)]
     if not times:
         return False, "no complete logs to time"
     mean_s = stats.mean(times)
@@ -543,11 +598,8 @@ def rule_claimed_time(sub):
 
 def rule_speed(sub):
     """The new mean time is below the baseline logs' mean (Welch two-sided p reported)."""
-    copies = _copies(sub.baseline, f"{BASELINE_DIR}/: ")
-    if copies:
-        return copies
-    mine = [log.run.train_time_s for log in sub.complete]
-    theirs = [log.run.train_time_s for log in sub.baseline if log.run.complete]
+    mine = [log.run.train_time_s for log in sub.counted(sub.logs)]
+    theirs = [log.run.train_time_s for log in sub.counted(sub.baseline)]
     if not mine or not theirs:
         return False, f"needs complete record logs ({len(mine)}) and baseline logs ({len(theirs)})"
     welch = stats.welch_test(theirs, mine)
@@ -559,13 +611,36 @@ def rule_speed(sub):
 
 # ----------------------------------------------------------------------------- rules: code
 
-COMPILE_FUNCTIONS = {"torch.compile"}
-ALLOWED_COMPILE_KEYWORDS = {"dynamic", "fullgraph"}
-COMPILER_CONFIG_MODULES = ("torch._inductor.config", "torch._dynamo.config", "torch._functorch.config")
+# What compiles a function or module. The function forms take the module first (torch.compile(model, ...),
+# torch.nn.Module.compile(model, ...)); the method form model.compile(...) passes its arguments on to torch.compile.
+COMPILE_FUNCTIONS = {"torch.compile", "torch.compiler.compile", "torch.nn.Module.compile",
+                     "torch.nn.modules.module.Module.compile"}
+# Keywords a compile call may pass: the two that describe the code (shapes, one graph), and dynamo's recompile limit,
+# the one setting every track allows (below). Everything else (mode=, options=, backend=, ...) is a compiler option.
+ALLOWED_COMPILE_KEYWORDS = {"dynamic", "fullgraph", "recompile_limit"}
+COMPILER_CONFIG_MODULES = ("torch._inductor.config", "torch._dynamo.config", "torch._functorch.config",
+                           "torch.compiler.config")
+# Functions that change how everything is compiled: the default backend, the stance, the old dynamo entry points.
+COMPILER_SETTERS = {"torch.compiler.set_stance", "torch.compiler.set_default_backend",
+                    "torch.compiler.set_enable_guard_collectives", "torch._dynamo.optimize", "torch._dynamo.optimize_assert",
+                    "torch._dynamo.set_stance"}
+# Methods of a config module that only read it; every other method call (patch, load_config, ...) may set it.
+READ_ONLY_CONFIG_METHODS = {"get_config_copy", "get_hash", "get_serializable_config_copy", "get_type", "codegen_config",
+                            "save_config", "save_config_portable", "shallow_copy_dict", "to_dict"}
 COMPILER_ENV_PREFIXES = ("TORCHINDUCTOR_", "TORCHDYNAMO_", "TORCH_COMPILE_")
-# The one compiler setting a record may change: dynamo's recompile limit caps how many graph variants of a
-# function are kept (past it, dynamo silently runs the function eagerly); it changes no generated code.
+# The one compiler setting every track allows: dynamo's recompile limit caps how many graph variants of a function
+# are kept (past it, dynamo silently runs the function eagerly); it changes no generated code. A track may allow
+# more (Track.allowed_compiler_settings).
 ALLOWED_CONFIG_SETTINGS = {"torch._dynamo.config.recompile_limit", "torch._dynamo.config.cache_size_limit"}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompilerSetting:
+    """One place in a source that sets a compiler option: its line, what it does, and the config setting it
+    changes (a dotted name, e.g. torch._inductor.config.max_autotune) where it is one, else None."""
+    line: int
+    text: str
+    setting: str = None
 
 
 def _dotted(node):
@@ -592,90 +667,193 @@ def _assigned_names(target):
     return [name] if name else []
 
 
-def _config_aliases(tree):
-    """Local names bound to a compiler config module: `import torch._inductor.config as c`, `from torch._inductor
-    import config`, `c = torch._dynamo.config`."""
-    aliases = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and _dotted(node.value) in COMPILER_CONFIG_MODULES:
-            for target in node.targets:
-                if isinstance(target, ast.Name):
-                    aliases[target.id] = _dotted(node.value)
-        elif isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name in COMPILER_CONFIG_MODULES and alias.asname:
-                    aliases[alias.asname] = alias.name
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            for alias in node.names:
-                full = f"{node.module}.{alias.name}"
-                if full in COMPILER_CONFIG_MODULES:
-                    aliases[alias.asname or alias.name] = full
-    return aliases
+def _string(node):
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
-def _resolve(name, aliases):
-    """Expand a leading alias of a config module to its full dotted name."""
-    if name is None:
+class _Names:
+    """What the names of a source stand for: every import (`import torch as t`, `from torch import compile`,
+    `import torch._inductor.config as c`, `import re`) and every plain alias of a torch name (`c = torch._dynamo.config`,
+    `compile_fn = torch.compile`, `c = importlib.import_module("torch._inductor.config")`)."""
+
+    def __init__(self, tree):
+        self.imported = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    local = alias.asname or alias.name.split(".")[0]
+                    self.imported[local] = alias.name if alias.asname else local
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                for alias in node.names:
+                    self.imported[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        self.aliases = {}
+        for _ in range(2):  # an alias of an alias
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                    value = self.resolve(_dotted(node.value)) if not isinstance(node.value, ast.Call) else self._imported_module(node.value)
+                    if value and value.split(".")[0] == "torch":
+                        self.aliases[node.targets[0].id] = value
+
+    def _imported_module(self, call):
+        """importlib.import_module("torch._inductor.config") as a dotted name, else None."""
+        if self.resolve(_dotted(call.func)) in ("importlib.import_module", "import_module") and call.args:
+            return _string(call.args[0])
         return None
-    head, _, rest = name.partition(".")
-    return aliases[head] + ("." + rest if rest else "") if head in aliases else name
+
+    def resolve(self, name):
+        """Expand a name's head to what it stands for; None stays None."""
+        if name is None:
+            return None
+        head, _, rest = name.partition(".")
+        full = self.aliases.get(head) or self.imported.get(head)
+        return (full + ("." + rest if rest else "")) if full else name
+
+    def is_module(self, name):
+        """Whether a dotted name starts with an imported module (re.compile: yes; model.compile: no)."""
+        return name is not None and name.partition(".")[0] in self.imported
 
 
 def _is_config_name(name):
     return name is not None and any(name == m or name.startswith(m + ".") for m in COMPILER_CONFIG_MODULES)
 
 
-def compiler_option_violations(source):
-    """Lines of the source that set compiler options (README rule 5), as 'line N: what'.
+def _env_setting(variable):
+    """The inductor config setting an environment variable sets (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING:
+    torch._inductor.config.coordinate_descent_tuning), else None: inductor reads TORCHINDUCTOR_<NAME> into <name>."""
+    prefix = "TORCHINDUCTOR_"
+    return "torch._inductor.config." + variable[len(prefix):].lower() if variable.startswith(prefix) else None
 
-    Forbidden: torch.compile arguments other than the function and the keywords dynamic= and
-    fullgraph= (so no mode=, options=, backend=); any assignment, setattr or .patch() of
-    torch._inductor.config / torch._dynamo.config / torch._functorch.config except raising dynamo's
-    recompile limit (ALLOWED_CONFIG_SETTINGS); and environment variables TORCHINDUCTOR_* /
-    TORCHDYNAMO_* / TORCH_COMPILE_* named in the source.
+
+def _compile_call(node, names):
+    """(shown name, number of positional arguments it may take) when the call compiles, else None."""
+    shown = _dotted(node.func) or "(...).compile"
+    full = names.resolve(_dotted(node.func))
+    if full in COMPILE_FUNCTIONS:
+        return shown, 1
+    if isinstance(node.func, ast.Attribute) and node.func.attr == "compile":
+        base = _dotted(node.func.value)
+        if not names.is_module(base):  # model.compile(...), self.model.compile(...): nn.Module.compile
+            return shown, 0
+    return None
+
+
+def _compile_arguments(node, shown, positional, found, template="{shown}(... {extra})"):
+    """A compile call's keywords other than the allowed ones, and positional arguments past the module."""
+    extra = [k.arg or "**" for k in node.keywords if k.arg not in ALLOWED_COMPILE_KEYWORDS]
+    if len(node.args) > positional:
+        extra.append("positional options")
+    if extra:
+        found.append(CompilerSetting(node.lineno, template.format(shown=shown, extra=", ".join(extra))))
+
+
+def _config_call(node, obj, method, found):
+    """A method of a config module called: patch(...) sets its keys; a reading method sets nothing; any other may set anything."""
+    if method in READ_ONLY_CONFIG_METHODS:
+        return
+    if method != "patch":
+        found.append(CompilerSetting(node.lineno, f"calls {obj}.{method}(...)"))
+        return
+    keys = [k.arg for k in node.keywords]
+    if node.args:
+        first = node.args[0]
+        if _string(first) is not None:
+            keys.append(_string(first))
+        elif isinstance(first, ast.Dict):
+            keys += [_string(key) for key in first.keys]
+        else:
+            keys.append(None)
+    for key in keys:
+        setting = f"{obj}.{key}" if key else None
+        found.append(CompilerSetting(node.lineno, f"sets {setting or obj + '.?'} (patch)", setting))
+
+
+def scan_compiler_use(source):
+    """(every CompilerSetting in the source, the number of compile calls), or a SyntaxError's line as the one finding.
+
+    Found: compile calls (torch.compile, Module.compile in both forms, also through an import alias or
+    functools.partial) with keywords other than dynamic/fullgraph/recompile_limit or extra positional arguments;
+    assignments, setattr, patch(...) and other setting methods of torch._inductor.config, torch._dynamo.config,
+    torch._functorch.config and torch.compiler.config, however they are named; the setters of the default backend and
+    the stance; and the environment variables TORCHINDUCTOR_* / TORCHDYNAMO_* / TORCH_COMPILE_* named as a string or a
+    keyword (os.environ.update(TORCHINDUCTOR_X="1")).
     """
     try:
         tree = ast.parse(source)
     except SyntaxError as error:
-        return [f"line {error.lineno}: the source does not parse ({error.msg})"]
-    aliases = _config_aliases(tree)
-    found = []
+        return [CompilerSetting(error.lineno or 0, f"the source does not parse ({error.msg})")], 0
+    names = _Names(tree)
+    found, calls = [], 0
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
-            name = _resolve(_dotted(node.func), aliases)
-            if name in COMPILE_FUNCTIONS:
-                extra = [k.arg or "**" for k in node.keywords if k.arg not in ALLOWED_COMPILE_KEYWORDS]
-                if len(node.args) > 1:
-                    extra.append("positional options")
-                if extra:
-                    found.append(f"line {node.lineno}: torch.compile(... {', '.join(extra)})")
-            elif name == "setattr" and node.args and _is_config_name(_resolve(_dotted(node.args[0]), aliases)):
-                found.append(f"line {node.lineno}: setattr({_resolve(_dotted(node.args[0]), aliases)}, ...)")
-            elif name and name.endswith(".patch") and _is_config_name(_resolve(name[:-len(".patch")], aliases)):
-                found.append(f"line {node.lineno}: {name}(...)")
+            full = names.resolve(_dotted(node.func))
+            compiled = _compile_call(node, names)
+            if compiled:
+                calls += 1
+                _compile_arguments(node, *compiled, found)
+            elif full in ("functools.partial", "partial") and node.args and _compile_call(
+                    ast.Call(func=node.args[0], args=[], keywords=[]), names):
+                calls += 1
+                _compile_arguments(node, _dotted(node.args[0]), 1, found, "partial({shown}, ... {extra})")
+            elif full == "setattr" and node.args and _is_config_name(names.resolve(_dotted(node.args[0]))):
+                key = _string(node.args[1]) if len(node.args) > 1 else None
+                obj = names.resolve(_dotted(node.args[0]))
+                setting = f"{obj}.{key}" if key else None
+                found.append(CompilerSetting(node.lineno, f"sets {setting or obj + '.?'} (setattr)", setting))
+            elif isinstance(node.func, ast.Attribute) and _is_config_name(names.resolve(_dotted(node.func.value))):
+                _config_call(node, names.resolve(_dotted(node.func.value)), node.func.attr, found)
+            elif full in COMPILER_SETTERS:
+                found.append(CompilerSetting(node.lineno, f"calls {full}(...)"))
+            for keyword in node.keywords:
+                if keyword.arg and keyword.arg.startswith(COMPILER_ENV_PREFIXES):
+                    found.append(CompilerSetting(node.lineno, f"names the compiler variable {keyword.arg!r}",
+                                                 _env_setting(keyword.arg)))
         elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             for target in targets:
-                for name in _assigned_names(target):
-                    name = _resolve(name, aliases)
-                    if _is_config_name(name) and name not in ALLOWED_CONFIG_SETTINGS:
-                        found.append(f"line {node.lineno}: sets {name}")
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(COMPILER_ENV_PREFIXES):
-            found.append(f"line {node.lineno}: names the compiler variable {node.value.split('=')[0]!r}")
-    return sorted(set(found), key=lambda text: int(text.split(":")[0].split()[1]))
+                for name in map(names.resolve, _assigned_names(target)):
+                    if _is_config_name(name):
+                        found.append(CompilerSetting(node.lineno, f"sets {name}", name))
+        elif _string(node) is not None and node.value.startswith(COMPILER_ENV_PREFIXES):
+            variable = node.value.split("=")[0]
+            found.append(CompilerSetting(node.lineno, f"names the compiler variable {variable!r}", _env_setting(variable)))
+    return sorted(set(found), key=lambda f: (f.line, f.text)), calls
+
+
+def _allowed_elsewhere(setting):
+    """The tracks that allow a setting this one does not (for the message), e.g. ['track_2_medium']."""
+    return sorted(track.name for track in TRACKS.values() if setting in track.allowed_compiler_settings)
+
+
+def compiler_option_violations(source, allowed=()):
+    """Lines of the source that set compiler options (README rule 5), as 'line N: what'.
+
+    allowed: the config settings the track allows besides dynamo's recompile limit (ALLOWED_CONFIG_SETTINGS).
+    See scan_compiler_use for what is found.
+    """
+    allowed = ALLOWED_CONFIG_SETTINGS | set(allowed)
+    found = []
+    for use in scan_compiler_use(source)[0]:
+        if use.setting in allowed:
+            continue
+        elsewhere = _allowed_elsewhere(use.setting) if use.setting else []
+        found.append(f"line {use.line}: {use.text}" + (f" (allowed on {', '.join(elsewhere)} only)" if elsewhere else ""))
+    return found
 
 
 def rule_compiler_options(sub):
-    """README rule 5: no extra compiler options or compiler config in the logged source."""
+    """README rule 5: no extra compiler options or compiler config in the logged source (but the track's allowed ones)."""
     sources = _distinct(log.source for log in sub.logs if log.source is not None)
     if not sources:
         return False, "no embedded source to read"
-    found = [v for source in sources for v in compiler_option_violations(source)]
+    allowed = sub.track.allowed_compiler_settings if sub.track else ()
+    found = [v for source in sources for v in compiler_option_violations(source, allowed)]
     if found:
         return False, "; ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-    calls = sum(1 for source in sources for node in ast.walk(ast.parse(source))
-                if isinstance(node, ast.Call) and _dotted(node.func) in COMPILE_FUNCTIONS)
-    return True, f"no compiler options or config in the source ({calls} torch.compile call(s), keywords only dynamic/fullgraph)"
+    scans = [scan_compiler_use(source) for source in sources]
+    calls = sum(count for _, count in scans)
+    used = _distinct(f"line {use.line} {use.text}" for uses, _ in scans for use in uses)
+    figure = f"no compiler options or config in the source ({calls} compile call(s), keywords only {', '.join(sorted(ALLOWED_COMPILE_KEYWORDS))})"
+    return True, figure + (f"; allowed: {'; '.join(used)}" if used else "")
 
 
 # ----------------------------------------------------------------------------- rules: a steps track
@@ -736,7 +914,7 @@ def rule_z_statistics(sub):
     if missing:
         return missing
     claimed = (sub.meta or {}).get("steps")
-    summary = compare.steps_summary(sub.name, [log.run for log in sub.complete], sub.track.target, claimed)
+    summary = compare.steps_summary(sub.name, [log.run for log in sub.counted(sub.logs)], sub.track.target, claimed)
     need = f"needs (target {sub.track.target} - mean) * sqrt(n) >= {compare.Z_MARGIN}"
     if claimed is None or not summary["n"]:
         return False, f"no val losses at the claimed step {claimed} ({need})"
@@ -750,6 +928,8 @@ RULES = [
     ("folder", rule_folder),
     ("record.json", rule_metadata),
     ("logs", rule_logs),
+    ("track", rule_track),
+    ("distinct runs", rule_distinct_runs),
     ("one source", rule_one_source),
     ("source runs", rule_source_runs),
     ("data shards", rule_data_shards),
@@ -787,8 +967,8 @@ def rules_of(track):
 
 
 # The rules leaderboard.py applies to every published record: static, no subprocess, no baseline history.
-LEADERBOARD_RULES = ["hardware", "data shards", "val tokens", "val sequences", "fixed model", "stopping step",
-                     "statistics", "compiler options"]
+LEADERBOARD_RULES = ["track", "distinct runs", "hardware", "data shards", "val tokens", "val sequences", "fixed model",
+                     "stopping step", "statistics", "compiler options"]
 
 
 def apply_rule(function, sub):
@@ -804,11 +984,6 @@ def check(sub, names=None):
     """[(rule name, ok, figure)] for the named rules (default: all) of the folder's track, in their order."""
     chosen = [(name, fn) for name, fn in rules_of(sub.track) if names is None or name in names]
     return [(name, *apply_rule(fn, sub)) for name, fn in chosen]
-
-
-def refusals(folder, names=LEADERBOARD_RULES):
-    """['rule: figure'] for each named rule the record folder breaks; [] when it may be published."""
-    return [f"{name}: {figure}" for name, ok, figure in check(load_submission(folder), names) if not ok]
 
 
 def format_result(name, ok, figure):
@@ -839,8 +1014,8 @@ def main(argv=None):
         return 2
     sub = load_submission(args.folder)
     print(f"checking {os.path.normpath(args.folder)} (track {sub.track_name})")
-    if sub.stepless:
-        print(f"note: {compare.skipped_note(os.path.normpath(args.folder), sub.stepless)}")
+    for note in compare.skipped_notes(os.path.normpath(args.folder), sub.skipped):
+        print(f"note: {note}")
     results = check(sub)
     for result in results:
         print(format_result(*result))

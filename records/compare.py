@@ -9,10 +9,17 @@ the one-sided t-test p-value that the mean is below --target, and the mean
 train time with a 95% t-interval. With exactly two groups it adds the time and
 loss differences (group 2 - group 1) with Welch-test p-values.
 
+Each run belongs to a track: the one its log's `track:` line names, or
+track_1_short for the repository's train_gpt.py, which writes none. A group's
+p-value tests its track's target (3.28; 2.92 for track_2_medium) unless
+--target is given, and a folder mixing the logs of two tracks is refused: they
+are different races.
+
 Incomplete runs (no validation line at step T/T: crashed or stopped, or a log
 cut inside that line) are listed with the last step reached and left out of the
 group statistics. A log without a single step line (a run refused before its
-first step) is skipped, and a copy of a run (the same text or run id) is
+first step) and a .txt/.log file that is no log (e.g. a log cut inside its
+embedded source) are skipped, and a copy of a run (the same text or run id) is
 counted once; a warning line names each. A group whose runs differ in
 configuration (the `config:` line, apart from seed, run id and such) or in
 source hash gets a warning on stderr naming what differs: its statistics pool
@@ -36,6 +43,7 @@ Examples:
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -51,6 +59,21 @@ DEFAULT_TARGET = 3.28
 CONFIDENCE = 0.95
 LOG_SUFFIXES = (".txt", ".log")
 
+# The tracks and the val loss each must reach (records/README.md). The repository's train_gpt.py writes no `track:`
+# line, so a log without one is MAIN_TRACK's; a track's own trainer (records/<track>/train_gpt.py) names its track.
+MAIN_TRACK = "track_1_short"
+TRACK_TARGETS = {"track_1_short": 3.28, "track_2_medium": 2.92, "track_3_optimization": 3.28}
+
+
+def run_track(run):
+    """The track a run belongs to: its log's `track:` line, else the main trainer's track."""
+    return run.track or MAIN_TRACK
+
+
+def track_target(track):
+    """The val loss a track's record must reach (DEFAULT_TARGET for a track the tools do not know)."""
+    return TRACK_TARGETS.get(track, DEFAULT_TARGET)
+
 
 class CompareError(Exception):
     """A problem with the user's input, reported as one line and a non-zero exit."""
@@ -59,39 +82,66 @@ class CompareError(Exception):
 # ----------------------------------------------------------------------------- loading
 
 def find_logs(folder):
-    """The run logs directly in a folder, sorted by name (scan_folder's first list)."""
-    return scan_folder(folder)[0]
+    """The run logs directly in a folder, sorted by name (scan_folder's logs)."""
+    return scan_folder(folder).logs
+
+
+@dataclasses.dataclass
+class Scan:
+    """The .txt/.log files directly in a folder, sorted by name, in three lists."""
+    logs: list = dataclasses.field(default_factory=list)       # run logs: counted
+    stepless: list = dataclasses.field(default_factory=list)   # logs without a step line: named in a note
+    not_logs: list = dataclasses.field(default_factory=list)   # neither separator nor step line: named in a note
+
+    def __iadd__(self, other):
+        self.logs += other.logs
+        self.stepless += other.stepless
+        self.not_logs += other.not_logs
+        return self
 
 
 def scan_folder(folder):
-    """(run logs, logs without a step line) directly in a folder, each sorted by name.
+    """Sort the .txt/.log files directly in a folder into a Scan.
 
-    A log is a .txt or .log file that has a 100-'=' separator or a step line;
-    other text files such as notes are skipped. A log without a single step line
-    is a run that stopped before training (runlog.has_step): it is returned
-    apart, to be named in a note, and counted nowhere. Subfolders are not
+    A log is a file that has a 100-'=' separator or a step line. A log without a
+    single step line is a run that stopped before training (runlog.has_step). A
+    file with neither is no log: a log cut inside its embedded source (the
+    separator follows the source) or a note. Both are kept apart, to be named in
+    a note, and counted nowhere: nothing is left out unsaid. Subfolders are not
     searched, so a record folder can keep e.g. re-timed baseline logs in
     baseline/ without mixing them into the record's group.
     """
-    found, stepless = [], []
+    scan = Scan()
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if not (name.endswith(LOG_SUFFIXES) and os.path.isfile(path)):
             continue
         text = runlog.read_text(path)
-        if runlog.looks_like_log(text):
-            (found if runlog.has_step(text) else stepless).append(path)
-    return found, stepless
+        if not runlog.looks_like_log(text):
+            scan.not_logs.append(path)
+        else:
+            (scan.logs if runlog.has_step(text) else scan.stepless).append(path)
+    return scan
 
 
 STEPLESS_WHY = ("a run that stops before its first step (a config or data error: see its stopping: line) "
                 "has nothing to count")
+NOT_LOG_WHY = ("no line of 100 '=' and no step line: a log cut inside its embedded source (use the whole log, "
+               "or move a crashed run's log to crashed/), or a file that is no log")
 
 
-def skipped_note(folder, stepless):
-    """The one line naming the logs of folder left out because they hold no step line, and why."""
-    names = ", ".join(os.path.relpath(path, folder) for path in stepless)
-    return f"{folder}: skipped {len(stepless)} log(s) without a step line ({names}): {STEPLESS_WHY}"
+def skipped_notes(folder, scan):
+    """One line per kind of file of folder left out (logs without a step line, files that are no log), and why."""
+    def names(paths):
+        return ", ".join(os.path.relpath(path, folder) for path in paths)
+    notes = []
+    if scan.stepless:
+        notes.append(f"{folder}: skipped {len(scan.stepless)} log(s) without a step line ({names(scan.stepless)}): "
+                     f"{STEPLESS_WHY}")
+    if scan.not_logs:
+        notes.append(f"{folder}: skipped {len(scan.not_logs)} .txt/.log file(s) that are not logs "
+                     f"({names(scan.not_logs)}): {NOT_LOG_WHY}")
+    return notes
 
 
 def group_name(path):
@@ -100,31 +150,43 @@ def group_name(path):
     return trimmed or path
 
 
+def describe_tracks(runs):
+    """'track_1_short: a.txt; track_3_optimization: b.txt, c.txt': which runs belong to which track."""
+    tracks = sorted({run_track(run) for run in runs})
+    return "; ".join(f"{track}: {', '.join(os.path.basename(r.path) for r in runs if run_track(r) == track)}"
+                     for track in tracks)
+
+
 def load_group(path, notes=None):
     """Parse the runs of one PATH argument into a (name, [RunLog]) pair.
 
-    Logs without a step line are left out, and a copy of a run (runlog.duplicates) is counted once;
-    each appends one line to notes (when given) saying so.
+    Files left out (logs without a step line, files that are no log) and copies of a run (runlog.duplicates,
+    counted once) each append one line to notes (when given) saying so. A group of two tracks' runs is an error.
     """
     if not os.path.exists(path):
         raise CompareError(f"{path}: no such file or folder")
     if os.path.isdir(path):
-        files, stepless = scan_folder(path)
-        if not files and not stepless:
-            raise CompareError(f"{path}: folder has no logs (.txt/.log files with step lines)")
+        scan = scan_folder(path)
+        if not scan.logs and not scan.stepless:
+            why = f": {skipped_notes(group_name(path), scan)[0]}" if scan.not_logs else ""
+            raise CompareError(f"{path}: folder has no logs (.txt/.log files with step lines){why}")
     else:
         text = runlog.read_text(path)
         if not runlog.looks_like_log(text):
-            raise CompareError(f"{path}: not a training log (no line of 100 '=' and no step line)")
+            raise CompareError(f"{path}: not a training log ({NOT_LOG_WHY})")
         if not runlog.has_step(text):
             raise CompareError(f"{path}: no step line: {STEPLESS_WHY}")
-        files, stepless = [path], []
-    if not files:
-        raise CompareError(f"{skipped_note(group_name(path), stepless)}; no other logs to compare")
-    runs = [runlog.parse_log_file(f) for f in files]
+        scan = Scan(logs=[path])
+    if not scan.logs:
+        raise CompareError(f"{'; '.join(skipped_notes(group_name(path), scan))}; no other logs to compare")
+    runs = [runlog.parse_log_file(f) for f in scan.logs]
+    if len({run_track(run) for run in runs}) > 1:
+        raise CompareError(f"{group_name(path)}: mixes the logs of {len({run_track(r) for r in runs})} tracks "
+                           f"({describe_tracks(runs)}): each track has its own target and rules, so their runs "
+                           f"make no one group: put each track's logs in its own folder")
     copies = runlog.duplicates(runs)
-    if notes is not None and stepless:
-        notes.append(skipped_note(group_name(path), stepless))
+    if notes is not None:
+        notes += skipped_notes(group_name(path), scan)
     if notes is not None and copies:
         notes.append(f"{group_name(path)}: {runlog.describe_duplicates(copies)}: each run is counted once")
     copied = {id(copy) for copy, _, _ in copies}
@@ -132,8 +194,18 @@ def load_group(path, notes=None):
 
 
 def load_groups(paths, notes=None):
-    """Parse every PATH argument; order is kept (group 1 is the first PATH). notes: as load_group."""
-    return [load_group(path, notes) for path in paths]
+    """Parse every PATH argument; order is kept (group 1 is the first PATH). notes: as load_group, and a line
+    for a run that two groups share (a copy) or groups of different tracks."""
+    groups = [load_group(path, notes) for path in paths]
+    if notes is not None and len(groups) > 1:
+        shared = runlog.duplicates([run for _, runs in groups for run in runs])
+        if shared:
+            notes.append(f"{runlog.describe_duplicates(shared)} across groups: the groups share these runs")
+        tracks = [(name, run_track(runs[0])) for name, runs in groups]
+        if len({track for _, track in tracks}) > 1:
+            notes.append("the groups come from different tracks (" + "; ".join(f"{name}: {track}" for name, track in tracks)
+                         + "): the comparison sets different races side by side")
+    return groups
 
 
 # ----------------------------------------------------------------------------- figures
@@ -219,12 +291,19 @@ def group_warnings(name, runs, differences, hashes):
     return warnings
 
 
-def group_summary(name, runs, target=DEFAULT_TARGET, confidence=CONFIDENCE):
-    """Statistics of one group over its complete runs (JSON-ready dict).
+def group_track(runs):
+    """The one track of a group's runs (load_group refuses a group of two); MAIN_TRACK for no runs."""
+    return run_track(runs[0]) if runs else MAIN_TRACK
+
+
+def group_summary(name, runs, target=None, confidence=CONFIDENCE):
+    """Statistics of one group over its complete runs (JSON-ready dict); target None: the group's track's.
 
     Why only complete runs: a crashed run has no final loss or official time;
     counting it would bias both, so it is counted in n_incomplete instead.
     """
+    track = group_track(runs)
+    target = track_target(track) if target is None else target
     complete = [r for r in runs if r.complete]
     losses = [r.final_val_loss for r in complete]
     times = [r.train_time_s for r in complete]
@@ -233,6 +312,7 @@ def group_summary(name, runs, target=DEFAULT_TARGET, confidence=CONFIDENCE):
     differences = config_differences(runs)
     return {
         "name": name,
+        "track": track,
         "n": len(complete),
         "n_incomplete": len(runs) - len(complete),
         "mean_val_loss": stats.mean(losses),
@@ -281,8 +361,9 @@ def compare_two(first, second, runs_first, runs_second):
     }
 
 
-def analyse(groups, target=DEFAULT_TARGET):
-    """All figures for the loaded groups: {'runs': [...], 'groups': [...], 'comparison'?}."""
+def analyse(groups, target=None):
+    """All figures for the loaded groups: {'runs': [...], 'groups': [...], 'comparison'?}; target None: each
+    group's track's target."""
     result = {
         "runs": [run_summary(run, name) for name, runs in groups for run in runs],
         "groups": [group_summary(name, runs, target) for name, runs in groups],
@@ -339,9 +420,10 @@ def loss_at_step(run, step):
     return next((p.val_loss for p in run.val_points if p.step == step), None)
 
 
-def steps_summary(name, runs, target=DEFAULT_TARGET, at_step=None):
+def steps_summary(name, runs, target=None, at_step=None):
     """A steps-track group scored at one step for every run: at_step, or the runs' common last step. Runs trained
     for different numbers of steps, or without a val loss at that step, are named in `problems`."""
+    target = track_target(STEPS_TRACK) if target is None else target
     lengths = sorted({run.steps_total for run in runs if run.steps_total is not None})
     step = at_step if at_step is not None else (lengths[0] if len(lengths) == 1 else None)
     problems = [] if len(lengths) <= 1 else [f"{name}: its runs trained for different numbers of steps "
@@ -364,7 +446,7 @@ def steps_comparison(old, new):
             "loss_diff": old["mean_val_loss"] - new["mean_val_loss"], "value": value, "holds": value >= Z_MARGIN - ROUNDING}
 
 
-def add_steps_track(result, groups, target=DEFAULT_TARGET, at_step=None):
+def add_steps_track(result, groups, target=None, at_step=None):
     """Add the steps-track figures to an analyse() result when every group's runs come from that track."""
     if not all(is_steps_track(runs) for _, runs in groups):
         return result
@@ -444,7 +526,7 @@ def group_rows(groups):
         if g["train_time_ci_low_s"] is not None:
             ci = f"[{g['train_time_ci_low_s']:.3f} s, {g['train_time_ci_high_s']:.3f} s]"
         rows.append([
-            g["name"], str(g["n"]), str(g["n_incomplete"]), fmt(g["mean_val_loss"], ".4f"),
+            g["name"], g["track"], f"{g['target']:g}", str(g["n"]), str(g["n_incomplete"]), fmt(g["mean_val_loss"], ".4f"),
             fmt(g["std_val_loss"], ".4f"), fmt_p(g["p_value"]), fmt(g["mean_train_time_s"], ".3f", " s"),
             ci, "yes" if g["single_source"] else f"no ({len(g['source_hashes'])} hashes)",
         ])
@@ -469,17 +551,16 @@ def comparison_lines(c):
 
 def render_text(result):
     """The whole human-readable report."""
-    target = result["groups"][0]["target"]
     out = ["Runs", table(["group", "run", "status", "val loss", "train time", "steps", "step avg",
                           "world", "gpu", "torch", "source"], run_rows(result["runs"]))]
     notes = stopping_lines(result["runs"])
     if notes:
         out += ["Stopped runs:"] + notes
     out.append("")
-    out += [f"Groups (statistics over complete runs; p = one-sided t-test of mean val loss <= {target}; "
-            f"{int(result['groups'][0]['confidence'] * 100)}% t-interval of the mean time)",
-            table(["group", "n", "incomplete", "mean loss", "std loss", "p", "mean time", "95% CI time",
-                   "one source"], group_rows(result["groups"]))]
+    out += [f"Groups (statistics over complete runs; p = one-sided t-test of mean val loss <= the target, the "
+            f"group's track's unless --target; {int(result['groups'][0]['confidence'] * 100)}% t-interval of the mean time)",
+            table(["group", "track", "target", "n", "incomplete", "mean loss", "std loss", "p", "mean time",
+                   "95% CI time", "one source"], group_rows(result["groups"]))]
     if "comparison" in result:
         out += [""] + comparison_lines(result["comparison"])
     if "steps" in result:
@@ -524,7 +605,7 @@ def run_colours(n, plt):
     return [cmap(i / (n if n > 20 else 20)) for i in range(n)]
 
 
-def loss_limits(losses, target):
+def loss_limits(losses):
     """y range: the data with a small margin; the target line only widens it when it lies inside.
 
     Why from the data: CPU runs end near 7 and GPU runs near 3.3, so no fixed range fits both.
@@ -555,17 +636,18 @@ def draw_curves(result, plt):
         line, = ax.plot(xs, ys, color=colour, linestyle=GROUP_STYLES[index % len(GROUP_STYLES)],
                         marker="o", markersize=3, linewidth=1.5, label=label)
         run_lines.append(line)
-    target = result["groups"][0]["target"]
+    targets = sorted({g["target"] for g in result["groups"]})
     losses = [loss for _, _, points in curves for _, loss in points]
     key_lines = [ax.plot([], [], color="black", linestyle=GROUP_STYLES[i % len(GROUP_STYLES)],
                          label=f"{g['name']} (n={g['n']})")[0] for i, g in enumerate(result["groups"])]
     if losses:
-        low, high = loss_limits(losses, target)
+        low, high = loss_limits(losses)
         ax.set_ylim(low, high)
-        if low <= target <= high:
+        outside = [target for target in targets if not low <= target <= high]
+        for target in (t for t in targets if t not in outside):
             key_lines.append(ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target}"))
-        else:
-            ax.set_title(f"target {target} is outside the plotted loss range", fontsize=9, color="grey")
+        if outside:
+            ax.set_title(f"target {', '.join(map(str, outside))} is outside the plotted loss range", fontsize=9, color="grey")
     ax.set_xlabel("train time (s)")
     ax.set_ylabel("val loss")
     ax.grid(True, alpha=0.3)
@@ -592,17 +674,47 @@ def plot_curves(result, out_path, plt):
 
 # ----------------------------------------------------------------------------- command line
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """Usage errors as one line (exit 2), like train_gpt.py and check_submission.py."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_step(text):
+    """--at-step: a step number, 1 or more (a val loss is scored at a step the runs reached)."""
+    try:
+        step = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of steps, got {text!r}") from None
+    if step < 1:
+        raise argparse.ArgumentTypeError(f"must be a step number of 1 or more, got {step}")
+    return step
+
+
+def loss_target(text):
+    """--target: a finite, positive val loss."""
+    try:
+        target = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a val loss such as 3.28, got {text!r}") from None
+    if not (math.isfinite(target) and target > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite val loss above 0, got {text}")
+    return target
+
+
 def build_parser():
     """Command-line options (see the module docstring for the examples)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="compare.py", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="a log file (group of one) or a folder of logs (one group)")
-    parser.add_argument("--target", type=float, default=DEFAULT_TARGET,
-                        help=f"val loss a record must beat on average (default {DEFAULT_TARGET})")
-    parser.add_argument("--at-step", type=int, metavar="S",
+    parser.add_argument("--target", type=loss_target, default=None,
+                        help="val loss a record must beat on average (default: each group's track's, "
+                             + ", ".join(f"{track} {target}" for track, target in TRACK_TARGETS.items()) + ")")
+    parser.add_argument("--at-step", type=positive_step, metavar="S",
                         help=f"{STEPS_TRACK} logs: score every run at its val loss of step S (default: the last step)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw val loss against train time (needs matplotlib)")
@@ -617,6 +729,9 @@ def main(argv=None):
         plt = require_matplotlib() if args.plot else None
         groups = load_groups(args.paths, notes)
         result = add_steps_track(analyse(groups, target=args.target), groups, args.target, args.at_step)
+        if args.at_step is not None and "steps" not in result:
+            notes.append(f"--at-step {args.at_step} ignored: it scores {STEPS_TRACK} logs, and not every group is "
+                         f"of that track ({'; '.join(f'{name}: {group_track(runs)}' for name, runs in groups)})")
         if args.plot:
             plot_curves(result, args.plot, plt)
     except (CompareError, OSError) as error:

@@ -5,10 +5,11 @@ Every folder records/track_*/YYYY-MM-DD_ShortName/ is one record. Its
 record.json gives the date, the claimed time, a description and the
 contributors; the mean final val loss and mean time are computed from the run
 logs in the same folder (with compare.py's functions), so the table cannot
-drift from the evidence. A record that breaks the rules of records/README.md
-(check_submission.py's rule functions: p-value, hardware, data, compiler
-options) is refused: one line per refused record, nothing is rewritten, and
-the exit status is 1. The table lives between the marker comments
+drift from the evidence; the p-value tests the track's own target. A record
+that breaks the rules of records/README.md (check_submission.py's rule
+functions: track, copies, p-value, hardware, data, compiler options) is
+refused: one line per refused record, nothing is rewritten, and the exit
+status is 1. The table lives between the marker comments
 <!-- leaderboard:start --> and <!-- leaderboard:end --> and is never edited by
 hand: adding a record is one folder plus one run of this script.
 
@@ -33,8 +34,8 @@ END_MARKER = "<!-- leaderboard:end -->"
 METADATA_FILE = check_submission.METADATA_FILE
 RECORDS_DIR = os.path.dirname(os.path.abspath(__file__))
 FOLDER_RE = check_submission.FOLDER_RE
+LEADERBOARD_RULES = check_submission.LEADERBOARD_RULES
 TRACK_RE = re.compile(r"^track_[A-Za-z0-9_]+$")
-NO_RECORDS = "No records yet: the first folder under `records/track_1_short/` will appear here."
 
 
 class LeaderboardError(Exception):
@@ -72,27 +73,36 @@ def read_metadata(folder):
     return meta
 
 
-def read_record(folder, target=compare.DEFAULT_TARGET):
-    """One leaderboard entry: metadata plus the group statistics of the folder's logs."""
+def track_target(folder):
+    """The val loss the record's track must reach (check_submission.TRACKS; compare's for a track it does not know)."""
+    name = os.path.basename(os.path.dirname(os.path.abspath(folder)))
+    track = check_submission.TRACKS.get(name)
+    return track.target if track else compare.track_target(name)
+
+
+def read_record(folder):
+    """One leaderboard entry: metadata plus the group statistics of the folder's logs, against its track's target."""
     meta = read_metadata(folder)
-    logs, stepless = compare.scan_folder(folder)
-    _require(logs, folder, "no run logs (.txt/.log files with step lines)")
-    runs = [compare.runlog.parse_log_file(path) for path in logs]
+    sub = check_submission.load_submission(folder)
+    _require(sub.logs, folder, "no run logs (.txt/.log files with step lines)")
+    runs = [log.run for log in sub.logs]
+    target = track_target(folder)
     summary = compare.group_summary(folder, runs, target)
     _require(summary["n"] > 0, folder, "no complete run (no log has a validation line at step T/T)")
-    refused = check_submission.refusals(folder)  # the rules of records/README.md: p, hardware, data, code
+    # the rules of records/README.md: track, copies, p, hardware, data, code
+    refused = [f"{name}: {figure}" for name, ok, figure in check_submission.check(sub, LEADERBOARD_RULES) if not ok]
     entry = {"folder": folder, "meta": meta, "stats": summary, "refused": refused,
-             "note": compare.skipped_note(folder, stepless) if stepless else None}
+             "notes": compare.skipped_notes(folder, sub.skipped)}
     if "steps" in meta:  # a steps track: the evidence is every run's val loss at the claimed step
         entry["steps"] = compare.steps_summary(folder, runs, target, at_step=meta["steps"])
     return entry
 
 
-def read_tracks(root, target=compare.DEFAULT_TARGET):
+def read_tracks(root):
     """{track name: [entries sorted by date, then time, then folder]} for every track with records."""
     tracks = {}
     for track in track_dirs(root):
-        entries = [read_record(folder, target) for folder in record_dirs(track)]
+        entries = [read_record(folder) for folder in record_dirs(track)]
         if entries:
             entries.sort(key=lambda e: (e["meta"]["date"], claimed_score(e["meta"]), os.path.basename(e["folder"])))
             tracks[os.path.basename(track)] = entries
@@ -135,11 +145,21 @@ def table_head(columns):
             "|" + "|".join("-" * (len(name) + 1) + ":" if right else "-" * (len(name) + 2) for name, right in columns) + "|"]
 
 
+def no_records(track):
+    """What a track without records shows under its header."""
+    return f"No records yet: the first folder under `records/{track}/` will appear here."
+
+
 def render_track(track, entries, base):
-    """The Markdown table of one track; links are relative to base (the README's folder)."""
+    """One track's section: its header, what races (check_submission.TRACKS) and the Markdown table of its records
+    (or a line saying there are none); links are relative to base (the README's folder)."""
+    known = check_submission.TRACKS.get(track)
+    lines = [f"### {track}", ""] + ([known.race, ""] if known else [])
+    if not entries:
+        return "\n".join(lines + [no_records(track)])
     score_columns, scores = (STEPS_COLUMNS, steps_scores) if "steps" in entries[0] else (TIME_COLUMNS, time_scores)
     columns = [("#", True), ("Date", False), *score_columns, ("Description", False), ("Contributors", False), ("Record", False)]
-    lines = [f"### {track}", "", *table_head(columns)]
+    lines += table_head(columns)
     for number, entry in enumerate(entries, 1):
         meta = entry["meta"]
         rel = os.path.relpath(os.path.abspath(entry["folder"]), base).replace(os.sep, "/")
@@ -151,10 +171,10 @@ def render_track(track, entries, base):
 
 
 def render_leaderboard(tracks, base):
-    """Everything between the markers (without the markers); base as in render_track."""
-    if not tracks:
-        return NO_RECORDS
-    return "\n\n".join(render_track(name, entries, base) for name, entries in tracks.items())
+    """Everything between the markers (without the markers): a section for every track check_submission knows, with
+    or without records, in name order; base as in render_track."""
+    names = sorted(set(check_submission.TRACKS) | set(tracks))
+    return "\n\n".join(render_track(name, tracks.get(name, []), base) for name in names)
 
 
 def splice(readme_text, body, readme_path):
@@ -178,8 +198,6 @@ def build_parser():
     parser.add_argument("--readme", help="README holding the markers (default: ROOT/README.md)")
     parser.add_argument("--check", action="store_true",
                         help="change nothing; exit 1 if the README table is out of date")
-    parser.add_argument("--target", type=float, default=compare.DEFAULT_TARGET,
-                        help=f"val loss target for the p-value column (default {compare.DEFAULT_TARGET})")
     return parser
 
 
@@ -190,9 +208,9 @@ def main(argv=None):
     try:
         with open(readme, encoding="utf-8") as handle:
             old = handle.read()
-        tracks = read_tracks(args.root, args.target)
-        for entry in (e for entries in tracks.values() for e in entries if e["note"]):
-            print(f"note: {entry['note']}", file=sys.stderr)
+        tracks = read_tracks(args.root)
+        for note in (note for entries in tracks.values() for e in entries for note in e["notes"]):
+            print(f"note: {note}", file=sys.stderr)
         refused = [e for entries in tracks.values() for e in entries if e["refused"]]
         if refused:
             for entry in refused:

@@ -58,7 +58,7 @@ class RunLog:
     path: str
     source_hash: str = None
     content_hash: str = None  # of the whole text: two files with the same hash are one run copied
-    track: str = None  # the `track:` line of a track's own trainer (track_3_optimization); None for the main trainer
+    track: str = None  # the `track:` line of a track's own trainer (track_2_medium, track_3_optimization); None for train_gpt.py
     python: str = None
     torch: str = None
     triton: str = None

@@ -20,7 +20,7 @@ if str(REPO) not in sys.path:  # `pytest` without `python -m` does not put the r
     sys.path.insert(0, str(REPO))
 
 from records import compare, leaderboard, runlog, stats  # noqa: E402
-from submission_fixtures import make_steps_log  # noqa: E402
+from submission_fixtures import make_medium_log, make_medium_submission, make_steps_log  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures" / "records"
 SEP = "=" * 100
@@ -587,7 +587,7 @@ def test_leaderboard_script_runs_from_repo_root_without_torch_or_scipy(tmp_path)
     done = subprocess.run([sys.executable, "records/leaderboard.py", "--root", str(tmp_path)], cwd=REPO,
                           env=poisoned_env(tmp_path), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert leaderboard.NO_RECORDS in (tmp_path / "README.md").read_text()
+    assert leaderboard.no_records("track_1_short") in (tmp_path / "README.md").read_text()
 
 
 def test_importing_tools_has_no_side_effects():
@@ -625,10 +625,16 @@ def table_rows(text):
 
 
 def test_leaderboard_without_records_says_so(tmp_path, capsys):
+    """Every track has its section, its race in one line, and a line saying it has no record yet."""
     readme = write(tmp_path / "README.md", README_TEMPLATE)
     assert leaderboard.main(["--root", str(tmp_path)]) == 0
     text = readme.read_text()
-    assert leaderboard.NO_RECORDS in text and "old table" not in text
+    assert "old table" not in text
+    assert [line for line in text.splitlines() if line.startswith("### ")] == [
+        "### track_1_short", "### track_2_medium", "### track_3_optimization"]
+    assert ("### track_2_medium\n\nGPT-2 medium (`records/track_2_medium/train_gpt.py`) to a val loss of 2.92 on "
+            "8 x H100 80GB; the record is the fastest mean time (with a one-sided t-test p < 0.01).\n\n"
+            "No records yet: the first folder under `records/track_2_medium/` will appear here.") in text
     assert text.startswith("# Records\n\nintro\n\n") and text.endswith("\n\nfooter\n")
     assert leaderboard.main(["--root", str(tmp_path), "--check"]) == 0
 
@@ -906,3 +912,100 @@ def test_steps_track_scores_one_earlier_step_and_warns_on_mixed_lengths(tmp_path
     assert "Steps track" in out and "step n/a, n = 0" in out
     plain = write_group(tmp_path / "main", [3.2790, 3.2785], [150.0, 151.0])
     assert "Steps track" not in run_compare(capsys, plain)[1]  # main-track logs have no track: line
+
+
+# ----------------------------------------------------------------------------- issue 28: what compare.py let through
+
+def test_a_folder_mixing_two_tracks_is_refused_naming_each_log(tmp_path, capsys):
+    """A track-1 and a track-3 log were pooled into one p-value; each track has its own target and rules."""
+    folder = write_group(tmp_path / "mixed", [3.2770], [150.0])
+    write(folder / "t3.txt", make_steps_log(final_loss=3.2760))
+    code, out, err = run_compare(capsys, folder)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [f"error: {folder}: mixes the logs of 2 tracks (track_1_short: run0.txt; "
+                                "track_3_optimization: t3.txt): each track has its own target and rules, so their runs "
+                                "make no one group: put each track's logs in its own folder"]
+
+
+def test_groups_of_two_tracks_are_compared_with_a_warning_and_each_its_own_track(tmp_path, capsys):
+    main = write_group(tmp_path / "main", [3.2770, 3.2780], [150.0, 151.0])
+    steps = write_steps_group(tmp_path / "steps", [3.2760, 3.2770], 3250)
+    code, out, err = run_compare(capsys, main, steps, "--json")
+    assert code == 0
+    assert [(g["track"], g["target"]) for g in json.loads(out)["groups"]] == [("track_1_short", 3.28),
+                                                                             ("track_3_optimization", 3.28)]
+    assert err.splitlines() == [f"warning: the groups come from different tracks ({main}: track_1_short; {steps}: "
+                                "track_3_optimization): the comparison sets different races side by side"]
+
+
+def test_a_run_two_groups_share_is_named(tmp_path, capsys):
+    a = write_group(tmp_path / "a", [3.2770, 3.2780], [150.0, 151.0])
+    b = write_group(tmp_path / "b", [3.2790], [152.0])
+    write(b / "copy.txt", (a / "run1.txt").read_text())
+    code, _, err = run_compare(capsys, a, b)
+    assert code == 0 and err.splitlines() == ["warning: copy.txt repeats run1.txt (same content) across groups: the groups "
+                                              "share these runs"]
+
+
+def test_a_log_cut_inside_its_source_is_skipped_with_one_line(tmp_path, capsys):
+    """It has no separator and no step line: it was skipped silently, as if it were no file at all."""
+    folder = write_group(tmp_path / "logs", [3.27, 3.28], [100.0, 101.0])
+    text = make_log(final_loss=3.2600)
+    write(folder / "cut.txt", text[:text.index("step:100/100")])  # inside SOURCE, above the separator
+    code, out, err = run_compare(capsys, folder)
+    assert code == 0 and "cut.txt" not in out
+    assert err.splitlines() == [f"warning: {folder}: skipped 1 .txt/.log file(s) that are not logs (cut.txt): no line of "
+                                "100 '=' and no step line: a log cut inside its embedded source (use the whole log, or "
+                                "move a crashed run's log to crashed/), or a file that is no log"]
+    code, _, err = run_compare(capsys, folder / "cut.txt")
+    assert code == 2 and err.startswith(f"error: {folder / 'cut.txt'}: not a training log (no line of 100 '=' and no step line")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--at-step", "-5"], "argument --at-step: must be a step number of 1 or more, got -5"),
+    (["--at-step", "0"], "argument --at-step: must be a step number of 1 or more, got 0"),
+    (["--at-step", "3.5"], "argument --at-step: must be a whole number of steps, got '3.5'"),
+    (["--target", "nan"], "argument --target: must be a finite val loss above 0, got nan"),
+    (["--target", "-1"], "argument --target: must be a finite val loss above 0, got -1"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, capsys, argv, message):
+    folder = write_steps_group(tmp_path / "g", [3.2760, 3.2770], 3250)
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main([str(folder), *argv])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == ""
+    assert err == f"compare.py: error: {message} (see --help)\n"
+
+
+def test_at_step_on_logs_of_another_track_is_said_to_be_ignored(tmp_path, capsys):
+    folder = write_group(tmp_path / "main", [3.2790, 3.2785], [150.0, 151.0])
+    code, out, err = run_compare(capsys, folder, "--at-step", "50")
+    assert code == 0 and "Steps track" not in out
+    assert err.splitlines() == [f"warning: --at-step 50 ignored: it scores track_3_optimization logs, and not every group "
+                                f"is of that track ({folder}: track_1_short)"]
+
+
+# ----------------------------------------------------------------------------- track 2 (track_2_medium)
+
+def test_compare_tests_a_medium_folder_against_2_92(tmp_path, capsys):
+    """Record #18's two runs: p = 0.0046 against the track's 2.92 (against 3.28 they would be far below it)."""
+    folder = make_medium_submission(tmp_path)
+    code, out, err = run_compare(capsys, folder / "baseline", folder, "--json")
+    assert code == 0 and err == ""
+    baseline, record = json.loads(out)["groups"]
+    assert (record["track"], record["target"], record["n"]) == ("track_2_medium", 2.92, 2)
+    t = (2.91655 - 2.92) / (0.0001 / math.sqrt(2) / math.sqrt(2))  # -69, df = 1
+    assert record["p_value"] == pytest.approx(0.5 + math.atan(t) / math.pi, rel=1e-9)
+    assert record["mean_train_time_s"] == pytest.approx(1041.277) and baseline["mean_train_time_s"] == pytest.approx(1379.574)
+    code, out, _ = run_compare(capsys, folder)
+    row = next(line for line in out.splitlines() if line.startswith(f"{folder}  track_2_medium"))  # the group's row
+    assert row.split()[1:8] == ["track_2_medium", "2.92", "2", "0", "2.9165", "0.0001", "0.0046"]
+    code, out, _ = run_compare(capsys, folder, "--target", "3.28", "--json")
+    assert json.loads(out)["groups"][0]["target"] == 3.28 and json.loads(out)["groups"][0]["p_value"] < 1e-3
+
+
+def test_a_medium_and_a_short_log_make_no_group(tmp_path, capsys):
+    folder = write_group(tmp_path / "mixed", [3.2770], [150.0])
+    write(folder / "medium.txt", make_medium_log())
+    code, _, err = run_compare(capsys, folder)
+    assert code == 2 and "mixes the logs of 2 tracks (track_1_short: run0.txt; track_2_medium: medium.txt)" in err
