@@ -2039,6 +2039,19 @@ def load_optimizer_state(opt: Optimizers, state: dict, comm: Comm):
     opt.adam.step_count = state["adam_step_count"]
 
 
+def pending_adam_grads(model: GPT, comm: Comm) -> dict:
+    """After an even step Adam has not stepped: its gradients wait in .grad for the next (odd) step to add to. A
+    checkpoint keeps them, as their mean over the ranks (every rank calls this): the next step's reduction is a mean
+    too, so every rank resuming from the mean gives the same sum (bit for bit on one process)."""
+    pending = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            grad = p.grad.detach().clone()
+            wait(comm.all_reduce_mean(grad))
+            pending[name] = grad.cpu()
+    return pending
+
+
 def rng_state(device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -2050,11 +2063,12 @@ def training_state(step: int, train_ms: float, val_losses: list, model: GPT, opt
                    cfg: Config, comm: Comm, device: torch.device) -> dict | None:
     """Everything the step loop needs to go on exactly as if it never stopped; None on ranks other than 0."""
     optimizer = optimizer_state(opt, comm)
+    pending = pending_adam_grads(model, comm)
     if comm.rank != 0:
         return None
     return dict(format=1, step=step, train_ms=train_ms, val_losses=[list(v) for v in val_losses], config=config_json(cfg),
                 world_size=comm.world_size, model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                optimizer=optimizer, loader=loader.state(), rng=rng_state(device))
+                optimizer=optimizer, pending_grads=pending, loader=loader.state(), rng=rng_state(device))
 
 
 def save_checkpoint(step: int, train_ms: float, val_losses: list, model: GPT, opt: Optimizers, loader: TrainLoader,
@@ -2105,6 +2119,9 @@ def restore_checkpoint(state: dict, model: GPT, opt: Optimizers, loader: TrainLo
     with torch.no_grad():
         model.load_state_dict({k: v.to(device) for k, v in state["model"].items()})
     load_optimizer_state(opt, state["optimizer"], comm)
+    params = dict(model.named_parameters())
+    for name, grad in state.get("pending_grads", {}).items():
+        params[name].grad = grad.to(device)
     opt.adam.accepting = is_adam_step(state["step"], cfg)
     loader.load_state(state["loader"])
     torch.set_rng_state(state["rng"]["cpu"])
