@@ -759,7 +759,9 @@ class ParamRule:
     `optimizer` at the LR of Config field `lr` times `lr_mult`, with Adam's `betas`, the optimizer's weight decay
     times `wd_mult`. Muon also scales each matrix's LR by sqrt(max(1, rows / cols)) of the STORED shape (the
     record's: 2 for every (4096, 1024) block matrix, Q, K, V and O included), and cuts the parameter into
-    `matrices`: "stored" (as it is) or "quarters" (four equal row blocks, the record's Q, K, V, O)."""
+    `matrices`: "stored" (as it is) or "quarters" (four equal row blocks, the record's Q, K, V, O). split_product:
+    Polar Express rounds B X to bf16 before adding a X (the record's split_baddbmm for its MLP matrices), instead of
+    one rounding of a X + B X."""
     pattern: str
     optimizer: str
     lr: str
@@ -768,6 +770,7 @@ class ParamRule:
     wd_mult: float = 1.0
     dtype: str = "bf16"
     matrices: str = "stored"
+    split_product: bool = False
 
 
 # Record #18's table (its labels, lr_mul and wd_mul, and its three optimizers: NorMuon lr 0.015 wd 1.2; Adam lr 0.004
@@ -782,8 +785,8 @@ def recipe(cfg: Config) -> list:
     muon, adam = "muon", "adam"
     return [
         ParamRule("blocks.*.attn.qkvo_w", muon, "muon_lr", dtype="fp32", matrices="quarters"),
-        ParamRule("blocks.*.mlp.fc_w", muon, "muon_lr", dtype="fp32"),
-        ParamRule("blocks.*.mlp.proj_w", muon, "muon_lr", 2.0, dtype="fp32"),
+        ParamRule("blocks.*.mlp.fc_w", muon, "muon_lr", dtype="fp32", split_product=True),
+        ParamRule("blocks.*.mlp.proj_w", muon, "muon_lr", 2.0, dtype="fp32", split_product=True),
         ParamRule("blocks.*.attn.gate_w", muon, "muon_lr", 0.1),           # the record's attn_gate
         ParamRule("blocks.*.attn.value_gate_w", muon, "muon_lr", 0.1),     # its value_embed_gate
         ParamRule(HEAD, adam, "adam_lr", 1.0, (0.8, 0.95), wd_mult=150.0),
@@ -810,6 +813,7 @@ class ParamSetting:
     weight_decay: float = 0.0     # the optimizer's decay x the row's multiplier
     matrix_shape: tuple = ()      # Muon: the (rows, cols) of the matrices it orthogonalizes
     dtype: str = "bf16"
+    split_product: bool = False   # Muon: Polar Express's split rounding (ParamRule)
 
     @property
     def effective_lr(self) -> float:
@@ -848,7 +852,8 @@ def assign_params(model: nn.Module, cfg: Config) -> list:
             factor, decay = muon_shape_factor(tuple(p.shape)), cfg.muon_weight_decay * rule.wd_mult
         else:
             matrix_shape, factor, decay = (), 1.0, cfg.adam_weight_decay * rule.wd_mult
-        settings.append(ParamSetting(name, p, rule.optimizer, lr, factor, base_lr, tuple(rule.betas), decay, matrix_shape, rule.dtype))
+        settings.append(ParamSetting(name, p, rule.optimizer, lr, factor, base_lr, tuple(rule.betas), decay, matrix_shape,
+                                     rule.dtype, rule.split_product))
     return settings
 
 
@@ -934,7 +939,7 @@ POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
                  (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
 
 
-def orthogonalize(grads: Tensor) -> Tensor:
+def orthogonalize(grads: Tensor, split_product: bool = False) -> Tensor:
     """Approximate U V^T of each (..., rows, cols) matrix in bf16: X <- aX + (bA + cA^2)X with A = XX^T."""
     x = grads.bfloat16()
     transposed = x.size(-2) > x.size(-1)
@@ -942,7 +947,7 @@ def orthogonalize(grads: Tensor) -> Tensor:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
     for a, b, c in POLAR_EXPRESS:
-        x = polar_step(x, a, b, c)
+        x = polar_step(x, a, b, c, split_product)
     return x.mT if transposed else x
 
 
@@ -965,11 +970,14 @@ def add_product(acc: Tensor, x: Tensor, y: Tensor, beta: float, alpha: float = 1
     return add(acc, x, y, beta=beta, alpha=alpha)
 
 
-def polar_step(x: Tensor, a: float, b: float, c: float) -> Tensor:
-    """One step rounded to bf16 once per product, as the record's kernels (A = XX^T; B = bA + cA^2; aX + BX)."""
+def polar_step(x: Tensor, a: float, b: float, c: float, split_product: bool = False) -> Tensor:
+    """One step rounded to bf16 once per product, as the record's kernels (A = XX^T; B = bA + cA^2; aX + BX);
+    split_product: BX rounded, then aX added and rounded again (the record's MLP: no defensive copy of X)."""
     flat = x.reshape(-1, *x.shape[-2:]) if x.ndim > 3 else x
     gram = product(flat, flat.mT)
     poly = add_product(gram, gram, gram, beta=b, alpha=c)
+    if split_product:
+        return product(poly, flat).add_(flat, alpha=a).view(x.shape)
     return add_product(flat, poly, flat, beta=a).view(x.shape)
 
 
@@ -1008,8 +1016,9 @@ class MatrixGroup:
     matrices, bf16 for the gates). `decay`: cautious weight decay per unit of effective LR (weight decay x base
     LR). `param_lrs` gives each parameter its own LR (the MLP's output matrices at 2x)."""
 
-    def __init__(self, params: list, shape: tuple, param_lrs: list, comm: Comm, decay: float = 0.0):
-        self.params, self.shape, self.decay = params, shape, decay
+    def __init__(self, params: list, shape: tuple, param_lrs: list, comm: Comm, decay: float = 0.0,
+                 split_product: bool = False):
+        self.params, self.shape, self.decay, self.split_product = params, shape, decay, split_product
         self.views = [m for p in params for m in p.data.view(-1, *shape)]
         per_rank = math.ceil(len(self.views) / comm.world_size)
         self.padded = per_rank * comm.world_size
@@ -1089,14 +1098,14 @@ class DistributedMuon(GradientReduction):
     """NorMuon: Nesterov momentum, the update orthogonalized (Polar Express), its rows' scales evened out by NorMuon,
     then applied at each matrix's effective LR with cautious weight decay. Gradients are reduce-scattered so each
     rank averages only the matrices it owns, updates them, and all-gathers the new weights: the bytes of one
-    all-reduce, and 1/world_size of the optimizer work. param_lrs: (param, lr, matrix shape, decay)."""
+    all-reduce, and 1/world_size of the optimizer work. param_lrs: (param, lr, matrix shape, decay, split_product)."""
 
     def __init__(self, param_lrs: list, comm: Comm, normuon_beta2: float = 0.0):
         groups = {}
-        for p, lr, shape, decay in param_lrs:
-            groups.setdefault((tuple(shape), decay, p.dtype), []).append((p, lr))
-        self.groups = [MatrixGroup([p for p, _ in entries], shape, [lr for _, lr in entries], comm, decay)
-                       for (shape, decay, _), entries in groups.items()]
+        for p, lr, shape, decay, split in param_lrs:
+            groups.setdefault((tuple(shape), decay, p.dtype, split), []).append((p, lr))
+        self.groups = [MatrixGroup([p for p, _ in entries], shape, [lr for _, lr in entries], comm, decay, split)
+                       for (shape, decay, _, split), entries in groups.items()]
         self.comm, self.normuon_beta2 = comm, normuon_beta2
         self._init_reduction([g.params for g in self.groups])
 
@@ -1113,7 +1122,7 @@ class DistributedMuon(GradientReduction):
             grad = group.grad_shard
             group.momentum.lerp_(grad, 1 - momentum)
             nesterov = grad.lerp(group.momentum, momentum)
-            update = orthogonalize(nesterov)
+            update = orthogonalize(nesterov, group.split_product)
             if self.normuon_beta2:
                 update = self._reduce_variance(group, update)
             lrs = group.own_lrs * lr_mult  # effective LR per matrix, scheduled
@@ -1300,7 +1309,7 @@ class Optimizers:
 def build_optimizers(model: GPT, cfg: Config, comm: Comm) -> Optimizers:
     settings = assign_params(model, cfg)
     adam_lrs = [(s.param, s.effective_lr, s.betas, s.weight_decay) for s in settings if s.optimizer == "adam"]
-    muon_lrs = [(s.param, s.effective_lr, s.matrix_shape, s.weight_decay * s.base_lr)
+    muon_lrs = [(s.param, s.effective_lr, s.matrix_shape, s.weight_decay * s.base_lr, s.split_product)
                 for s in settings if s.optimizer == "muon"]
     adam = DistributedAdam(adam_lrs, cfg.adam_eps, comm)
     muon = DistributedMuon(muon_lrs, comm, cfg.normuon_beta2)
@@ -1347,7 +1356,7 @@ def step_optimizers(opt: Optimizers, model: nn.Module, schedule: StepSchedule):
 # Data: FineWeb .bin shards (256 x int32 header, uint16 tokens), documents packed into each stage's sequences.
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
-FETCH_HINT = "fetch FineWeb with: python data/cached_fineweb10B.py 30"  # ~26 of the 100M-token shards are read (README)
+FETCH_HINT = "fetch FineWeb with: python data/cached_fineweb10B.py 30"  # the record trains on 21.8 shards' worth (README)
 
 
 class DataError(Exception):
