@@ -986,12 +986,15 @@ class Comm:
 
     def __init__(self, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = rank, world_size
+        # the *_single names where this torch has them (the *_tensor ones are deprecated there)
+        self._reduce_scatter = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+        self._all_gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
     def reduce_scatter_mean(self, out: Tensor, full: Tensor):
         if self.world_size == 1:
             out.copy_(full)
             return None
-        return dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.AVG, async_op=True)
+        return self._reduce_scatter(out, full, op=dist.ReduceOp.AVG, async_op=True)
 
     def all_reduce_mean(self, tensor: Tensor):
         if self.world_size == 1:
@@ -1002,7 +1005,7 @@ class Comm:
         if self.world_size == 1:
             full.copy_(shard)
             return None
-        return dist.all_gather_into_tensor(full, shard, async_op=True)
+        return self._all_gather(full, shard, async_op=True)
 
 
 def wait(handle):
