@@ -389,7 +389,7 @@ def test_disk_full_while_logging_stops_with_one_line(tmp_path, capsys, monkeypat
 
     def fill_disk_at_step_2(self, data):
         if data.startswith(b"step:2/"):
-            self.file.write(data[:7])  # the disk fills mid-line
+            self.file.write(data[:-3])  # the disk fills mid-line, longer than the stopping line
             raise OSError(errno.ENOSPC, "No space left on device")
         write(self, data)
 
