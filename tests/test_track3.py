@@ -211,7 +211,8 @@ def test_importing_starts_nothing_and_help_works(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--train-files", "/nonexistent/none_*.bin"], "--train-files /nonexistent/none_*.bin: no file matches"),
-    (["--micro-batch-seqs", "3"], "world size 1 x --micro-batch-seqs 3 = 3 sequences does not divide --batch-seqs 8"),
+    (["--micro-batch-seqs", "3"], "world size 1 x --micro-batch-seqs 3 = 3 sequences must divide both --batch-seqs 8 and "
+                                  "the 16 val sequences: make --batch-seqs and the val sequences"),
     (["--dtype", "float16"], "--dtype 'float16': choose one of bfloat16, float32"),
 ])
 def test_bad_data_or_flags_are_one_line_errors(tmp_path, capsys, monkeypatch, flags, message):
@@ -463,7 +464,7 @@ def test_torchrun_with_an_unusable_world_size_ends_with_the_trainers_line_only(t
                            str(TRAINER), *FAST, "--log-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                           timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.stderr.splitlines() == [
-        "train_gpt.py: error: world size 3 x --micro-batch-seqs 2 = 6 sequences does not divide --batch-seqs 8 and the "
+        "train_gpt.py: error: world size 3 x --micro-batch-seqs 2 = 6 sequences must divide both --batch-seqs 8 and the "
         "8 val sequences: run on 1, 2 or 4 processes"], done.stderr[-3000:]
     assert done.returncode == -signal.SIGKILL and list(tmp_path.iterdir()) == []
 

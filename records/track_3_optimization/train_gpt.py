@@ -156,9 +156,10 @@ def check_world_size(cfg: Config, world_size: int) -> int:
     """Micro-batches per process per step; refuses a world size that cannot split the batch evenly."""
     if not fits_world_size(cfg, world_size):
         usable = usable_world_sizes(cfg)
-        advice = f"run on {one_of(usable)} processes" if usable else "choose --batch-seqs as a multiple of --micro-batch-seqs"
+        advice = (f"run on {one_of(usable)} processes" if usable else
+                  "make --batch-seqs and the val sequences (--val-tokens / --val-seq-len) multiples of --micro-batch-seqs")
         raise ConfigError(f"world size {world_size} x --micro-batch-seqs {cfg.micro_batch_seqs} = "
-                          f"{world_size * cfg.micro_batch_seqs} sequences does not divide --batch-seqs {cfg.batch_seqs} "
+                          f"{world_size * cfg.micro_batch_seqs} sequences must divide both --batch-seqs {cfg.batch_seqs} "
                           f"and the {cfg.val_tokens // cfg.val_seq_len} val sequences: {advice}")
     return cfg.batch_seqs // (world_size * cfg.micro_batch_seqs)
 
