@@ -2906,15 +2906,63 @@ def rng_state(device: torch.device) -> dict:
     return state
 
 
+def set_rng_state(state: dict, device: torch.device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# Between two steps a process holds more than the weights and the optimizer's moments: after an even step (Adam
+# steps on odd ones only) each process keeps the gradient of its own sequences, which the next step's backward adds
+# to and only then reduces over the processes. A checkpoint holds each process's, so a run stopped after any step
+# goes on bit for bit; after an odd step there is none.
+def carried_gradients(model: nn.Module) -> dict:
+    """The gradients this process carries into the next step (those Adam will add the next step's to), by name."""
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def process_states(model: nn.Module, comm: Comm, device: torch.device) -> list:
+    """Each process's carried gradients and RNG, in rank order (every rank calls this; the list is rank 0's to
+    write). The gradients travel as (1, numel) rows, so 0-d scalars gather like the rest."""
+    grads = {name: gather_shards(g.detach().reshape(1, -1), comm).cpu() for name, g in carried_gradients(model).items()}
+    rngs = [rng_state(device)]
+    if comm.world_size > 1:
+        rngs = [None] * comm.world_size
+        dist.all_gather_object(rngs, rng_state(device))
+    return [dict(grads={name: rows[rank].clone() for name, rows in grads.items()}, rng=rngs[rank])
+            for rank in range(comm.world_size)]
+
+
+@torch.no_grad()
+def restore_process_state(model: nn.Module, saved: list, comm: Comm, device: torch.device):
+    """This process's carried gradients and RNG from a checkpoint's process_states. On another number of processes
+    every process carries the mean of the saved ones: the next reduction's mean is then the same sum (a world size
+    change is the same math in another rounding, never bit for bit)."""
+    own = saved[comm.rank] if len(saved) == comm.world_size else None
+    names = {name for process in saved for name in process["grads"]}
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        p.grad = None
+        if name not in names:
+            continue
+        if own is not None:
+            grad = own["grads"][name]
+        else:
+            grad = sum(process["grads"][name].float() for process in saved) / len(saved)
+        p.grad = grad.to(device=p.device, dtype=p.dtype).view(p.shape).clone()
+    set_rng_state((own or saved[0])["rng"], device)
+
+
 def training_state(step: int, train_ms: float, val_losses: list, model: GPT, opt: Optimizers, loader: TrainLoader,
                    cfg: Config, comm: Comm, device: torch.device) -> dict | None:
     """Everything the step loop needs to go on exactly as if it never stopped; None on ranks other than 0."""
     optimizer = optimizer_state(opt, comm)
+    processes = process_states(model, comm, device)
     if comm.rank != 0:
         return None
-    return dict(format=1, step=step, train_ms=train_ms, val_losses=[list(v) for v in val_losses], config=config_json(cfg),
+    return dict(format=2, step=step, train_ms=train_ms, val_losses=[list(v) for v in val_losses], config=config_json(cfg),
                 world_size=comm.world_size, model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                optimizer=optimizer, loader=loader.state(), rng=rng_state(device))
+                optimizer=optimizer, loader=loader.state(), processes=processes)
 
 
 def save_checkpoint(step: int, train_ms: float, val_losses: list, model: GPT, opt: Optimizers, loader: TrainLoader,
@@ -2967,9 +3015,8 @@ def restore_checkpoint(state: dict, model: GPT, opt: Optimizers, loader: TrainLo
     load_optimizer_state(opt, state["optimizer"], comm)
     opt.adam.accepting = is_adam_step(state["step"], cfg)
     loader.load_state(state["loader"])
-    torch.set_rng_state(state["rng"]["cpu"])
-    if device.type == "cuda" and "cuda" in state["rng"]:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    # format 1 (before issue 28) held rank 0's RNG and no gradients: exact only after an odd step
+    restore_process_state(model, state.get("processes") or [dict(grads={}, rng=state["rng"])], comm, device)
     return state["step"], state["train_ms"], [tuple(v) for v in state["val_losses"]]
 
 

@@ -1,0 +1,144 @@
+"""Issue 28: a checkpoint written after ANY step resumes bit for bit.
+
+Adam steps on odd steps only and carries the gradients of each even step into the next one: a checkpoint written
+after an even step must hold them (each process its own), or the resumed run is silently another run. A short
+micro run (the record's structure, 2 layers of width 64, as tests/test_robustness.py) of 8 steps crosses four stages,
+the embedding split (step 5) and a 1-step extension; it writes a checkpoint after every step. Each one is resumed
+and must give the unbroken run's train and val losses and final weights bit for bit, in the record's bf16 storage
+and with --fp32-masters, on 1 process and on 2 gloo processes.
+
+The trainer's own functions run in this process (run_training, as main() calls it: no new interpreter per resume);
+the 2-process case spawns its 2 processes once, and each runs the unbroken run and every resume inside one
+process group.
+"""
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+import train_gpt as tg  # noqa: E402
+from test_robustness import micro_args, micro_steps  # noqa: E402
+
+TRAIN_STEPS = 6  # stages at steps 0, 1, 2, 5; the split at step 3; step 5 is the extension
+NARROW = ["--model-dim", "32", "--head-dim", "16"]  # the micro model at half width: the 50304-row tables dominate
+
+
+def run_args(tmp_path: Path, run_id: str, storage: str, *extra) -> list:
+    return micro_args(tmp_path, run_id, *NARROW, *micro_steps(TRAIN_STEPS), "--val-every", "0", storage, *extra)
+
+
+def keep_every_checkpoint(write):
+    """write_atomically that also keeps a copy of each checkpoint as <run_id>.step<k>.pt: the trainer replaces its
+    one checkpoint file at every --save-every step."""
+    def writing(obj, path, what):
+        write(obj, path, what)
+        if isinstance(obj, dict) and "optimizer" in obj:
+            shutil.copyfile(path, f"{path[:-3]}.step{obj['step']}.pt")
+    return writing
+
+
+def train(args: list, comm: tg.Comm, device: torch.device) -> dict:
+    """The trainer's run on this process: every train loss of this rank, the val losses and the final weights."""
+    cfg = tg.parse_config(args)
+    tg.check_schedule(cfg, training=True)
+    accumulation = tg.check_config(cfg, comm.world_size)
+    cfg = tg.agree_on_outputs(cfg, comm)  # creates --checkpoint-dir, as main() does
+    losses, train_step = [], tg.train_step
+
+    def recording_train_step(model, batch, opt, step, cfg):
+        loss = train_step(model, batch, opt, step, cfg)
+        losses.append((step, loss.item()))
+        return loss
+
+    tg.train_step = recording_train_step
+    try:
+        result = tg.run_training(cfg, tg.Logger(None), comm, device, accumulation, time.time())
+    finally:
+        tg.train_step = train_step
+    assert result["stopped"] is None
+    return dict(train=losses, val=[(step, loss) for step, loss, _ in result["val_losses"]],
+                weights={k: v.detach().clone() for k, v in result["model"].state_dict().items()})
+
+
+def unbroken_and_resumed(whole_args: list, resumed_args, comm: tg.Comm, device: torch.device) -> tuple:
+    """The unbroken run (a checkpoint after every step) and a run resumed from each of its checkpoints."""
+    write = tg.write_atomically
+    tg.write_atomically = keep_every_checkpoint(write)
+    try:
+        whole = train(whole_args, comm, device)
+    finally:
+        tg.write_atomically = write
+    return whole, {step: train(resumed_args(step), comm, device) for step in range(1, TRAIN_STEPS)}
+
+
+def assert_resumed_runs_equal_the_unbroken_one(whole: dict, resumed: dict):
+    assert [step for step, _ in whole["train"]] == list(range(TRAIN_STEPS))
+    assert whole["train"][-1][1] < 0.8 * whole["train"][0][1]  # it trained: equality is not two untouched models
+    for step, run in resumed.items():
+        # the resumed run trains steps step.. and validates after each; the val loss at `step` is the checkpoint's
+        assert run["train"] == whole["train"][step:], f"train losses after a resume at step {step}"
+        assert run["val"] == whole["val"], f"val losses after a resume at step {step}"
+        different = [k for k in whole["weights"] if not torch.equal(whole["weights"][k], run["weights"][k])]
+        assert not different, f"final weights after a resume at step {step}: {different}"
+
+
+def test_the_run_crosses_stages_the_split_and_the_extension(tmp_path):
+    cfg = tg.parse_config(run_args(tmp_path, "x", "--fp32-masters"))
+    schedules = [tg.schedule_at(step, cfg) for step in range(TRAIN_STEPS)]
+    assert [s.stage for s in schedules] == [0, 1, 2, 2, 2, 3]
+    assert [s.embed_tied for s in schedules] == [True] * 4 + [False] * 2  # step 3 is the split step
+    assert [s.adam_step for s in schedules] == [False, True] * 3  # checkpoints at odd steps carry gradients
+    assert tg.scheduled_steps(cfg) == TRAIN_STEPS - 1  # step 7: the extension
+
+
+@pytest.mark.parametrize("storage", ["--no-fp32-masters", "--fp32-masters"])
+def test_a_checkpoint_after_any_step_resumes_bit_for_bit_on_one_process(tmp_path, storage):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        whole, resumed = unbroken_and_resumed(
+            run_args(tmp_path, "whole", storage, "--save-every", "1"),
+            lambda step: run_args(tmp_path, f"resumed{step}", storage, "--resume", str(tmp_path / f"ck/whole.step{step}.pt")),
+            tg.Comm(), torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert_resumed_runs_equal_the_unbroken_one(whole, resumed)
+
+
+def _rank_main(rank: int, world_size: int, port: int, whole_args: list, resumed_args: list, out: str):
+    """One gloo process: the unbroken run and every resume in one process group; its results to out/rank<r>.pt."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    comm, device = tg.setup_distributed(tg.parse_config(whole_args))
+    try:
+        results = unbroken_and_resumed(whole_args, lambda step: [*resumed_args, str(Path(out) / f"ck/whole.step{step}.pt")],
+                                       comm, device)
+    finally:
+        torch.distributed.destroy_process_group()
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.mark.parametrize("storage", ["--no-fp32-masters", "--fp32-masters"])
+def test_a_checkpoint_after_any_step_resumes_bit_for_bit_on_two_processes(tmp_path, storage):
+    # Each process carries its own gradients from an even step (the sum over its own sequences): the checkpoint
+    # holds every process's, and each takes its own back.
+    import torch.multiprocessing as mp
+    from test_distributed_2026 import free_port
+    whole_args = run_args(tmp_path, "whole", storage, "--save-every", "1")
+    resumed_args = run_args(tmp_path, "resumed", storage, "--resume")
+    mp.spawn(_rank_main, args=(2, free_port(), whole_args, resumed_args, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        whole, resumed = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert_resumed_runs_equal_the_unbroken_one(whole, resumed)
