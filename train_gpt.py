@@ -3066,6 +3066,7 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
         opt.close()
         with torch.no_grad():
             model.load_state_dict(initial_state)
+        model.zero_grad(set_to_none=True)  # a last warm-up step that is even leaves its gradients for Adam
     synchronize(device)
     logger.log(f"compile_and_warmup: {time.perf_counter() - compile_start:.1f}s ({len(warmup)} steps, then reset)")
     del initial_state

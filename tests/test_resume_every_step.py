@@ -71,15 +71,17 @@ def train(args: list, comm: tg.Comm, device: torch.device) -> dict:
                 weights={k: v.detach().clone() for k, v in result["model"].state_dict().items()})
 
 
-def unbroken_and_resumed(whole_args: list, resumed_args, comm: tg.Comm, device: torch.device) -> tuple:
-    """The unbroken run (a checkpoint after every step) and a run resumed from each of its checkpoints."""
+def unbroken_and_resumed(whole_args: list, resumed_args, comm: tg.Comm, device: torch.device,
+                         stops: tuple = tuple(range(1, TRAIN_STEPS))) -> tuple:
+    """The unbroken run (a checkpoint after every step) and a run resumed from each checkpoint in stops (the step
+    it was written at: the steps done)."""
     write = tg.write_atomically
     tg.write_atomically = keep_every_checkpoint(write)
     try:
         whole = train(whole_args, comm, device)
     finally:
         tg.write_atomically = write
-    return whole, {step: train(resumed_args(step), comm, device) for step in range(1, TRAIN_STEPS)}
+    return whole, {step: train(resumed_args(step), comm, device) for step in stops}
 
 
 def assert_resumed_runs_equal_the_unbroken_one(whole: dict, resumed: dict):
@@ -116,29 +118,54 @@ def test_a_checkpoint_after_any_step_resumes_bit_for_bit_on_one_process(tmp_path
     assert_resumed_runs_equal_the_unbroken_one(whole, resumed)
 
 
-def _rank_main(rank: int, world_size: int, port: int, whole_args: list, resumed_args: list, out: str):
-    """One gloo process: the unbroken run and every resume in one process group; its results to out/rank<r>.pt."""
+def test_a_warm_up_ending_on_an_even_step_leaves_nothing_behind(tmp_path):
+    # Stages at 0, 1, 2, 4 of 5 steps: the warm-up steps (0, 1 and those around each stage start) end on the even
+    # step 4, whose gradients would wait for the timed run's first Adam step. The run with them equals the run without.
+    args = micro_args(tmp_path, "x", *NARROW, *micro_steps(5), "--val-every", "0")
+    assert tg.parse_config(args).stage_steps == (0, 1, 2, 4)
+    assert tg.warmup_steps(tg.parse_config([*args, "--warmup-steps", "3"])) == [0, 1, 2, 3, 4]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain, warmed = (train([*args, "--warmup-steps", n], tg.Comm(), torch.device("cpu")) for n in ("0", "3"))
+    finally:
+        torch.set_num_threads(threads)
+    assert warmed["train"] == plain["train"] * 2  # the warm-up steps (then the reset), the timed steps
+    assert all(torch.equal(plain["weights"][k], warmed["weights"][k]) for k in plain["weights"])
+
+
+# On 2 processes, a few stops around the split: after the even step 2 (each process carries its gradient of the
+# tied head), after the split step 3 (nothing carried), after the even step 4 (the embedding's own gradient too).
+TWO_PROCESS_STOPS = (3, 4, 5)
+
+
+def _rank_main(rank: int, world_size: int, port: int, runs: dict, out: str):
+    """One gloo process: for each storage the unbroken run and its resumes, all in one process group; the results
+    to out/rank<r>.pt."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    comm, device = tg.setup_distributed(tg.parse_config(whole_args))
+    comm, device = tg.setup_distributed(tg.parse_config(next(iter(runs.values()))[0]))
+    results = {}
     try:
-        results = unbroken_and_resumed(whole_args, lambda step: [*resumed_args, str(Path(out) / f"ck/whole.step{step}.pt")],
-                                       comm, device)
+        for name, (whole_args, resumed_args) in runs.items():
+            results[name] = unbroken_and_resumed(
+                whole_args, lambda step: [*resumed_args, str(Path(out) / f"ck/{name}.step{step}.pt")], comm, device,
+                TWO_PROCESS_STOPS)
     finally:
         torch.distributed.destroy_process_group()
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
-@pytest.mark.parametrize("storage", ["--no-fp32-masters", "--fp32-masters"])
-def test_a_checkpoint_after_any_step_resumes_bit_for_bit_on_two_processes(tmp_path, storage):
+def test_a_checkpoint_after_an_odd_or_even_step_resumes_bit_for_bit_on_two_processes(tmp_path):
     # Each process carries its own gradients from an even step (the sum over its own sequences): the checkpoint
-    # holds every process's, and each takes its own back.
+    # holds every process's, and each takes its own back. Both storages in one launch of 2 processes.
     import torch.multiprocessing as mp
     from test_distributed_2026 import free_port
-    whole_args = run_args(tmp_path, "whole", storage, "--save-every", "1")
-    resumed_args = run_args(tmp_path, "resumed", storage, "--resume")
-    mp.spawn(_rank_main, args=(2, free_port(), whole_args, resumed_args, str(tmp_path)), nprocs=2)
+    runs = {name: (run_args(tmp_path, name, storage, "--save-every", "1"), run_args(tmp_path, "resumed", storage, "--resume"))
+            for name, storage in (("bf16", "--no-fp32-masters"), ("fp32", "--fp32-masters"))}
+    mp.spawn(_rank_main, args=(2, free_port(), runs, str(tmp_path)), nprocs=2)
     for rank in range(2):
-        whole, resumed = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
-        assert_resumed_runs_equal_the_unbroken_one(whole, resumed)
+        for whole, resumed in torch.load(tmp_path / f"rank{rank}.pt", weights_only=False).values():
+            assert sorted(resumed) == list(TWO_PROCESS_STOPS)
+            assert_resumed_runs_equal_the_unbroken_one(whole, resumed)
