@@ -127,9 +127,9 @@ class Config:
     log_dir: str = field(default="logs", metadata={"help": "folder of the run logs"})
     save_model: str = field(default="", metadata={"help": "write the final weights to this path (rank 0)"})
     gpu_peak_tflops: float = field(default=800.0, metadata={"help": "dense bf16 peak per GPU, for the MFU figure (H100 measured: ~800)"})
-    save_every: int = field(default=0, metadata={"help": "every N steps write a checkpoint to --checkpoint-dir/<run_id>.pt, off the clock (0: never)"})
+    save_every: int = field(default=0, metadata={"help": "every N steps write a checkpoint to --checkpoint-dir/<run_id>.pt, off the clock (0: never); one at an odd step also holds every process's gradients of the even step before it (an even N never does)"})
     checkpoint_dir: str = field(default="checkpoints", metadata={"help": "folder of the --save-every checkpoints (one file per run, replaced atomically)"})
-    resume: str = field(default="", metadata={"help": "continue from this checkpoint: weights, optimizer, data position and clock (same settings)"})
+    resume: str = field(default="", metadata={"help": "continue from this checkpoint, bit for bit after any step: weights, optimizer, data position, clock and each process's RNG and carried gradients (same settings)"})
 
 
 # The defaults above, the record, are the 2026-05-20 public record's recipe ("BigramsSignTrick": 1480 steps, about
