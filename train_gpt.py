@@ -2705,9 +2705,10 @@ def stages_summary(cfg: Config) -> str:
     stages = ", ".join(f"{start}-{end - 1}" if end - 1 > start else str(start) for start, end in zip(cfg.stage_steps, ends))
     split = embed_split_step(cfg)
     split = f"the embedding unties after step {split}" if split >= 0 else "the embedding is never tied"
-    return (f"stages: steps {stages} (--stage-steps {','.join(map(str, cfg.stage_steps))}); extension: the last "
-            f"{cfg.extension_steps} steps; {split}; Muon momentum warm-up {cfg.muon_momentum_warmup_steps} and "
-            f"cool-down {cfg.muon_momentum_cooldown_steps} steps")
+    extension = f"the last {cfg.extension_steps} step{'s' if cfg.extension_steps != 1 else ''}" if cfg.extension_steps else "none"
+    return (f"stages: steps {stages} (--stage-steps {','.join(map(str, cfg.stage_steps))}); extension: {extension}; "
+            f"{split}; Muon momentum warm-up {cfg.muon_momentum_warmup_steps} and cool-down "
+            f"{cfg.muon_momentum_cooldown_steps} steps")
 
 
 STAGE_TABLES = ["stage_batch_tokens", "stage_seq_len", "stage_max_doc_len", "stage_short_window_blocks",

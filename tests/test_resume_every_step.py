@@ -134,6 +134,19 @@ def test_a_warm_up_ending_on_an_even_step_leaves_nothing_behind(tmp_path):
     assert all(torch.equal(plain["weights"][k], warmed["weights"][k]) for k in plain["weights"])
 
 
+def test_each_process_takes_its_own_gradients_back_and_another_world_size_their_mean():
+    model = torch.nn.Linear(3, 2, bias=False)
+    grads = [torch.randn(2, 3, generator=torch.Generator().manual_seed(rank)) for rank in range(2)]
+    saved = [dict(grads={"weight": g.reshape(1, -1)}, rng=tg.rng_state(torch.device("cpu"))) for g in grads]
+    for rank in range(2):  # the same world size: each its own, bit for bit
+        tg.restore_process_state(model, saved, tg.Comm(rank, 2), torch.device("cpu"))
+        assert torch.equal(model.weight.grad, grads[rank])
+    tg.restore_process_state(model, saved, tg.Comm(0, 1), torch.device("cpu"))  # one process: the mean of the two
+    assert torch.allclose(model.weight.grad, (grads[0] + grads[1]) / 2)
+    tg.restore_process_state(model, [dict(grads={}, rng=saved[0]["rng"])], tg.Comm(0, 1), torch.device("cpu"))
+    assert model.weight.grad is None  # a checkpoint after an odd step carries nothing: no gradient is left over
+
+
 # On 2 processes, a few stops around the split: after the even step 2 (each process carries its gradient of the
 # tied head), after the split step 3 (nothing carried), after the even step 4 (the embedding's own gradient too).
 TWO_PROCESS_STOPS = (3, 4, 5)
