@@ -2,13 +2,13 @@
 
 Adam steps on odd steps only and carries the gradients of each even step into the next one: a checkpoint written
 after an even step must hold them (each process its own), or the resumed run is silently another run. A short
-micro run (the record's structure, 2 layers of width 64, as tests/test_robustness.py) of 8 steps crosses four stages,
-the embedding split (step 5) and a 1-step extension; it writes a checkpoint after every step. Each one is resumed
-and must give the unbroken run's train and val losses and final weights bit for bit, in the record's bf16 storage
-and with --fp32-masters, on 1 process and on 2 gloo processes.
+micro run (the record's structure at a tiny width, as tests/test_robustness.py's) of 6 steps crosses four stages,
+the embedding split (step 3) and a 1-step extension, and writes a checkpoint after every step. On 1 process each
+one is resumed and must give the unbroken run's train losses, val losses and final weights bit for bit, in the
+record's bf16 storage and with --fp32-masters; on 2 gloo processes (both storages) the three stops around the split.
 
 The trainer's own functions run in this process (run_training, as main() calls it: no new interpreter per resume);
-the 2-process case spawns its 2 processes once, and each runs the unbroken run and every resume inside one
+the 2-process case spawns its 2 processes once, and each runs the unbroken runs and every resume inside one
 process group.
 """
 
