@@ -5,7 +5,7 @@ after an even step must hold them (each process its own), or the resumed run is 
 micro run (the record's structure at a tiny width, as tests/test_robustness.py's) of 6 steps crosses four stages,
 the embedding split (step 3) and a 1-step extension, and writes a checkpoint after every step. On 1 process each
 one is resumed and must give the unbroken run's train losses, val losses and final weights bit for bit, in the
-record's bf16 storage and with --fp32-masters; on 2 gloo processes (both storages) the three stops around the split.
+record's bf16 storage and with --fp32-masters; on 2 gloo processes (both storages) every stop too.
 
 The trainer's own functions run in this process (run_training, as main() calls it: no new interpreter per resume);
 the 2-process case spawns its 2 processes once, and each runs the unbroken runs and every resume inside one
@@ -147,9 +147,9 @@ def test_each_process_takes_its_own_gradients_back_and_another_world_size_their_
     assert model.weight.grad is None  # a checkpoint after an odd step carries nothing: no gradient is left over
 
 
-# On 2 processes, a few stops around the split: after the even step 2 (each process carries its gradient of the
+# On 2 processes, every stop as on one: after an even step while tied (each process carries its own gradient of the
 # tied head), after the split step 3 (nothing carried), after the even step 4 (the embedding's own gradient too).
-TWO_PROCESS_STOPS = (3, 4, 5)
+TWO_PROCESS_STOPS = tuple(range(1, TRAIN_STEPS))
 
 
 def _rank_main(rank: int, world_size: int, port: int, runs: dict, out: str):
