@@ -262,6 +262,26 @@ def test_the_small_run_crosses_the_stages_and_the_split():
         {1: [2, 2, 2, 2, 2, 4, 4, 4], 2: [1, 1, 1, 1, 1, 2, 2, 2]}
 
 
+def test_the_split_copies_the_heads_weights_and_adam_moments_into_the_embedding():
+    """After the split step's Adam step the embedding starts from the head: its weights, its bf16 moments and the
+    shared step count (the record's copy_lm_to_embed). Mutation: untie leaving the embedding's own (zero) moments
+    fails."""
+    cfg, model = small_model(stage_steps=(0, 1, 2, 3), train_steps=5, extension_steps=1,
+                             stage_batch_tokens=(256,) * 4, stage_seq_len=(128,) * 4, stage_max_doc_len=(128,) * 4,
+                             stage_short_window_blocks=(1,) * 4, stage_long_window_blocks=(1,) * 4)
+    t2.store_as_record(model, cfg)
+    opt = t2.build_optimizers(model, cfg, t2.Comm())
+    inputs, targets = tokens()
+    split = t2.embed_split_step(cfg)
+    assert split == 3
+    for step in range(split + 1):
+        t2.train_step(model, [(inputs, targets)], opt, step, cfg)
+    head, embed = (opt.adam.entries[opt.adam.entry_of(p)] for p in (model.lm_head_w, model.embed.weight))
+    assert opt.adam.tied is None and torch.equal(model.embed.weight, model.lm_head_w)
+    assert torch.equal(embed["exp_avg"], head["exp_avg"]) and torch.equal(embed["exp_avg_sq"], head["exp_avg_sq"])
+    assert head["exp_avg"].abs().sum() > 0 and opt.adam.step_count == 2
+
+
 def assert_close_in_norm(one: dict, two: dict, tolerance: float, what: str = ""):
     assert one.keys() == two.keys()
     for name in one:
