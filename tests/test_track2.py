@@ -294,24 +294,26 @@ def test_two_processes_equal_one_process_across_stages_and_the_split(tmp_path):
     """The record's bf16 storage: the two runs sum bf16 gradients in another order (2 accumulated passes vs a gloo
     mean of 1 each), a bf16-rounding difference that Polar Express and NorMuon carry on. Measured: the val losses
     (4 decimals) agree within 1e-4 at every step, the final weights within 11% of their norm (the small, zero-init
-    value-embedding tables; the rest closer), the optimizer state at step 6 within 8%. Mutations: every rank taking
-    rank 0's sequences, and the untie leaving the embedding's own (zero) moments, fail."""
+    value-embedding tables; the rest closer), the optimizer state at step 6 within 7.7% (measure_1v2 in the issue-27
+    scratch); the bounds below are those with a third of margin (no fp32-storage option to compare tighter: the
+    bf16 weights and Adam moments are the record's). Mutations: every rank taking rank 0's sequences, and the untie
+    leaving the embedding's own (zero) moments, fail."""
     run_trainer(small_args(tmp_path, "one", "--save-every", "6"), nproc=1)
     run_trainer(small_args(tmp_path, "two", "--save-every", "6"), nproc=2)
     one, two = runlog.parse_log_file(tmp_path / "one.txt"), runlog.parse_log_file(tmp_path / "two.txt")
     assert (one.world_size, one.grad_accum_steps, two.world_size, two.grad_accum_steps) == (1, 2, 2, 1)
     losses_one, losses_two = [p.val_loss for p in one.val_points], [p.val_loss for p in two.val_points]
     assert [p.step for p in two.val_points] == list(range(TRAIN_STEPS + 1))
-    assert losses_one == pytest.approx(losses_two, abs=1e-2)
+    assert losses_one == pytest.approx(losses_two, abs=5e-4)
     assert losses_one[-1] < losses_one[0] - 0.2  # it trained
     c1 = torch.load(tmp_path / "checkpoints/one.pt", weights_only=False)
     c2 = torch.load(tmp_path / "checkpoints/two.pt", weights_only=False)
     assert c1["step"] == c2["step"] == 6 and c1["optimizer"]["adam_step_count"] == 3
-    assert_close_in_norm(c1["model"], c2["model"], 0.25)
+    assert_close_in_norm(c1["model"], c2["model"], 0.15)
     for kind in ("adam", "muon"):
         for i, (s1, s2) in enumerate(zip(c1["optimizer"][kind], c2["optimizer"][kind])):
-            assert_close_in_norm(s1, s2, 0.25, f"{kind} state {i} ")
-    assert_close_in_norm(torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt"), 0.25)
+            assert_close_in_norm(s1, s2, 0.11, f"{kind} state {i} ")
+    assert_close_in_norm(torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt"), 0.15)
 
 
 @pytest.mark.parametrize("checkpoint_step", [4, 5])
