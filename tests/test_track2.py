@@ -313,6 +313,11 @@ def test_two_processes_equal_one_process_across_stages_and_the_split(tmp_path):
     for kind in ("adam", "muon"):
         for i, (s1, s2) in enumerate(zip(c1["optimizer"][kind], c2["optimizer"][kind])):
             assert_close_in_norm(s1, s2, 0.11, f"{kind} state {i} ")
+    for i, (s1, s2) in enumerate(zip(c1["optimizer"]["adam"], c2["optimizer"]["adam"])):
+        # every rank's rows: after the split the embedding's moments are the head's (dense over the vocabulary) on
+        # each rank's shard; a rank that kept its own would hold zeros in the rows its sequences never touch
+        zeros = [(s["exp_avg_sq"] == 0).float().mean().item() for s in (s1, s2)]
+        assert zeros[1] == pytest.approx(zeros[0], abs=0.01), f"adam state {i}: share of zero moments {zeros}"
     assert_close_in_norm(torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt"), 0.15)
 
 
