@@ -2713,6 +2713,7 @@ class StepSchedule:
     lr_mult: float  # multiplies every base LR, Muon's and Adam's
     muon_momentum: float
     mtp_weights: tuple  # loss weights of the next 1, 2, 3, ... tokens
+    prefix_weight: float  # loss weight of the next token's byte-prefix token (prefix-token prediction)
     adam_step: bool  # Adam updates at the end of this step; if not, its gradients accumulate into the next one
     embed_tied: bool  # the embedding is the head's transpose in this step (the split step is the last such one)
     attn_scale: float  # attention softmax scale
@@ -2781,6 +2782,14 @@ def mtp_weights(step: int, cfg: Config) -> tuple:
     return tuple(a + (b - a) * done for a, b in zip(start, end))
 
 
+def prefix_weight(step: int, cfg: Config) -> float:
+    """Weight of the prefix-token term: linear from the stage's start to its end value (2026-08: 0.25 through
+    stage 0, down to 0 over stage 1)."""
+    stage, done = stage_of(step, cfg), stage_progress(step, cfg)
+    start, end = cfg.stage_prefix_weight_start[stage], cfg.stage_prefix_weight_end[stage]
+    return start + (end - start) * done
+
+
 def is_adam_step(step: int, cfg: Config) -> bool:
     if step >= cfg.train_steps:
         return False  # the final validation step trains nothing
@@ -2822,6 +2831,7 @@ def schedule_at(step: int, cfg: Config) -> StepSchedule:
         lr_mult=lr_multiplier(step, cfg),
         muon_momentum=muon_momentum(step, cfg),
         mtp_weights=mtp_weights(step, cfg),
+        prefix_weight=prefix_weight(step, cfg),
         adam_step=is_adam_step(step, cfg),
         embed_tied=step <= embed_split_step(cfg),
         attn_scale=yarn_attn_scale(step, cfg),
