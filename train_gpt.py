@@ -100,7 +100,7 @@ class Config:
     attn_source_layer: int = field(default=7, metadata={"help": "this layer's output, normed, is the attention input of every later layer, and a MUDD source (-1: none, an ablation)"})
     mudd: bool = field(default=True, metadata={"help": "MUDD dense connections: per-token coefficients mix earlier layers' outputs into the last layer (its V, stream and sublayer scales) and into the stream after it; off: an ablation (the last layer is a plain block)"})
     mudd_hidden: int = field(default=64, metadata={"help": "hidden width of the MUDD and MUDD-gate coefficient MLPs (W2 gelu(W1 x) + b2)"})
-    post_gate_layer: int = field(default=4, metadata={"help": "the post gate (per-token gates of this and later layers) reads the stream at the start of this layer; the pre gate, those of earlier layers, reads x0"})
+    post_gate_layer: int = field(default=4, metadata={"help": "the post gate (per-token gates of this and later layers) reads the stream at the start of this layer; the pre gate, those of earlier layers, reads x0 (past the last layer: the pre gate serves all)"})
     xsa_layers: tuple = field(default=(1, 3, 4, 7), metadata={"help": "layers whose attention output loses tanh(alpha) of its component along each head's value (XSA; alpha per token and head from the gates) ('': none)"})
     attn_gate_layers: tuple = field(default=(3, 10), metadata={"help": "layers whose attention heads are scaled by a per-token gate ('': none)"})
     dc_layer: int = field(default=10, metadata={"help": "layer with post-only DC (dynamically composable attention): heads' window probabilities mixed across heads, times V, added (-1: none)"})
@@ -339,8 +339,8 @@ def check_layer_lists(cfg: Config):
         raise ConfigError(f"--dc-layer {cfg.dc_layer} must be an attention layer without paired heads")
     if not 0 < cfg.dc_window or cfg.mudd_hidden <= 0:
         raise ConfigError("--dc-window and --mudd-hidden must be positive")
-    if not 0 <= cfg.post_gate_layer < cfg.num_layers:
-        raise ConfigError(f"--post-gate-layer {cfg.post_gate_layer}: layers are numbered 0..{cfg.num_layers - 1}")
+    if cfg.post_gate_layer < 0:
+        raise ConfigError(f"--post-gate-layer {cfg.post_gate_layer} must be >= 0 (past the last layer: no post gate)")
     if cfg.skip_connection and not cfg.skip_connection[0] < cfg.post_gate_layer <= cfg.skip_connection[-1]:
         raise ConfigError(f"--post-gate-layer {cfg.post_gate_layer} must be after the skip's FROM and at or before its TO "
                           f"(--skip-connection {','.join(map(str, cfg.skip_connection))}): the post gate holds the skip's lane")

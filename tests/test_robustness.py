@@ -30,7 +30,7 @@ from test_train_gpt import SAMPLE_VAL, run_trainer, tiny_args, write_shard  # no
 
 MICRO_MODEL = ["--num-layers", "2", "--model-dim", "64", "--num-heads", "2", "--head-dim", "32", "--no-attn-layers", "",
                "--long-window-layers", "1", "--paired-head-layers", "0", "--value-embed-layers", "1", "--skip-connection", "",
-               "--backout-layer", "-1", "--bigram-rows", "1031", "--bigram-dim", "16", "--bigram-sign-rows", "64",
+               "--attn-source-layer", "-1", "--no-mudd", "--xsa-layers", "", "--attn-gate-layers", "", "--dc-layer", "-1", "--bigram-rows", "1031", "--bigram-dim", "16", "--bigram-sign-rows", "64",
                "--stage-seq-len", "128,128,128,128", "--stage-batch-tokens", "256,256,256,256",
                "--stage-max-doc-len", "128,128,128,128", "--stage-short-window-blocks", "1,1,1,1",
                "--stage-long-window-blocks", "1,1,1,1", "--final-long-window-blocks", "1", "--val-seq-len", "128",

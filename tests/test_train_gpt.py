@@ -217,7 +217,7 @@ def test_regional_compile_matches_eager_and_reuses_code_across_layers():
     from torch._dynamo.utils import counters
     cfg = tg.parse_config(["--preset", "tiny", "--num-layers", "8", "--no-attn-layers", "3", "--long-window-layers", "0,7",
                            "--paired-head-layers", "", "--value-embed-layers", "1,6", "--skip-connection", "",
-                           "--backout-layer", "-1", "--no-key-offset", "--val-seq-len", "256"])
+                           "--attn-source-layer", "-1", "--no-mudd", "--xsa-layers", "", "--attn-gate-layers", "", "--dc-layer", "-1", "--no-key-offset", "--val-seq-len", "256"])
     schedule = tg.schedule_at(0, cfg)
     torch.manual_seed(0)
     model = tg.GPT(cfg, 256)
@@ -392,7 +392,7 @@ def _overlap_worker(rank, world_size, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     cfg = tg.parse_config(["--preset", "tiny", "--num-layers", "2", "--no-attn-layers", "", "--long-window-layers", "0",
                            "--paired-head-layers", "", "--value-embed-layers", "0", "--skip-connection", "",
-                           "--backout-layer", "-1"])
+                           "--attn-source-layer", "-1", "--no-mudd", "--xsa-layers", "", "--attn-gate-layers", "", "--dc-layer", "-1"])
     torch.manual_seed(0)
     model = tg.GPT(cfg, 512)
     opt = tg.build_optimizers(model, cfg, tg.Comm(rank, world_size))
