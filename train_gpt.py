@@ -819,19 +819,69 @@ def flex_token_window_mask(input_ids: Tensor, window_tokens: int | Tensor) -> Bl
 
 def head_loss(x: Tensor, head_w: Tensor, targets: Tensor, logit_cap: float, fp8_scales: tuple | None,
               mtp_weights: Tensor | None = None, logit_shift: float = 0.0, logit_div: float = 0.0,
-              fused_ce: bool = False) -> Tensor:
+              fused_ce: bool = False, prefix_targets: Tensor | None = None, prefix_weight: Tensor | None = None) -> Tensor:
     """Summed cross-entropy of softcapped logits. fp8_scales set: the FP8 matmul (Hopper). mtp_weights set:
-    the multi-token loss (multi_token_cross_entropy). fused_ce: the rest in Triton (softcapped_cross_entropy)."""
+    the multi-token loss (multi_token_cross_entropy). prefix_targets set: plus prefix_weight x the prefix-token
+    term (prefix_cross_entropy). fused_ce: the rest in Triton (softcapped_cross_entropy; no prefix term)."""
     if fp8_scales is not None:
         logits = torch.ops.speedrun_gpt.fp8_linear(x, head_w, *fp8_scales)[0]
     else:
         logits = F.linear(x, head_w.type_as(x))
     if fused_ce:
-        return softcapped_cross_entropy(logits, targets, mtp_weights, logit_cap, logit_shift, logit_div)
-    logits = softcap_logits(logits.float(), logit_cap, logit_shift, logit_div)
-    if mtp_weights is None:
-        return F.cross_entropy(logits, targets, reduction="sum")
-    return multi_token_cross_entropy(logits, targets, mtp_weights)
+        loss = softcapped_cross_entropy(logits, targets, mtp_weights, logit_cap, logit_shift, logit_div)
+        if prefix_targets is None:
+            return loss
+        logits = softcap_logits(logits.float(), logit_cap, logit_shift, logit_div)  # the kernel has no prefix term yet
+    else:
+        logits = softcap_logits(logits.float(), logit_cap, logit_shift, logit_div)
+        if mtp_weights is None:
+            loss = F.cross_entropy(logits, targets, reduction="sum")
+        else:
+            loss = multi_token_cross_entropy(logits, targets, mtp_weights)
+    if prefix_targets is not None:
+        loss = loss + prefix_weight * prefix_cross_entropy(logits, prefix_targets)
+    return loss
+
+
+def prefix_cross_entropy(logits: Tensor, prefix_targets: Tensor) -> Tensor:
+    """Prefix-token prediction (2026-08): the logits of position t also predict the prefix token of its target
+    (the longest proper byte-prefix of the next token that is itself a token), summed over the positions that
+    have one (prefix_targets >= 0); the others add nothing, to the loss or its gradient (as the script's kernel)."""
+    has_prefix = prefix_targets >= 0
+    predicted = logits.gather(1, prefix_targets.clamp_min(0)[:, None]).squeeze(1)
+    return torch.where(has_prefix, torch.logsumexp(logits, dim=-1) - predicted, 0.0).sum()
+
+
+# GPT-2's byte-prefix table: prefix_table[t] is the token whose bytes are the longest proper prefix of token t's
+# bytes, or -1 (single bytes, <|endoftext|> and the padding rows have none), from the BPE files the repository
+# ships (data/tiktoken_cache/, as data/tokenize_corpus.py reads them). Only the vocabulary, never the corpus.
+TIKTOKEN_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiktoken_cache")
+
+
+def gpt2_token_bytes() -> dict:
+    """{bytes: token id} of GPT-2's BPE vocabulary (tiktoken's mergeable ranks), offline."""
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
+    try:
+        import tiktoken
+        return tiktoken.get_encoding("gpt2")._mergeable_ranks
+    except Exception as e:  # no tiktoken, or no BPE files where TIKTOKEN_CACHE_DIR points
+        raise ConfigError(f"the prefix-token table needs tiktoken and the GPT-2 BPE files (TIKTOKEN_CACHE_DIR="
+                          f"{os.environ['TIKTOKEN_CACHE_DIR']}; the repository ships them in {TIKTOKEN_CACHE}): "
+                          f"{type(e).__name__}: {e}; or --stage-prefix-weight-start 0,0,0,0 --stage-prefix-weight-end 0,0,0,0") from None
+
+
+def prefix_token_table(vocab_size: int, token_bytes: dict | None = None) -> Tensor:
+    """(vocab_size,) int64. Sorted byte strings put every prefix before its extensions, so a stack of the current
+    string's ancestors in the vocabulary gives the longest one: O(V log V)."""
+    table = torch.full((vocab_size,), -1, dtype=torch.int64)
+    ancestors = []  # (bytes, id) of the tokens that are prefixes of the current one, shortest first
+    for text, token in sorted((token_bytes or gpt2_token_bytes()).items()):
+        while ancestors and not text.startswith(ancestors[-1][0]):
+            ancestors.pop()
+        if ancestors:
+            table[token] = ancestors[-1][1]
+        ancestors.append((text, token))
+    return table
 
 
 def softcap_logits(z: Tensor, cap: float, shift: float, div: float) -> Tensor:
@@ -1019,6 +1069,10 @@ class GPT(nn.Module):
         self.fp8_scales = None  # (input, weight, gradient) scales of the FP8 head, set by the trainer on Hopper
         self.fused_ce = "ce" in kernel_names(cfg)  # --triton-kernels ce: the head's fused cross-entropy
         self.mtp_weight_table = None  # set by the trainer: every step's multi-token weights on the device
+        self.prefix_weight_table = None  # set by the trainer: every step's prefix-token weight on the device
+        # filled by the trainer when its clock starts (as the script: the build counts as training time); -1: no
+        # prefix anywhere, so the term is absent (the warm-up runs so)
+        self.register_buffer("prefix_table", torch.full((cfg.vocab_size,), -1, dtype=torch.int64), persistent=False)
         self.head_loss = head_loss
         self.block_calls = [block.__call__ for block in self.blocks]
         self.masks_call, self.stem_call, self.final_norm_call = self.window_masks, self.stem, self.final_norm
@@ -1171,9 +1225,17 @@ class GPT(nn.Module):
         options = dict(logit_shift=self.cfg.logit_shift, logit_div=self.cfg.logit_div)
         if self.training and tuple(schedule.mtp_weights) != (1.0,):
             options["mtp_weights"] = self.step_mtp_weights(schedule)
+        if self.training and schedule.prefix_weight:
+            options["prefix_weight"] = self.step_prefix_weight(schedule)
         if self.fused_ce:
             options["fused_ce"] = True
         return options
+
+    def step_prefix_weight(self, schedule: StepSchedule) -> Tensor:
+        """The step's prefix-token weight, a 0-d device tensor (a row of the trainer's table, as the MTP weights)."""
+        if self.prefix_weight_table is None:
+            return torch.tensor(schedule.prefix_weight, dtype=torch.float32, device=self.lm_head_w.device)
+        return self.prefix_weight_table[schedule.step]
 
     def step_mtp_weights(self, schedule: StepSchedule) -> Tensor:
         """The step's multi-token weights on the device: a row of the trainer's table, because a new tensor each
@@ -1191,6 +1253,8 @@ class GPT(nn.Module):
         x0, value_embeds, bigram, docs = self.stem_call(input_ids, self.embedding_table(schedule))
         x = self.final_norm_call(*self.layers(x0, value_embeds, masks, bigram, docs))
         head_options = self.head_options(schedule)
+        if "prefix_weight" in head_options:
+            head_options["prefix_targets"] = self.prefix_table[targets]
         if self.training:
             return self.head_loss(x, self.lm_head_w, targets, self.cfg.logit_cap, self.fp8_scales, **head_options)
         # Validation: the bf16 head (FP8 would bias the reported loss), in equal chunks of at most VAL_HEAD_CHUNK
@@ -3022,6 +3086,8 @@ def build_model(cfg: Config, device: torch.device, accumulation: int, logger) ->
         elif cfg.fp8_head:
             logger.log("WARNING: --fp8-head needs a GPU of compute capability 8.9+ (Hopper); using the bf16 head")
     model.mtp_weight_table = mtp_weight_table(cfg, device)
+    model.prefix_weight_table = torch.tensor([prefix_weight(step, cfg) for step in range(cfg.train_steps)],
+                                             dtype=torch.float32).to(device)
     if cfg.compile:
         model.compile_regions()
     return model
@@ -3300,6 +3366,7 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
         del resume_state
     passes_logged = loader.passes
     pending_loss, clock = None, time.perf_counter()
+    model.prefix_table.copy_(prefix_token_table(cfg.vocab_size))  # on the clock, as the script builds it
     launch_to_first_step = None
     for step in range(first_step, cfg.train_steps + 1):
         progress.step = step

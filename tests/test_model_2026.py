@@ -714,3 +714,66 @@ def test_the_dc_layer_uses_its_own_window_not_the_layers():
         outputs[window] = with_dc - without
     torch.testing.assert_close(outputs[10], outputs[60], atol=1e-5, rtol=1e-4)
     assert outputs[10].abs().max() > 1e-3
+
+
+# -----------------------------------------------------------------------------
+# Prefix-token prediction (2026-08)
+
+
+def test_the_prefix_table_is_gpt2s_byte_prefix_table():
+    import hashlib
+    token_bytes = tg.gpt2_token_bytes()  # from data/tiktoken_cache/, offline
+    table = tg.prefix_token_table(50304, token_bytes)
+    # the script's table, byte for byte (its sha256 of the int64 table)
+    assert hashlib.sha256(table.numpy().astype("<i8").tobytes()).hexdigest() == \
+        "05f2e6adcf3c87e2415b6f6590239f7fc324a13a2aa82c6323bff1bd4a9df136"
+    by_id = {token: text for text, token in token_bytes.items()}
+    assert int((table >= 0).sum()) == 50000 and (table[50256:] == -1).all()  # <|endoftext|> and the pad rows: none
+    assert all(table[token_bytes[bytes([b])]] == -1 for b in range(256))
+    assert by_id[int(table[token_bytes[b" gazed"]])] == b" gaze" and by_id[int(table[token_bytes[b"hello"]])] == b"hell"
+    # the longest proper prefix that is a token, by brute force on a sample
+    for token in torch.randint(0, 50256, (300,), generator=torch.Generator().manual_seed(0)).tolist():
+        text = by_id[token]
+        longest = next((token_bytes[text[:n]] for n in range(len(text) - 1, 0, -1) if text[:n] in token_bytes), -1)
+        assert table[token] == longest, text
+
+
+def test_prefix_cross_entropy_counts_only_positions_with_a_prefix():
+    torch.manual_seed(0)
+    logits = (torch.randn(20, 30) * 2).requires_grad_()
+    prefix = torch.randint(0, 30, (20,))
+    prefix[[0, 7, 8]] = -1
+    got = tg.prefix_cross_entropy(logits, prefix)
+    expected = sum(-torch.log_softmax(logits[t], -1)[prefix[t]] for t in range(20) if prefix[t] >= 0)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    got.backward()
+    assert not logits.grad[[0, 7, 8]].any() and logits.grad[1].abs().sum() > 0  # no gradient where there is none
+
+
+def test_model_adds_the_schedules_prefix_term_in_training_only():
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, 256)
+    with torch.no_grad():
+        model.lm_head_w.normal_(0, 0.05)
+    ids = token_ids(257, bos_at=[0])
+    inputs, targets = ids[:-1].contiguous(), ids[1:].long()
+    weighted = tg.dataclasses.replace(at(cfg), prefix_weight=0.25)
+    base = model(inputs, targets, at(cfg))
+    assert model(inputs, targets, weighted).item() == base.item()  # the table still all -1: no term (the warm-up)
+    model.prefix_table.copy_(tg.prefix_token_table(cfg.vocab_size))
+    calls = []
+
+    def spy(x, head_w, *args, **options):
+        calls.append(x)
+        return tg.head_loss(x, head_w, *args, **options)
+
+    model.head_loss = spy
+    with_prefix = model(inputs, targets, weighted)
+    x = calls[-1]
+    logits = 23 * torch.sigmoid((x @ model.lm_head_w.T.float() + 5) / 7.5)
+    expected = base + 0.25 * tg.prefix_cross_entropy(logits, model.prefix_table[targets])
+    assert with_prefix.item() == pytest.approx(expected.item(), rel=1e-5) and with_prefix > base
+    model.eval()
+    with torch.no_grad():
+        assert model(inputs, targets, weighted).item() == pytest.approx(base.item(), rel=1e-6)  # validation: none
