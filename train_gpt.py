@@ -1150,7 +1150,8 @@ class GPT(nn.Module):
         n = lane_count(layout)
         gate = coefficient_mlp(x, self.mudd_gate_w1[row], self.mudd_gate_w2[row, :n], self.mudd_gate_b2[row, :n],
                                self.mudd_gate_scale.type_as(x))
-        return {key: gate[..., start : start + width] for key, (start, width) in layout.items()}
+        # contiguous: a slice's strides would differ between the two gates, and compiled blocks guard on strides
+        return {key: gate[..., start : start + width].contiguous() for key, (start, width) in layout.items()}
 
     def layer_gates(self, i: int, lanes: dict, docs: Tensor) -> LayerGates:
         dc = None
