@@ -110,6 +110,7 @@ class Config:
     yarn: bool = field(default=True, metadata={"help": "YaRN: at each long-window change between stages the RoPE frequencies are rescaled (ramp alpha 1, beta 32) and attention takes the schedule's scale; off: an ablation"})
     head_init_std: float = field(default=0.005, metadata={"help": "head initialized N(0, std), the embedding a copy of it (tied at first)"})
     fp8_head: bool = field(default=True, metadata={"help": "FP8 lm_head matmul where supported (Hopper); bf16 elsewhere"})
+    fp8_mlp: bool = field(default=True, metadata={"help": "FP8 MLP up and down projections in training, with delayed per-layer scales, where supported (Hopper); bf16 elsewhere"})
     fp8_x_max: float = field(default=100.0, metadata={"help": "FP8 head: largest |input| kept, its scale is this/448"})
     fp8_w_max: float = field(default=1.6, metadata={"help": "FP8 head: largest |weight| kept, larger ones saturate; its scale is this/448"})
     fp8_grad_max: float = field(default=0.75, metadata={"help": "FP8 head backward: the output gradient's scale is this/448/accumulation steps"})
@@ -669,10 +670,96 @@ class MLP(nn.Module):
         self.proj_w = zeros_param(cfg.model_dim, hidden)  # zero-init as the script's c_proj
         self.fused = "mlp" in kernel_names(cfg)  # --triton-kernels mlp
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, fp8: tuple | None = None):
+        """relu(x W1)^2 W2. fp8 (the trainer's FP8 state for this layer, training only): both matmuls in FP8
+        (relu_square_mlp); returns (output, the amax of relu^2 for the next forward's activation scale) then."""
+        if fp8 is not None:
+            return FP8ReLUSquareMLP.apply(x, self.fc_w, self.proj_w, *fp8)
         if self.fused:
             return fused_mlp(x, self.fc_w.type_as(x), self.proj_w.type_as(x))
-        return F.linear(F.relu(F.linear(x, self.fc_w.T.type_as(x))).square(), self.proj_w.type_as(x))
+        return ReLUSquareMLP.apply(x, self.fc_w.type_as(x), self.proj_w.type_as(x))
+
+
+class ReLUSquareMLP(torch.autograd.Function):
+    """relu(x W1)^2 W2 keeping only post = relu(pre)^2 for the backward, which rebuilds relu(pre) as sqrt(post)
+    (2026-08, the script's kernel: no (tokens x hidden) pre kept)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fc_w: Tensor, proj_w: Tensor) -> Tensor:
+        post = F.relu(x @ fc_w).square()
+        ctx.save_for_backward(x, fc_w, proj_w, post)
+        return F.linear(post, proj_w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return relu_square_backward(grad, *ctx.saved_tensors)
+
+
+def relu_square_backward(grad: Tensor, x: Tensor, fc_w: Tensor, proj_w: Tensor, post: Tensor) -> tuple:
+    """(dx, d fc_w, d proj_w): dpre = 2 (g W2^T) sqrt(post), rounded to the compute dtype (the script's epilogue)."""
+    g = grad.flatten(0, -2)
+    post_2d, x_2d = post.flatten(0, -2), x.flatten(0, -2)
+    d_proj = g.T @ post_2d
+    dpre = (2 * (g @ proj_w).float() * post_2d.float().sqrt()).to(g.dtype)
+    return (dpre @ fc_w.T).view_as(x), x_2d.T @ dpre, d_proj
+
+
+# FP8 MLP (2026-08, the script's up projection and #342's down projection): on the training forward both matmuls
+# run in e4m3 with per-layer scales; the backward is bf16 (relu_square_backward on post, W1 and W2 themselves).
+#   up:   x at 448/amax(x) (this forward's), W1 at amax(W1)/448 (after the last optimizer step), dequantized once;
+#   down: post at the layer's activation scale, amax(post) x 1.8/448 of the previous training forward on this rank
+#         (1 at first; values above 448 saturate), W2 at the previous quantization's amax(W2) x 1.12/448 (a step
+#         behind; amax/448 of the current weights in the first FP8_BOOTSTRAP_STEPS steps and after a reset).
+# fp8_matmul is torch._scaled_mm on CUDA and its maths on CPU (e4m3 values multiplied exactly, summed in fp32).
+FP8_BOOTSTRAP_STEPS = 16
+E4M3_MAX = 448.0
+FP8_ACT_HEADROOM, FP8_DOWN_HEADROOM = 1.8, 1.12
+
+
+def fp8_matmul(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """a (M, K) @ b (K, N) of e4m3 tensors (b column-major), times the two fp32 scales, in out_dtype."""
+    if a.is_cuda:
+        return torch._scaled_mm(a, b, scale_a=scale_a.reshape(()), scale_b=scale_b.reshape(()), out_dtype=out_dtype,
+                                use_fast_accum=True)
+    return ((a.float() @ b.float()) * (scale_a * scale_b)).to(out_dtype)
+
+
+class FP8ReLUSquareMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, fc_w: Tensor, proj_w: Tensor, w1_f8: Tensor, w1_scale: Tensor, w2_f8: Tensor,
+                w2_scale: Tensor, act_scale: Tensor):
+        x_2d = x.detach().flatten(0, -2)
+        amax = x_2d.abs().max().clamp(min=1e-12)
+        x_f8 = (x_2d * (E4M3_MAX / amax)).to(torch.float8_e4m3fn)  # in x's dtype, as the script
+        dequant = w1_scale.float() * amax.float() / E4M3_MAX
+        pre = fp8_matmul(x_f8, w1_f8.T, dequant, torch.ones_like(dequant), torch.float32).to(x.dtype)
+        post = F.relu(pre).square()
+        post_f8 = (post.float() * (1.0 / act_scale)).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+        out = fp8_matmul(post_f8, w2_f8.T, act_scale, w2_scale, x.dtype)
+        ctx.save_for_backward(x, fc_w, proj_w, post)
+        return out.view(*x.shape[:-1], -1), post.float().max()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_amax):
+        x, fc_w, proj_w, post = ctx.saved_tensors
+        dx, d_fc, d_proj = relu_square_backward(grad, x, fc_w.type_as(x), proj_w.type_as(x), post)
+        return dx, d_fc, d_proj, None, None, None, None, None
+
+
+@torch.no_grad()
+def quantize_mlp_weights(fc_w: Tensor, proj_w: Tensor, down_next_scale: Tensor, bootstrap: bool) -> tuple:
+    """After an optimizer step, one layer's e4m3 copies: (W1 as (hidden, dim), its scale, W2 as (dim, hidden), the scale
+    it was cast at, the next cast's scale). W1's scale is bf16 amax/448 of the current weights (the division in
+    bf16, as the script's); W2 is cast at down_next_scale (bootstrap: its own amax/448 first), clamped to +-448."""
+    w1 = fc_w.T.to(torch.bfloat16).contiguous()
+    w1_scale = w1.abs().amax().clamp(min=1e-12) / E4M3_MAX  # bf16
+    w1_f8 = (w1 / w1_scale).to(torch.float8_e4m3fn)
+    w2 = proj_w.to(torch.bfloat16)
+    w2_amax = w2.abs().amax().clamp(min=1e-12)
+    if bootstrap:
+        down_next_scale = (w2_amax / E4M3_MAX).float()
+    w2_f8 = (w2.float() / down_next_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return w1_f8, w1_scale.float(), w2_f8, down_next_scale.float().clone(), w2_amax.float() * (FP8_DOWN_HEADROOM / E4M3_MAX)
 
 
 class Block(nn.Module):
@@ -690,19 +777,27 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, x0: Tensor, attn_input: Tensor, value_embed: Tensor | None, mask, bigram: Tensor | None,
                 resid: Tensor, post: Tensor, x0_gate: Tensor | None, bigram_gate: Tensor | None, gates: LayerGates,
-                cos: Tensor, sin: Tensor, dense: tuple | None = None) -> Tensor:
+                cos: Tensor, sin: Tensor, dense: tuple | None = None, fp8: tuple | None = None):
+        """The new stream; with fp8 (the layer's FP8 MLP state) also the amax of its relu^2 (GPT.layers)."""
         if dense is not None:
-            return self.dense_forward(x, attn_input, value_embed, mask, bigram, gates, cos, sin, *dense)
+            return self.dense_forward(x, attn_input, value_embed, mask, bigram, gates, cos, sin, *dense, fp8=fp8)
         if self.attn is not None:
             x = resid[0] * x + post[0] * self.attn(rms_norm(attn_input), value_embed, mask, cos, sin, gates)
             if x0_gate is not None:
                 x = x + x0 * x0_gate
             if bigram is not None and bigram_gate is not None:  # layer 0's is injected before it
                 x = add_to_leading_channels(x, bigram * bigram_gate)
-        return resid[1] * x + post[1] * self.mlp(rms_norm(x))
+        return self.mlp_sublayer(x, resid[1], post[1], fp8)
+
+    def mlp_sublayer(self, x: Tensor, resid: Tensor, post: Tensor, fp8: tuple | None):
+        if fp8 is None:
+            return resid * x + post * self.mlp(rms_norm(x))
+        out, amax = self.mlp(rms_norm(x), fp8)
+        return resid * x + post * out, amax
 
     def dense_forward(self, x: Tensor, attn_input: Tensor, value_embed: Tensor | None, mask, bigram: Tensor | None,
-                      gates: LayerGates, cos: Tensor, sin: Tensor, mu: tuple, c0: Tensor, source: Tensor) -> Tensor:
+                      gates: LayerGates, cos: Tensor, sin: Tensor, mu: tuple, c0: Tensor, source: Tensor,
+                      fp8: tuple | None = None):
         """The MUDD layer (the script's last layer). mu: 14 (1, T, 1) coefficients: 0-2 weigh (c0, source, x) into V,
         3-5 recombine the stream, 6-7 gate the value embedding of heads 0..H/2-1 and H/2..H-1, 8-9 the attention's
         resid and post, 10-11 c0 and the bigram, 12-13 the MLP's resid and post. The attention still reads the
@@ -716,7 +811,7 @@ class Block(nn.Module):
         x = mu[8] * x + mu[9] * self.attn(rms_norm(attn_input), value_embed, mask, cos, sin, gates) + mu[10] * c0
         if bigram is not None:
             x = add_to_leading_channels(x, mu[11] * bigram)
-        return mu[12] * x + mu[13] * self.mlp(rms_norm(x))
+        return self.mlp_sublayer(x, mu[12], mu[13], fp8)
 
 
 def smear_previous_token(x: Tensor, gate_w: Tensor, smear_lambda: Tensor) -> Tensor:
@@ -1073,9 +1168,39 @@ class GPT(nn.Module):
         # filled by the trainer when its clock starts (as the script: the build counts as training time); -1: no
         # prefix anywhere, so the term is absent (the warm-up runs so)
         self.register_buffer("prefix_table", torch.full((cfg.vocab_size,), -1, dtype=torch.int64), persistent=False)
+        # FP8 MLP (set by the trainer on Hopper, or by a test: emulated on CPU): per-layer delayed scales, saved
+        # with the weights (a checkpoint resumes them; the warm-up reset restores them), and the e4m3 copies
+        self.fp8_mlp = False
+        for name in ("mlp_act_scales", "mlp_down_scales", "mlp_down_next_scales"):
+            self.register_buffer(name, torch.ones(cfg.num_layers))
+        self.mlp_fp8_weights = None  # per layer (W1 e4m3, its scale, W2 e4m3), from quantize_mlp_fp8
         self.head_loss = head_loss
         self.block_calls = [block.__call__ for block in self.blocks]
         self.masks_call, self.stem_call, self.final_norm_call = self.window_masks, self.stem, self.final_norm
+
+    @torch.no_grad()
+    def quantize_mlp_fp8(self, bootstrap: bool = False, advance: bool = True):
+        """The e4m3 copies of every MLP's weights after an optimizer step (quantize_mlp_weights); bootstrap: W2 at its
+        own amax first. advance False (after loading a checkpoint): W2 again at the scale it was cast at, the next
+        scale kept, so the copies are the ones the checkpointed run had."""
+        if not self.fp8_mlp:
+            return
+        copies = []
+        for i, block in enumerate(self.blocks):
+            scale = self.mlp_down_next_scales[i] if advance else self.mlp_down_scales[i]
+            w1_f8, w1_scale, w2_f8, used, following = quantize_mlp_weights(block.mlp.fc_w, block.mlp.proj_w, scale,
+                                                                           bootstrap and advance)
+            if advance:
+                self.mlp_down_scales[i], self.mlp_down_next_scales[i] = used, following
+            copies.append((w1_f8, w1_scale, w2_f8))
+        self.mlp_fp8_weights = copies
+
+    def mlp_fp8_state(self, i: int) -> tuple | None:
+        """Layer i's FP8 MLP arguments in training (W1 e4m3, its scale, W2 e4m3, its scale, the activation scale)."""
+        if not (self.fp8_mlp and self.training):
+            return None
+        w1_f8, w1_scale, w2_f8 = self.mlp_fp8_weights[i]
+        return w1_f8, w1_scale, w2_f8, self.mlp_down_scales[i : i + 1], self.mlp_act_scales[i : i + 1]
 
     def compile_regions(self):
         """Compile one block's code (reused by every layer with the same structure) and the head, not the
@@ -1175,6 +1300,7 @@ class GPT(nn.Module):
         if bigram is not None and ("bigram", 0) in lanes:
             x = add_to_leading_channels(x0, bigram * lanes[("bigram", 0)])
         c0, skip, source, last_input = x, None, None, None
+        post_amaxes = []  # FP8 MLP: each layer's amax of relu^2, the next forward's activation scales
         for i, block_call in enumerate(self.block_calls):
             if i == cfg.post_gate_layer:
                 lanes = {**lanes, **self.gate_lanes(x, 1)}
@@ -1186,12 +1312,19 @@ class GPT(nn.Module):
                 last_input = x
                 dense = (self.mudd(x, 0).split(1, dim=-1), c0, source)
             bigram_gate = lanes.get(("bigram", i)) if i > 0 else None
+            fp8 = self.mlp_fp8_state(i)
             x = block_call(x, x0, attn_input, value_embeds[i], masks[i], bigram, resid[i], post[i], lanes.get(("x0", i)),
-                           bigram_gate, self.layer_gates(i, lanes, docs), *rope, dense)
+                           bigram_gate, self.layer_gates(i, lanes, docs), *rope, dense, fp8)
+            if fp8 is not None:
+                x, amax = x
+                post_amaxes.append(amax)
             if i == skip_from:
                 skip = x
             if i == cfg.attn_source_layer:
                 source = x
+        if post_amaxes:  # after the loop, as the script: per rank and per micro-batch
+            with torch.no_grad():
+                self.mlp_act_scales.copy_(torch.stack(post_amaxes).clamp(min=1e-12) * (FP8_ACT_HEADROOM / E4M3_MAX))
         if not cfg.mudd:
             return x, None
         first_ve = next(v for v in value_embeds if v is not None)
@@ -1286,6 +1419,11 @@ def fp8_head_scales(cfg: Config, accumulation: int) -> tuple:
 
 def fp8_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9) and hasattr(torch, "_scaled_mm")
+
+
+def fp8_mlp_available(device: torch.device) -> bool:
+    """The FP8 MLP runs where the FP8 head does; tests replace this to run its CPU emulation (fp8_matmul)."""
+    return fp8_supported(device)
 
 
 def fp8_scale_tensor(value: float, like: Tensor) -> Tensor:
@@ -3012,6 +3150,8 @@ def train_step(model: GPT, batch: list, opt: Optimizers, step: int, cfg: Config)
     if opt.hooks is not None:
         opt.hooks.armed = False
     step_optimizers(opt, model, schedule)
+    if getattr(model, "fp8_mlp", False):  # the e4m3 copies of the new weights (W2's scale a step behind after 16)
+        model.quantize_mlp_fp8(bootstrap=step < FP8_BOOTSTRAP_STEPS)
     return loss_sum
 
 
@@ -3086,6 +3226,8 @@ def build_model(cfg: Config, device: torch.device, accumulation: int, logger) ->
             model.fp8_scales = fp8_head_scales(cfg, accumulation)
         elif cfg.fp8_head:
             logger.log("WARNING: --fp8-head needs a GPU of compute capability 8.9+ (Hopper); using the bf16 head")
+    model.fp8_mlp = cfg.fp8_mlp and fp8_mlp_available(device)
+    model.quantize_mlp_fp8(bootstrap=True)
     model.mtp_weight_table = mtp_weight_table(cfg, device)
     model.prefix_weight_table = torch.tensor([prefix_weight(step, cfg) for step in range(cfg.train_steps)],
                                              dtype=torch.float32).to(device)
@@ -3350,7 +3492,8 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
         loader.close()
         opt.close()
         with torch.no_grad():
-            model.load_state_dict(initial_state)
+            model.load_state_dict(initial_state)  # the FP8 scales too: activation scales back to 1
+        model.quantize_mlp_fp8(bootstrap=True)
     synchronize(device)
     logger.log(f"compile_and_warmup: {time.perf_counter() - compile_start:.1f}s ({len(warmup)} steps, then reset)")
     del initial_state
@@ -3361,6 +3504,7 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
     first_step = 0
     if resume_state is not None:
         first_step, train_ms, val_losses = restore_checkpoint(resume_state, model, opt, loader, cfg, comm, device)
+        model.quantize_mlp_fp8(advance=False)  # the checkpointed run's e4m3 copies, from its weights and scales
         moved = json.loads(resume_state["config"])["train_files"]
         moved = f"; --train-files {moved!r} -> {cfg.train_files!r}, the same shards" if moved != cfg.train_files else ""
         logger.log(f"resumed: {cfg.resume} at step {first_step} (train_time {train_ms:.0f}ms){moved}")
