@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -137,9 +138,9 @@ class Config:
     log_dir: str = field(default="logs", metadata={"help": "folder of the run logs"})
     save_model: str = field(default="", metadata={"help": "write the final weights to this path (rank 0)"})
     gpu_peak_tflops: float = field(default=800.0, metadata={"help": "dense bf16 peak per GPU, for the MFU figure (H100 measured: ~800)"})
-    save_every: int = field(default=0, metadata={"help": "every N steps write a checkpoint to --checkpoint-dir/<run_id>.pt, off the clock (0: never)"})
+    save_every: int = field(default=0, metadata={"help": "every N steps write a checkpoint to --checkpoint-dir/<run_id>.pt, off the clock (0: never); one at an odd step also holds every process's gradients of the even step before it (an even N never does)"})
     checkpoint_dir: str = field(default="checkpoints", metadata={"help": "folder of the --save-every checkpoints (one file per run, replaced atomically)"})
-    resume: str = field(default="", metadata={"help": "continue from this checkpoint: weights, optimizer, data position and clock (same settings)"})
+    resume: str = field(default="", metadata={"help": "continue from this checkpoint, bit for bit after any step: weights, optimizer, data position, clock and each process's RNG and carried gradients (same settings)"})
 
 
 # The defaults above, the record, are the public speedrun's script of 2026-08-01 (modded-nanogpt f411b3d3, its
@@ -262,23 +263,104 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+REPORTS = ("recipe", "schedule")  # --print-recipe, --print-schedule: printed in this order, then exit
+
+
 def parse_command(argv=None) -> tuple:
-    """(config, report): preset values first, then every flag given; report names what to print instead of
-    training ('recipe' or 'schedule'), or is None."""
+    """(config, reports): preset values first, then every flag given; reports names what to print instead of
+    training (a tuple of REPORTS, empty to train). A --train-steps without --stage-steps scales the preset's
+    schedule to it (scaled_schedule)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     refuse_table_values(argv)
     args = vars(build_arg_parser().parse_args(argv))
     preset = args.pop("preset")
-    report = next((name for name in ("recipe", "schedule") if args.pop(f"print_{name}", False)), None)
-    return dataclasses.replace(Config(), **{**PRESETS[preset], **args}), report
+    reports = tuple(name for name in REPORTS if args.pop(f"print_{name}", False))
+    values = {**PRESETS[preset], **args}
+    if "train_steps" in args and "stage_steps" not in args:
+        scaled = scaled_schedule(dataclasses.replace(Config(), **PRESETS[preset]), args["train_steps"],
+                                 args.get("extension_steps"), argv)
+        values = {**PRESETS[preset], **scaled, **args}  # a step count given as a flag is kept as given
+    return dataclasses.replace(Config(), **values), reports
 
 
 def parse_config(argv=None) -> Config:
     return parse_command(argv)[0]
 
 
+# A preset's schedule at another length, as the public script defines its stages as fractions of the run: every
+# step count of it scaled by --train-steps / the preset's train_steps to the nearest step (the same compression as
+# records/benchmark.py's): the stage starts, the extension (at least one step if the preset has one, and the last
+# stage starts with it where the preset's does), Muon's momentum warm-up and cool-down. The LR cooldown (a
+# fraction) and the split (a stage) follow by themselves.
+SCALED_STEP_COUNTS = ("stage_steps", "extension_steps", "muon_momentum_warmup_steps", "muon_momentum_cooldown_steps")
+
+
+def scaled_steps(steps: int, scale: float) -> int:
+    return int(round(steps * scale))
+
+
+def scaled_stage_steps(preset: Config, train_steps: int, extension_steps: int | None = None) -> tuple:
+    """(stage starts, extension steps) of the preset's schedule at train_steps steps; the extension as given if it is."""
+    scale = train_steps / preset.train_steps
+    starts = [scaled_steps(start, scale) for start in preset.stage_steps]
+    scheduled_end = preset.train_steps - preset.extension_steps
+    extension = train_steps - scaled_steps(scheduled_end, scale) if extension_steps is None else extension_steps
+    if preset.extension_steps and extension_steps is None:
+        extension = max(1, extension)
+    if preset.extension_steps and preset.stage_steps[-1] == scheduled_end:
+        starts[-1] = train_steps - extension
+    return tuple(starts), extension
+
+
+def stage_starts_fit(starts: tuple, train_steps: int) -> bool:
+    return starts[0] == 0 and all(b > a for a, b in zip(starts, starts[1:])) and starts[-1] < train_steps
+
+
+def scaled_schedule(preset: Config, train_steps: int, extension_steps: int | None, argv: list) -> dict:
+    """The SCALED_STEP_COUNTS of the preset at train_steps; a train_steps too few for its stages is refused with
+    the command at the fewest steps that fit (argv: the flags given, to repeat in it)."""
+    if train_steps <= 0 or not preset.stage_steps:
+        return {}  # check_schedule refuses a non-positive --train-steps
+    starts, extension = scaled_stage_steps(preset, train_steps, extension_steps)
+    if not stage_starts_fit(starts, train_steps):
+        fewest = next((n for n in range(train_steps + 1, preset.train_steps + 1)
+                       if stage_starts_fit(scaled_stage_steps(preset, n, extension_steps)[0], n)), None)
+        hint = f"; give --stage-steps with {len(starts)} increasing starts below --train-steps"
+        if fewest is not None:
+            hint = (f"; {fewest} steps is the fewest that fits: python train_gpt.py {command_with_train_steps(argv, fewest)}"
+                    f" (or give --stage-steps)")
+        raise ConfigError(f"--train-steps {train_steps} is too few for the preset's {len(starts)} stages: scaled "
+                          f"from its {preset.train_steps} steps they would start at steps {','.join(map(str, starts))}{hint}")
+    scale = train_steps / preset.train_steps
+    return dict(stage_steps=starts, extension_steps=extension,
+                muon_momentum_warmup_steps=scaled_steps(preset.muon_momentum_warmup_steps, scale),
+                muon_momentum_cooldown_steps=scaled_steps(preset.muon_momentum_cooldown_steps, scale))
+
+
+def command_with_train_steps(argv: list, train_steps: int) -> str:
+    """The flags of argv with --train-steps set to train_steps, quoted for a shell."""
+    args, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--train-steps" and i + 1 < len(argv):
+            args += ["--train-steps", str(train_steps)]
+            i += 2
+            continue
+        args.append(f"--train-steps={train_steps}" if argv[i].startswith("--train-steps=") else argv[i])
+        i += 1
+    return " ".join(shlex.quote(arg) for arg in args)
+
+
 def check_config(cfg: Config, world_size: int) -> int:
     """Refuse impossible settings with a one-line reason; returns the first stage's gradient accumulation steps."""
+    check_settings(cfg)
+    check_stage_batches(cfg, world_size)
+    check_triton_kernels(cfg)
+    return accumulation_steps(cfg.stage_batch_tokens[0], cfg.stage_seq_len[0], world_size)
+
+
+def check_settings(cfg: Config):
+    """The checks of check_config that need neither the world size nor the machine: also run before a report
+    (--print-recipe, --print-schedule) prints, so a report never shows values a run would refuse."""
     positive = ["val_tokens", "val_seq_len", "train_steps", "vocab_size", "num_layers", "model_dim", "num_heads",
                 "head_dim", "mlp_ratio"]
     for name in positive:
@@ -286,7 +368,6 @@ def check_config(cfg: Config, world_size: int) -> int:
             raise ConfigError(f"{flag_name(name)} must be positive, got {getattr(cfg, name)}")
     if cfg.val_seq_len % BLOCK_SIZE:
         raise ConfigError(f"--val-seq-len {cfg.val_seq_len} must be a multiple of {BLOCK_SIZE} (attention block size)")
-    check_stage_batches(cfg, world_size)
     # Validation sequences are dealt to ranks round-robin (a rank may get one fewer), so any world size
     # scores the same sequences; only whole sequences are scored.
     if cfg.val_tokens % cfg.val_seq_len:
@@ -313,10 +394,8 @@ def check_config(cfg: Config, world_size: int) -> int:
         raise ConfigError("--val-every, --warmup-steps and --muon-momentum-warmup-steps must be >= 0")
     check_hyperparameter_ranges(cfg)
     check_run_names(cfg)
-    check_triton_kernels(cfg)
     if cfg.compile_glue and not cfg.compile:
         raise ConfigError("--compile-glue compiles the code between the compiled blocks: it needs --compile")
-    return accumulation_steps(cfg.stage_batch_tokens[0], cfg.stage_seq_len[0], world_size)
 
 
 def check_layer_lists(cfg: Config):
@@ -2742,10 +2821,7 @@ class TrainLoader:
 
     def __init__(self, files: list, longest_seq_len: int, rank: int, world_size: int, device: torch.device,
                  vocab_size: int | None = None):
-        self.shard_tokens = [shard_token_count(f) for f in files]
-        for f, num_tokens in zip(files, self.shard_tokens):
-            if num_tokens < longest_seq_len + 1:
-                raise DataError(f"{f}: {num_tokens} tokens, fewer than one training sequence of {longest_seq_len + 1}")
+        self.shard_tokens = train_shard_tokens(files, longest_seq_len)
         self.files, self.rank, self.world_size, self.device, self.vocab_size = files, rank, world_size, device, vocab_size
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.shard_index, self.passes = -1, 0
@@ -2818,9 +2894,7 @@ class TrainLoader:
 
     def load_state(self, state: dict):
         """Continue the stream where a checkpoint left it: the same shards, in the same order, are required."""
-        if (state["files"], state["shard_tokens"]) != ([os.path.basename(f) for f in self.files], self.shard_tokens):
-            raise DataError(f"the checkpoint was trained on {len(state['files'])} shards ({', '.join(state['files'][:3])}, ...) "
-                            f"that differ from --train-files ({len(self.files)} shards); pass the checkpoint's --train-files")
+        check_same_shards(state, self.files, self.shard_tokens)
         self.next_shard.result()
         self.shard_index = state["shard_index"] - 1
         self.next_shard = self.pool.submit(self._read, state["shard_index"])
@@ -2830,6 +2904,23 @@ class TrainLoader:
 
     def close(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def train_shard_tokens(files: list, longest_seq_len: int) -> list:
+    """Each training shard's token count, from its checked header; each must hold one sequence of the longest stage."""
+    counts = [shard_token_count(f) for f in files]
+    for f, num_tokens in zip(files, counts):
+        if num_tokens < longest_seq_len + 1:
+            raise DataError(f"{f}: {num_tokens} tokens, fewer than one training sequence of {longest_seq_len + 1}")
+    return counts
+
+
+def check_same_shards(loader_state: dict, files: list, shard_tokens: list):
+    """A checkpoint's stream goes on only over the shards it was trained on: the same names and sizes, in order."""
+    if (loader_state["files"], loader_state["shard_tokens"]) != ([os.path.basename(f) for f in files], shard_tokens):
+        names = loader_state["files"]
+        raise DataError(f"the checkpoint was trained on {len(names)} shards ({', '.join(names[:3])}, ...) "
+                        f"that differ from --train-files ({len(files)} shards); pass the checkpoint's --train-files")
 
 
 def max_seq_len(cfg: Config) -> int:
@@ -3069,6 +3160,18 @@ def stage_tokens(cfg: Config) -> list:
 def schedule_summary(cfg: Config) -> str:
     tokens = stage_tokens(cfg)
     return f"schedule: {cfg.train_steps} steps, stage tokens [{', '.join(f'{t:,}' for t in tokens)}], total {sum(tokens):,} tokens"
+
+
+def stages_summary(cfg: Config) -> str:
+    """The steps of each stage and the other step counts of the schedule: what a --train-steps scaled to."""
+    ends = [*cfg.stage_steps[1:], cfg.train_steps]
+    stages = ", ".join(f"{start}-{end - 1}" if end - 1 > start else str(start) for start, end in zip(cfg.stage_steps, ends))
+    split = embed_split_step(cfg)
+    split = f"the embedding unties after step {split}" if split >= 0 else "the embedding is never tied"
+    extension = f"the last {cfg.extension_steps} step{'s' if cfg.extension_steps != 1 else ''}" if cfg.extension_steps else "none"
+    return (f"stages: steps {stages} (--stage-steps {','.join(map(str, cfg.stage_steps))}); extension: {extension}; "
+            f"{split}; Muon momentum warm-up {cfg.muon_momentum_warmup_steps} and cool-down "
+            f"{cfg.muon_momentum_cooldown_steps} steps")
 
 
 STAGE_TABLES = ["stage_batch_tokens", "stage_seq_len", "stage_max_doc_len", "stage_short_window_blocks",
@@ -3380,15 +3483,63 @@ def rng_state(device: torch.device) -> dict:
     return state
 
 
+def set_rng_state(state: dict, device: torch.device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# Between two steps a process holds more than the weights and the optimizer's moments: after an even step (Adam
+# steps on odd ones only) each process keeps the gradient of its own sequences, which the next step's backward adds
+# to and only then reduces over the processes. A checkpoint holds each process's, so a run stopped after any step
+# goes on bit for bit; after an odd step there is none.
+def carried_gradients(model: nn.Module) -> dict:
+    """The gradients this process carries into the next step (those Adam will add the next step's to), by name."""
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def process_states(model: nn.Module, comm: Comm, device: torch.device) -> list:
+    """Each process's carried gradients and RNG, in rank order (every rank calls this; the list is rank 0's to
+    write). The gradients travel as (1, numel) rows, so 0-d scalars gather like the rest."""
+    grads = {name: gather_shards(g.detach().reshape(1, -1), comm).cpu() for name, g in carried_gradients(model).items()}
+    rngs = [rng_state(device)]
+    if comm.world_size > 1:
+        rngs = [None] * comm.world_size
+        dist.all_gather_object(rngs, rng_state(device))
+    return [dict(grads={name: rows[rank].clone() for name, rows in grads.items()}, rng=rngs[rank])
+            for rank in range(comm.world_size)]
+
+
+@torch.no_grad()
+def restore_process_state(model: nn.Module, saved: list, comm: Comm, device: torch.device):
+    """This process's carried gradients and RNG from a checkpoint's process_states. On another number of processes
+    every process carries the mean of the saved ones: the next reduction's mean is then the same sum (a world size
+    change is the same math in another rounding, never bit for bit)."""
+    own = saved[comm.rank] if len(saved) == comm.world_size else None
+    names = {name for process in saved for name in process["grads"]}
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        p.grad = None
+        if name not in names:
+            continue
+        if own is not None:
+            grad = own["grads"][name]
+        else:
+            grad = sum(process["grads"][name].float() for process in saved) / len(saved)
+        p.grad = grad.to(device=p.device, dtype=p.dtype).view(p.shape).clone()
+    set_rng_state((own or saved[0])["rng"], device)
+
+
 def training_state(step: int, train_ms: float, val_losses: list, model: GPT, opt: Optimizers, loader: TrainLoader,
                    cfg: Config, comm: Comm, device: torch.device) -> dict | None:
     """Everything the step loop needs to go on exactly as if it never stopped; None on ranks other than 0."""
     optimizer = optimizer_state(opt, comm)
+    processes = process_states(model, comm, device)
     if comm.rank != 0:
         return None
-    return dict(format=1, step=step, train_ms=train_ms, val_losses=[list(v) for v in val_losses], config=config_json(cfg),
+    return dict(format=2, step=step, train_ms=train_ms, val_losses=[list(v) for v in val_losses], config=config_json(cfg),
                 world_size=comm.world_size, model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                optimizer=optimizer, loader=loader.state(), rng=rng_state(device))
+                optimizer=optimizer, loader=loader.state(), processes=processes)
 
 
 def save_checkpoint(step: int, train_ms: float, val_losses: list, model: GPT, opt: Optimizers, loader: TrainLoader,
@@ -3423,8 +3574,8 @@ def read_resume_state(cfg: Config) -> dict | None:
     state = read_checkpoint(cfg.resume)
     changes = config_changes(state["config"], cfg)
     if changes:
-        raise DataError(f"--resume {cfg.resume}: settings differ from the checkpoint's ({'; '.join(changes)}); "
-                        f"resume with the same settings")
+        raise ConfigError(f"--resume {cfg.resume}: settings differ from the checkpoint's ({'; '.join(changes)}); "
+                          f"resume with the same settings")
     return state
 
 
@@ -3441,9 +3592,8 @@ def restore_checkpoint(state: dict, model: GPT, opt: Optimizers, loader: TrainLo
     load_optimizer_state(opt, state["optimizer"], comm)
     opt.adam.accepting = is_adam_step(state["step"], cfg)
     loader.load_state(state["loader"])
-    torch.set_rng_state(state["rng"]["cpu"])
-    if device.type == "cuda" and "cuda" in state["rng"]:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    # format 1 (before issue 28) held rank 0's RNG and no gradients: exact only after an odd step
+    restore_process_state(model, state.get("processes") or [dict(grads={}, rng=state["rng"])], comm, device)
     return state["step"], state["train_ms"], [tuple(v) for v in state["val_losses"]]
 
 
@@ -3458,6 +3608,30 @@ def checkpoint_off_the_clock(step: int, train_ms: float, clock: float, val_losse
 
 
 @dataclass
+class RunInputs:
+    """What a run reads before it writes anything (read_run_inputs)."""
+    resume_state: dict | None
+    val_files: list
+    train_files: list
+    val_tokens: np.ndarray
+
+
+def read_run_inputs(cfg: Config) -> RunInputs:
+    """Everything that can refuse a run before its first step, read before its log is opened, so that a refusal
+    leaves one error line and no log: the checkpoint to resume and its settings, the data files, every training
+    shard's header and length (and that they are the checkpoint's), the val tokens. A shard that turns out bad
+    when it is loaded, later, stops the run in its log."""
+    resume_state = read_resume_state(cfg)
+    val_files = resolve_files(cfg.val_files, "--val-files")
+    train_files = resolve_files(cfg.train_files, "--train-files")
+    val_tokens = load_val_tokens(val_files, cfg.val_tokens, cfg.vocab_size, cfg.val_seq_len)
+    shard_tokens = train_shard_tokens(train_files, max(cfg.stage_seq_len))
+    if resume_state is not None:
+        check_same_shards(resume_state["loader"], train_files, shard_tokens)
+    return RunInputs(resume_state, val_files, train_files, val_tokens)
+
+
+@dataclass
 class RunProgress:
     """What main() reports if the run stops early: the last finished step and the newest checkpoint."""
     step: int = 0
@@ -3465,14 +3639,13 @@ class RunProgress:
 
 
 def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumulation: int, launch_time: float,
-                 progress: RunProgress | None = None) -> dict:
+                 progress: RunProgress | None = None, inputs: RunInputs | None = None) -> dict:
     """Compile and warm up (untimed), reset, then the timed run with validation off the clock."""
-    logger.log(schedule_summary(cfg))
     progress = progress or RunProgress()
-    resume_state = read_resume_state(cfg)
-    val_files = resolve_files(cfg.val_files, "--val-files")
-    train_files = resolve_files(cfg.train_files, "--train-files")
-    val_tokens = load_val_tokens(val_files, cfg.val_tokens, cfg.vocab_size, cfg.val_seq_len)
+    inputs = inputs or read_run_inputs(cfg)
+    resume_state, val_files, train_files, val_tokens = (inputs.resume_state, inputs.val_files, inputs.train_files,
+                                                        inputs.val_tokens)
+    inputs.resume_state = None  # freed below once restored
     logger.log(f"train_files: {len(train_files)} ({sum(shard_token_count(f) for f in train_files)} tokens)  "
                f"val_files: {len(val_files)}  val_tokens: {cfg.val_tokens}")
     model = build_model(cfg, device, accumulation, logger)
@@ -3493,6 +3666,7 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
         opt.close()
         with torch.no_grad():
             model.load_state_dict(initial_state)  # the FP8 scales too: activation scales back to 1
+        model.zero_grad(set_to_none=True)  # a last warm-up step that is even leaves its gradients for Adam
         model.quantize_mlp_fp8(bootstrap=True)
     synchronize(device)
     logger.log(f"compile_and_warmup: {time.perf_counter() - compile_start:.1f}s ({len(warmup)} steps, then reset)")
@@ -3654,6 +3828,12 @@ def log_header(logger: Logger, cfg: Config, comm: Comm, device: torch.device, ac
     logger.log(f"config: {config_json(cfg)}")
     for line in recipe_report(cfg).splitlines():
         logger.log(f"recipe: {line}", console=False)
+    for line in schedule_lines(cfg):  # main() printed them before the run's inputs were read
+        logger.log(line, console=False)
+
+
+def schedule_lines(cfg: Config) -> list:
+    return [schedule_summary(cfg), stages_summary(cfg)]
 
 
 def log_summary(logger: Logger, result: dict, cfg: Config, device: torch.device, comm: Comm):
@@ -3777,10 +3957,12 @@ def resume_hint(progress: RunProgress) -> str:
 def main(argv=None) -> int:
     launch_time = process_start_time() or time.time()
     try:
-        cfg, report = parse_command(argv)
-        check_schedule(cfg, training=report is None)
-        if report is not None:
-            return print_report(recipe_report(cfg) if report == "recipe" else schedule_report(cfg))
+        cfg, reports = parse_command(argv)
+        check_schedule(cfg, training=not reports)
+        if reports:
+            check_settings(cfg)
+            printers = {"recipe": recipe_report, "schedule": schedule_report}
+            return print_report("\n".join(printers[name](cfg) for name in reports))
         comm, device = setup_distributed(cfg)
         accumulation = check_config(cfg, comm.world_size)
         cfg = agree_on_outputs(cfg, comm)
@@ -3790,20 +3972,25 @@ def main(argv=None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
         return 2
-    logger = Logger(os.path.join(cfg.log_dir, f"{cfg.run_id}.txt") if comm.rank == 0 else None)
+    logger = Logger(None)  # opened once the run's inputs are read: a run refused before its first step writes no log
     progress, signals = RunProgress(checkpoint=cfg.resume), []
     previous_handler = stop_on_sigterm(signals)
     status, problem = 0, ""
     try:
+        if comm.rank == 0:
+            print("\n".join(schedule_lines(cfg)), flush=True)
+        inputs = read_run_inputs(cfg)
+        if comm.rank == 0:
+            logger = Logger(os.path.join(cfg.log_dir, f"{cfg.run_id}.txt"))
         log_header(logger, cfg, comm, device, accumulation)
-        result = run_training(cfg, logger, comm, device, accumulation, launch_time, progress)
+        result = run_training(cfg, logger, comm, device, accumulation, launch_time, progress, inputs)
         log_summary(logger, result, cfg, device, comm)
         if cfg.save_model and comm.rank == 0:
             write_atomically(result["model"].state_dict(), cfg.save_model, f"--save-model {cfg.save_model}")
         if result["stopped"]:  # the same error line as every other stop
             problem, status = f"stopped: {result['stopped']}{resume_hint(progress)}", 1
     except (DataError, ConfigError) as e:
-        logger.log(f"stopping: data error: {e}", console=False)
+        logger.log(f"stopping: {'settings' if isinstance(e, ConfigError) else 'data'} error: {e}", console=False)
         problem, status = str(e), 2
     except OutputError as e:
         logger.log(f"stopping: at step {progress.step}: {e}", console=False)
@@ -3823,10 +4010,10 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, previous_handler)
         if dist.is_initialized():
             dist.destroy_process_group()
-    if comm.rank == 0 and problem:
-        print(f"train_gpt.py: error: {problem}", file=sys.stderr)
     if comm.rank == 0 and logger.path:
-        print(f"log: {logger.path}")
+        print(f"log: {logger.path}", flush=True)
+    if comm.rank == 0 and problem:  # the last line a user sees, also with 2>&1
+        print(f"train_gpt.py: error: {problem}", file=sys.stderr, flush=True)
     return status
 
 

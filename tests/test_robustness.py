@@ -7,6 +7,7 @@ now sees. Most runs use a micro model (the record's structure, 2 layers of width
 
 import errno
 import io
+import json
 import os
 import signal
 import subprocess
@@ -81,7 +82,7 @@ def test_token_id_past_vocab_stops_with_one_line_before_training(tmp_path, capsy
     assert status == 2
     assert len(err) == 1 and err[0].startswith(f"train_gpt.py: error: {SAMPLE_VAL}: token id ")
     assert "is >= --vocab-size 1000: raise --vocab-size above the tokenizer's largest id, or re-tokenize the data" in err[0]
-    assert last_line(tmp_path / "logs/vocab.txt").startswith("stopping: data error: ")
+    assert not (tmp_path / "logs/vocab.txt").exists()  # refused before its first step: no log (issue 28)
 
 
 def test_training_shard_with_an_id_past_vocab_is_named(tmp_path):
@@ -149,6 +150,27 @@ def test_hyperparameters_out_of_range_are_refused(flag, value, message):
 def test_negative_lr_on_the_command_line_is_one_line(tmp_path, capsys):
     status, err = run_main(tiny_args(tmp_path, "hp", "--muon-lr=-0.05"), capsys)
     assert status == 2 and err == ["train_gpt.py: error: --muon-lr must be a positive number, got -0.05"]
+
+
+# Issue 28: a report prints only settings a run takes, and the two reports print together
+
+
+@pytest.mark.parametrize("report", ["--print-recipe", "--print-schedule"])
+@pytest.mark.parametrize("flag, value, message", [("--muon-lr", "-1", "--muon-lr must be a positive number, got -1.0"),
+                                                  ("--num-heads", "3", "--num-heads 3 x --head-dim 64 must equal --model-dim 128")])
+def test_a_report_refuses_the_settings_a_run_refuses_before_it_prints(report, flag, value, message, capsys):
+    assert tg.main(["--preset", "tiny", report, flag, value]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == f"train_gpt.py: error: {message}\n"
+
+
+def test_print_recipe_and_print_schedule_together_print_both(capsys):
+    assert tg.main(["--preset", "tiny", "--print-schedule", "--print-recipe"]) == 0
+    captured = capsys.readouterr()
+    recipe = tg.recipe_report(tg.parse_config(["--preset", "tiny"])).splitlines()
+    lines = captured.out.splitlines()
+    assert captured.err == "" and lines[: len(recipe)] == recipe  # the recipe first, whatever the flags' order
+    assert [json.loads(line)["step"] for line in lines[len(recipe):]] == list(range(51))
 
 
 # -----------------------------------------------------------------------------
@@ -358,6 +380,40 @@ def test_a_run_whose_val_loss_turns_nan_ends_with_the_error_line_and_no_data_adv
     assert "stopping: non-finite val loss nan at step 0" in lines
     data = [line for line in lines if line.startswith("data: ")]
     assert data == ["data: no training step ran (1500 training tokens)"]  # no share of tokens from zero steps
+
+
+def main_with_stderr_in_stdout(argv, monkeypatch) -> tuple:
+    """main() in this process with stdout and stderr into one stream, as `2>&1` shows them: (status, lines)."""
+    both = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", both)
+    monkeypatch.setattr(sys, "stderr", both)
+    status = tg.main(argv)
+    monkeypatch.undo()
+    return status, both.getvalue().splitlines()
+
+
+@pytest.mark.parametrize("case", ["resume settings", "missing train files"])
+def test_a_run_refused_before_its_first_step_writes_no_log_and_ends_on_its_error(tmp_path, monkeypatch, case):
+    # Issue 28: such a refusal wrote the 199 KB log (the source, the versions, the recipe), labelled "data error"
+    # for a settings change, and printed the log's path after the error line.
+    args = micro_args(tmp_path, "refused")
+    if case == "resume settings":
+        args += ["--muon-lr", "0.1", "--resume", str(fake_checkpoint(tmp_path, micro_args(tmp_path, "x")))]
+        error = "settings differ from the checkpoint's (--muon-lr 0.023 -> 0.1)"
+    else:
+        args += ["--train-files", str(tmp_path / "none_*.bin")]
+        error = f"--train-files {tmp_path / 'none_*.bin'}: no file matches"
+    status, lines = main_with_stderr_in_stdout(args, monkeypatch)
+    assert status == 2 and lines[-1].startswith("train_gpt.py: error: ") and error in lines[-1]
+    assert [line.split(":")[0] for line in lines[:-1]] == ["schedule", "stages"]  # what it would have run, no "log:"
+    assert not (tmp_path / "logs").exists() or not os.listdir(tmp_path / "logs")
+
+
+def test_a_run_that_stops_after_it_started_prints_its_log_then_the_error(tmp_path, monkeypatch):
+    status, lines = main_with_stderr_in_stdout(micro_args(tmp_path, "nan", *micro_steps(4), "--attn-scale", "1e38"), monkeypatch)
+    assert status == 1 and lines[-2:] == [f"log: {tmp_path / 'logs/nan.txt'}",
+                                          "train_gpt.py: error: stopped: non-finite val loss nan at step 0; "
+                                          "no checkpoint was written (--save-every N keeps one)"]
 
 
 def fake_checkpoint(tmp_path: Path, args: list) -> Path:

@@ -213,11 +213,63 @@ def test_a_run_prints_its_steps_stage_tokens_and_total_at_start_up(tmp_path):
     assert "train_files:" not in after and "step:" not in after
 
 
-def test_fewer_train_steps_than_the_stages_are_refused_with_scaled_stages_to_copy():
-    result = run_train_gpt("--preset", "tiny", "--device", "cpu", "--train-steps", "20")
+def test_explicit_stage_steps_beyond_train_steps_are_refused_with_scaled_stages_to_copy():
+    result = run_train_gpt("--preset", "tiny", "--device", "cpu", "--train-steps", "20", "--stage-steps", "0,15,30,46")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "train_gpt.py: error: --stage-steps 0,15,30,46: must start at 0 and increase, below --train-steps 20 "
         "(for 20 steps, e.g. --stage-steps 0,6,12,18 --extension-steps 2)"]
     cfg = tg.parse_config(["--preset", "tiny", "--train-steps", "20", "--stage-steps", "0,6,12,18", "--extension-steps", "2"])
     tg.check_schedule(cfg, training=True)  # the proposal is a schedule the trainer takes
     assert tg.embed_split_step(cfg) == 13 and tg.schedule_at(19, cfg).stage == 3
+
+
+# Issue 28: --train-steps alone scales the preset's schedule, as the public script's stages are fractions of the run
+
+
+def test_train_steps_alone_scales_the_presets_schedule_and_the_run_prints_its_stages(tmp_path, capsys):
+    """Tiny at 20 of its 50 steps: scale 0.4, stages 15 -> 6, 30 -> 12, the scheduled end 46 -> 18.4 -> 18, so the
+    extension is 2 steps from 18; momentum warm-up 10 -> 4, cool-down 5 -> 2; the split at 12 | 1 = 13."""
+    cfg = tg.parse_config(["--preset", "tiny", "--train-steps", "20"])
+    assert (cfg.stage_steps, cfg.extension_steps, cfg.muon_momentum_warmup_steps, cfg.muon_momentum_cooldown_steps) == (
+        (0, 6, 12, 18), 2, 4, 2)
+    assert tg.embed_split_step(cfg) == 13 and cfg.stage_batch_tokens == tg.TINY["stage_batch_tokens"]  # the rest kept
+    # the record at 120 steps: 480 x 120/1480 = 38.9 -> 39, 960 -> 78, 1440 -> 116.8 -> 117 (3 extension steps)
+    cfg = tg.parse_config(["--train-steps", "120"])
+    assert (cfg.stage_steps, cfg.extension_steps, cfg.muon_momentum_warmup_steps) == ((0, 39, 78, 117), 3, 24)
+    # a step count given as a flag is kept, and the last stage starts with the extension given
+    cfg = tg.parse_config(["--preset", "tiny", "--train-steps", "20", "--extension-steps", "5", "--muon-momentum-warmup-steps", "7"])
+    assert (cfg.stage_steps, cfg.extension_steps, cfg.muon_momentum_warmup_steps) == ((0, 6, 12, 15), 5, 7)
+    # a run prints the stages it uses before it reads anything (here no val files: refused right after)
+    status = tg.main(["--preset", "tiny", "--device", "cpu", "--train-steps", "20", "--val-files", str(tmp_path / "none_*.bin"),
+                      "--log-dir", str(tmp_path / "logs"), "--run-id", "scaled"])
+    out = capsys.readouterr().out.splitlines()
+    assert status == 2 and out[1] == (
+        "stages: steps 0-5, 6-11, 12-17, 18-19 (--stage-steps 0,6,12,18); extension: the last 2 steps; the embedding "
+        "unties after step 13; Muon momentum warm-up 4 and cool-down 2 steps")
+    assert out[0].startswith("schedule: 20 steps, stage tokens [")
+
+
+def test_the_trainers_scaled_schedule_is_the_benchmarks_compressed_one():
+    # records/benchmark.py compresses a preset's schedule into explicit flags: the trainer scales it alike
+    sys.path.insert(0, str(REPO / "records"))
+    import benchmark
+    for preset in ("record", "tiny"):
+        for steps in [5, 8, 20, 21, 50, 77, 120, 240, 1000, 1480, 2000]:  # 5: the fewest the record fits
+            scaled = tg.parse_config(["--preset", preset, "--train-steps", str(steps)])
+            compressed = tg.parse_config(["--preset", preset, *benchmark.compressed_schedule_flags(preset, steps)])
+            assert [getattr(scaled, k) for k in tg.SCALED_STEP_COUNTS] == [getattr(compressed, k) for k in tg.SCALED_STEP_COUNTS]
+    assert tg.parse_config(["--train-steps", "1480"]) == tg.parse_config([])  # at its own length: the preset
+
+
+@pytest.mark.parametrize("steps", ["1", "2", "3"])
+def test_too_few_train_steps_for_the_presets_stages_are_refused_with_a_command_that_fits(steps, capsys):
+    assert tg.main(["--preset", "tiny", "--device", "cpu", "--train-steps", steps]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith(f"train_gpt.py: error: --train-steps {steps} is too few for the preset's 4 stages: "
+                                   f"scaled from its 50 steps they would start at steps ")
+    assert captured.err.endswith("; 4 steps is the fewest that fits: python train_gpt.py --preset tiny --device cpu "
+                                 "--train-steps 4 (or give --stage-steps)\n")
+    cfg = tg.parse_config(["--preset", "tiny", "--device", "cpu", "--train-steps", "4"])  # the proposal is taken
+    tg.check_schedule(cfg, training=True)
+    assert cfg.stage_steps == (0, 1, 2, 3) and [tg.schedule_at(s, cfg).stage for s in range(4)] == [0, 1, 2, 3]

@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import glob
+import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field, fields
@@ -128,37 +133,82 @@ def parse_config(argv=None) -> Config:
     return dataclasses.replace(Config(), **{**PRESETS[args.pop("preset")], **args})
 
 
-def accumulation_steps(cfg: Config, world_size: int) -> int:
-    """Micro-batches per process per step; refuses a world size that cannot split the batch evenly."""
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def fits_world_size(cfg: Config, world_size: int) -> bool:
+    """Whether every process gets the same whole number of micro-batches of training and of validation sequences."""
     per_round = world_size * cfg.micro_batch_seqs
-    if cfg.batch_seqs % per_round:
-        raise ConfigError(f"world size {world_size} x --micro-batch-seqs {cfg.micro_batch_seqs} = {per_round} sequences "
-                          f"does not divide --batch-seqs {cfg.batch_seqs}: run on 1, 2, 4 or 8 processes")
-    return cfg.batch_seqs // per_round
+    return cfg.batch_seqs % per_round == 0 and (cfg.val_tokens // cfg.val_seq_len) % per_round == 0
+
+
+def usable_world_sizes(cfg: Config) -> list:
+    return [n for n in range(1, cfg.batch_seqs // cfg.micro_batch_seqs + 1) if fits_world_size(cfg, n)]
+
+
+def one_of(items: list) -> str:
+    """[1, 2, 4, 8] -> '1, 2, 4 or 8'."""
+    return " or ".join([", ".join(map(str, items[:-1])), str(items[-1])]) if len(items) > 1 else str(items[0])
+
+
+def check_world_size(cfg: Config, world_size: int) -> int:
+    """Micro-batches per process per step; refuses a world size that cannot split the batch evenly."""
+    if not fits_world_size(cfg, world_size):
+        usable = usable_world_sizes(cfg)
+        advice = (f"run on {one_of(usable)} processes" if usable else
+                  "make --batch-seqs and the val sequences (--val-tokens / --val-seq-len) multiples of --micro-batch-seqs")
+        raise ConfigError(f"world size {world_size} x --micro-batch-seqs {cfg.micro_batch_seqs} = "
+                          f"{world_size * cfg.micro_batch_seqs} sequences must divide both --batch-seqs {cfg.batch_seqs} "
+                          f"and the {cfg.val_tokens // cfg.val_seq_len} val sequences: {advice}")
+    return cfg.batch_seqs // (world_size * cfg.micro_batch_seqs)
+
+
+POSITIVE_INTEGERS = ["val_tokens", "val_seq_len", "train_seq_len", "batch_seqs", "micro_batch_seqs", "vocab_size",
+                     "num_layers", "model_dim", "head_dim", "train_steps", "ns_steps", "trials", "val_every", "late_val_every"]
+
+
+def check_hyperparameter_ranges(cfg: Config):
+    """Every numeric flag in its range: outside it a run trains nothing useful, diverges or fails late, with no error
+    of its own (a negative LR trains uphill, a beta of 1 never forgets, a zero batch divides by zero)."""
+    for name in POSITIVE_INTEGERS:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{flag_name(name)} must be positive, got {getattr(cfg, name)}")
+    if cfg.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {cfg.seed}")
+    for name in ["muon_lr", "embed_lr", "head_lr", "scalar_lr", "adam_eps"]:
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{flag_name(name)} must be a positive number, got {value}")
+    for name in ["muon_weight_decay", "adam_weight_decay"]:
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{flag_name(name)} must be a number >= 0, got {value}")
+    for name in ["muon_momentum", "adam_beta1", "adam_beta2"]:
+        value = getattr(cfg, name)
+        if not 0 <= value < 1:
+            raise ConfigError(f"{flag_name(name)} {value} must be in [0, 1)")
+    for name in ["cooldown_frac", "late_val_frac"]:
+        value = getattr(cfg, name)
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{flag_name(name)} {value} must be in [0, 1]")
 
 
 def check_config(cfg: Config, world_size: int) -> int:
-    """Refuse impossible settings with a one-line reason; returns the accumulation steps."""
-    accumulation = accumulation_steps(cfg, world_size)
-    for name in ["val_tokens", "val_seq_len", "train_seq_len", "batch_seqs", "micro_batch_seqs", "vocab_size",
-                 "num_layers", "model_dim", "head_dim", "train_steps", "ns_steps", "trials", "val_every", "late_val_every"]:
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    """Refuse impossible settings with a one-line reason; returns the accumulation steps. Needs only the world size
+    (from the environment), so every process refuses a bad launch before any process group is formed."""
+    check_hyperparameter_ranges(cfg)
     if cfg.model_dim % cfg.head_dim or cfg.head_dim % 4:
         raise ConfigError(f"--head-dim {cfg.head_dim} must divide --model-dim {cfg.model_dim} and be a multiple of 4 (rotary quarters)")
-    val_seqs = cfg.val_tokens // cfg.val_seq_len
-    if cfg.val_tokens % cfg.val_seq_len or val_seqs % (world_size * cfg.micro_batch_seqs):
-        raise ConfigError(f"--val-tokens {cfg.val_tokens} must be whole --val-seq-len {cfg.val_seq_len} sequences, a multiple of "
-                          f"world size {world_size} x --micro-batch-seqs {cfg.micro_batch_seqs}")
-    if not 0 <= cfg.cooldown_frac <= 1 or not 0 <= cfg.late_val_frac <= 1:
-        raise ConfigError("--cooldown-frac and --late-val-frac must be in [0, 1]")
+    if cfg.val_tokens % cfg.val_seq_len:
+        raise ConfigError(f"--val-tokens {cfg.val_tokens} must be whole --val-seq-len {cfg.val_seq_len} sequences")
     if cfg.device not in ("cuda", "cpu"):
         raise ConfigError(f"--device {cfg.device!r}: choose cuda or cpu")
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
     if any(c in cfg.run_id for c in "/\\\0") or cfg.run_id.startswith("."):
         raise ConfigError(f"--run-id {cfg.run_id!r} must be a plain file name; choose the folder with --log-dir")
-    return accumulation
+    return check_world_size(cfg, world_size)
 
 
 # -----------------------------------------------------------------------------
@@ -330,8 +380,10 @@ class Muon(torch.optim.Optimizer):
 
 
 class AdamW(torch.optim.Optimizer):
-    """Adam with bias correction and decoupled weight decay p <- p (1 - lr wd), as torch.optim.AdamW. The moments
-    are fp32 whatever the parameter's dtype (a bf16 embedding keeps fp32 moments); the step is added in fp32."""
+    """Adam with bias correction and decoupled weight decay p <- p (1 - lr wd), as the public script's
+    torch.optim.AdamW(fused=True): the moments are kept in the parameter's dtype (bf16 for the bf16 embedding), each
+    step computes moments and weights in fp32 from the stored values, takes the step with the fp32 moments and rounds
+    each result once into its stored dtype. Bit for bit the fused kernel on CPU (tests/test_track3.py)."""
 
     def __init__(self, params, lr: float, betas: tuple = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -343,15 +395,19 @@ class AdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 state = self.state[p]
                 if not state:
-                    state.update(step=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
-                                 exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
                 state["step"] += 1
                 grad, t = p.grad.float(), state["step"]
-                state["exp_avg"].lerp_(grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+                exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)  # the stored tensor itself when fp32
+                exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                # The root through fp64 is the correctly rounded fp32 root, as the fused kernel takes it; torch.sqrt on
+                # a CPU's fp32 is off by an ulp in about 20% of the entries.
+                root = exp_avg_sq.double().sqrt().float()
+                denom = (root / math.sqrt(1 - beta2 ** t)).add_(eps)
                 weights = p.float().mul_(1 - lr * group["weight_decay"])  # p itself when p is fp32
-                weights.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+                weights.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** t))
+                state["exp_avg"].copy_(exp_avg)
+                state["exp_avg_sq"].copy_(exp_avg_sq)
                 p.copy_(weights)
 
 
@@ -423,8 +479,8 @@ def resolve_files(pattern: str, flag: str) -> list:
     return files
 
 
-def read_shard(path: str) -> np.ndarray:
-    """The tokens of one shard, after checking its header against its size."""
+def shard_token_count(path: str) -> int:
+    """The token count of one shard, after checking its header against its size (reads only the header)."""
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS) if size >= HEADER_INTS * 4 else None
     if header is None or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
@@ -432,7 +488,16 @@ def read_shard(path: str) -> np.ndarray:
     num_tokens = int(header[2])
     if size != HEADER_INTS * 4 + 2 * num_tokens:
         raise DataError(f"{path}: header says {num_tokens} tokens but the file has {size} bytes (truncated?); {FETCH_HINT}")
-    return np.fromfile(path, dtype="<u2", count=num_tokens, offset=HEADER_INTS * 4)
+    return num_tokens
+
+
+def read_shard(path: str) -> np.ndarray:
+    return np.fromfile(path, dtype="<u2", count=shard_token_count(path), offset=HEADER_INTS * 4)
+
+
+def steps_in_shard(num_tokens: int, step_tokens: int) -> int:
+    """Steps the stream takes from one shard: one at each pos = k * step_tokens with pos + step_tokens + 1 < num_tokens."""
+    return max(0, (num_tokens - 2) // step_tokens)
 
 
 def micro_batches(tokens: np.ndarray, seq_len: int, micro_seqs: int, device: torch.device) -> list:
@@ -450,6 +515,8 @@ class TrainBatches:
     def __init__(self, cfg: Config, rank: int, world_size: int, device: torch.device):
         self.files = resolve_files(cfg.train_files, "--train-files")
         self.step_tokens = cfg.batch_seqs * cfg.train_seq_len
+        # Every shard's header and size now, before step 0: a bad shard is refused before the run, not when reached.
+        self.steps_available = sum(steps_in_shard(shard_token_count(f), self.step_tokens) for f in self.files)
         self.share = self.step_tokens // world_size
         self.cfg, self.rank, self.device = cfg, rank, device
         self.file_index, self.tokens, self.pos = -1, np.zeros(0, dtype=np.uint16), 0
@@ -465,6 +532,14 @@ class TrainBatches:
         start = self.pos + self.rank * self.share
         self.pos += self.step_tokens
         return micro_batches(self.tokens[start:start + self.share + 1], self.cfg.train_seq_len, self.cfg.micro_batch_seqs, self.device)
+
+
+def check_training_data(cfg: Config, device: torch.device):
+    """Refuse, before the first log is opened, training data that is damaged or too short for --train-steps."""
+    train = TrainBatches(cfg, 0, 1, device)
+    if train.steps_available < cfg.train_steps:
+        raise DataError(f"--train-files {cfg.train_files}: its {len(train.files)} shards hold {train.steps_available} steps of "
+                        f"{train.step_tokens} tokens; --train-steps {cfg.train_steps} needs more; {FETCH_HINT} or more")
 
 
 def validation_batches(cfg: Config, rank: int, world_size: int, device: torch.device) -> list:
@@ -574,8 +649,20 @@ def warm_up(model: GPT, cfg: Config, val_batches: list, logger) -> None:
                f"reused by all {cfg.trials} runs)")
 
 
+@dataclass
+class Progress:
+    """Where the launch is, for the line that reports a stop: the trial (counted from 1) and its finished steps."""
+    trial: int = 1
+    trials: int = 1
+    step: int = 0
+    signals: list = field(default_factory=list)  # the name of a SIGTERM received, once it came
+
+    def where(self) -> str:
+        return f"step {self.step}" + (f" of trial {self.trial} of {self.trials}" if self.trials > 1 else "")
+
+
 def run_training(model: GPT, cfg: Config, rank: int, world_size: int, device: torch.device, val_batches: list,
-                 logger) -> dict:
+                 logger, progress: Progress) -> dict:
     """One run: train_steps steps from fresh weights, with the clock stopped for validation."""
     optimizers = new_run(model, cfg, world_size)
     train = TrainBatches(cfg, rank, world_size, device)
@@ -583,6 +670,7 @@ def run_training(model: GPT, cfg: Config, rank: int, world_size: int, device: to
     synchronize(device)
     clock = time.perf_counter()
     for step in range(cfg.train_steps + 1):
+        progress.step = step
         if is_val_step(step, cfg):
             synchronize(device)
             train_ms += 1000 * (time.perf_counter() - clock)
@@ -608,28 +696,105 @@ def run_training(model: GPT, cfg: Config, rank: int, world_size: int, device: to
 # -----------------------------------------------------------------------------
 # Logging: rank 0 writes one log per run, LOG_DIR/RUN_ID.txt: this file's source, a line of 100 '=', the versions
 # and nvidia-smi, another line of 100 '=', the header lines, the step lines, a summary. records/compare.py reads it.
+# A run that stops early ends its log with a `stopping:` line (records/check_submission.py lists it, not as a crash).
 
 SEPARATOR = "=" * 100
 
 
+class OutputError(Exception):
+    """The log or the weights could not be written; the message is one line."""
+
+
+class DiskFullError(OutputError):
+    """No space left while writing the log or the weights; the message is one line."""
+
+
+def disk_full(what: str) -> DiskFullError:
+    return DiskFullError(f"disk full writing {what}: free space on that disk, or write it elsewhere")
+
+
 class Logger:
-    """Lines straight to the file (a crash keeps what was logged) and to the console; only rank 0 writes."""
+    """Lines straight to the file, unbuffered (a crash keeps what was logged), and to the console; only rank 0
+    writes. On a full disk it cuts the partial line back off, ends the log with `stopping: disk full` where that
+    still fits, and raises DiskFullError; later lines are dropped."""
 
     def __init__(self, path: str | None):
-        self.path = path
-        self.file = open(path, "x", encoding="utf-8") if path else None  # never mix two runs in one log
+        self.path, self.size, self.full = path, 0, False
+        self.file = None
+        if path:
+            try:
+                self.file = open(path, "xb", buffering=0)  # never mix two runs in one log
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise disk_full(f"the log {path}") from None
+                raise OutputError(f"cannot write the log {path}: {e.strerror or e}") from None
 
     def log(self, line: str, console: bool = True):
-        if self.file is None:
+        if self.file is None or self.full:
             return
-        self.file.write(line + "\n")
-        self.file.flush()
+        try:
+            self._write((line + "\n").encode("utf-8"))
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            self._end_after_disk_full()
+            raise disk_full(f"the log {self.path}") from None
         if console:
             print(line, flush=True)
+
+    def _write(self, data: bytes):
+        view = memoryview(data)
+        while view:  # an unbuffered write may take only part of the bytes
+            view = view[self.file.write(view):]
+        self.size += len(data)  # whole lines only: where a cut line is cut back to
+
+    def _end_after_disk_full(self):
+        """Best effort: drop the cut line (freeing its bytes), then the stopping line may still fit."""
+        self.full = True
+        try:
+            self.file.truncate(self.size)
+            self.file.seek(self.size)
+            self.file.write(b"stopping: disk full\n")
+        except (OSError, ValueError):
+            pass
 
     def close(self):
         if self.file is not None:
             self.file.close()
+
+
+def write_atomically(obj, path: str, what: str):
+    """torch.save to a temp file in the same folder, fsync, rename: a full disk or a crash mid-write leaves no
+    partial file (and any older file whole). Serialized in memory first, so a full disk is a plain OSError."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; weights are read like any other file
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise disk_full(what) from None
+        raise OutputError(f"cannot write {what}: {e.strerror or e}") from None
+    finally:
+        if tmp is not None:  # a half-written temp file would only take more of the disk
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def read_own_source() -> str:
+    """This file as it is when the launch starts: every run's log embeds it, so a file edited during --trials
+    changes no log (the process keeps running the code it started with)."""
+    with open(os.path.abspath(__file__), encoding="utf-8") as f:
+        return f.read()
 
 
 def environment_report() -> str:
@@ -652,9 +817,9 @@ def run_ids(cfg: Config) -> list:
     return [(seed, cfg.run_id if cfg.trials == 1 else f"{cfg.run_id}-seed{seed}") for seed in seeds]
 
 
-def log_header(logger: Logger, cfg: Config, world_size: int, accumulation: int, device: torch.device, trial: int):
-    with open(os.path.abspath(__file__), encoding="utf-8") as f:
-        logger.log(f.read(), console=False)
+def log_header(logger: Logger, source: str, cfg: Config, world_size: int, accumulation: int, device: torch.device,
+               trial: int):
+    logger.log(source, console=False)
     logger.log(SEPARATOR, console=False)
     logger.log(environment_report(), console=False)
     logger.log(SEPARATOR, console=False)
@@ -675,14 +840,39 @@ def log_summary(logger: Logger, device: torch.device):
     logger.log(f"peak memory allocated: {allocated} MiB reserved: {reserved} MiB")
 
 
-def agree_on_run_id(cfg: Config, rank: int, world_size: int) -> Config:
-    """Rank 0 picks the run id and checks that no log would be overwritten; every process gets the answer."""
+def folder_problem(flag: str, folder: str) -> str:
+    """Why logs cannot be written into folder, found by trying (creating it if missing); empty string: they can."""
+    folder = folder or "."
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return f"{flag} {folder} is a file, not a folder: pick a folder"
+    if not os.path.isdir(folder):
+        ancestor = os.path.dirname(os.path.abspath(folder))
+        while not os.path.exists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor):
+            return f"{flag} {folder}: {ancestor} is a file, not a folder: pick another path"
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            return f"{flag} {folder}: cannot create the folder ({e.strerror}): pick a writable folder"
+    try:
+        with tempfile.TemporaryFile(dir=folder):  # permissions, read-only mounts and quotas all show here
+            pass
+    except OSError as e:
+        return f"{flag} {folder}: cannot write there ({e.strerror}): pick a writable folder"
+    return ""
+
+
+def agree_on_outputs(cfg: Config, rank: int, world_size: int) -> Config:
+    """Rank 0 picks the run id and checks that the logs can be written and none would be overwritten; every
+    process gets the answer, so none trains on alone."""
     shared = [cfg.run_id or str(uuid.uuid4()), ""]
     if rank == 0:
-        os.makedirs(cfg.log_dir, exist_ok=True)
+        shared[1] = folder_problem("--log-dir", cfg.log_dir)
         taken = [run_id for _, run_id in run_ids(dataclasses.replace(cfg, run_id=shared[0]))
                  if os.path.exists(os.path.join(cfg.log_dir, f"{run_id}.txt"))]
-        shared[1] = f"{os.path.join(cfg.log_dir, taken[0])}.txt exists: choose another --run-id" if taken else ""
+        if not shared[1] and taken:
+            shared[1] = f"{os.path.join(cfg.log_dir, taken[0])}.txt exists: choose another --run-id"
     if world_size > 1:
         dist.broadcast_object_list(shared, src=0)
     if shared[1]:
@@ -690,50 +880,152 @@ def agree_on_run_id(cfg: Config, rank: int, world_size: int) -> Config:
     return dataclasses.replace(cfg, run_id=shared[0])
 
 
-def train_all_runs(cfg: Config, rank: int, world_size: int, device: torch.device, accumulation: int) -> int:
-    """Build and compile the model once, then train each run of the launch into its own log; 1 if any run stopped."""
+# -----------------------------------------------------------------------------
+# The launch: every run of --trials in turn, and how a launch ends. Ctrl-C and SIGTERM stop it with a `stopping:`
+# line in the running trial's log and one line on stderr (exit 130 and 143); a full disk or another output problem
+# with one line (exit 1); a refused setting or bad data with one line before anything runs (exit 2).
+
+
+class StopSignal(BaseException):
+    """SIGTERM (how torchrun and batch schedulers stop a job), raised like Ctrl-C's KeyboardInterrupt so both stop
+    through the same path: a `stopping:` line, the open files closed, the process group torn down."""
+
+
+def stop_on_sigterm(received: list):
+    """Installed by main() only, so importing this file changes no process state; returns the old handler. The first
+    SIGTERM raises StopSignal; later ones are ignored while the stop is under way."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        return None
+
+    def raise_stop(signum, frame):
+        if not received:
+            received.append(signal.Signals(signum).name)
+            raise StopSignal(received[0])
+
+    return signal.signal(signal.SIGTERM, raise_stop)
+
+
+def wait_for_signal(received: list, seconds: float = 3.0):
+    """Give this process's own SIGTERM a moment to arrive (torchrun signals every process, not all at once): it is
+    then this stop's reason instead of the collective a stopped peer broke. A real crash only waits these seconds."""
+    deadline = time.monotonic() + seconds
+    try:
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except StopSignal:  # the handler noted it in `received` before raising
+        pass
+
+
+def stopping_reason(error: BaseException, progress: Progress) -> str | None:
+    """The text of the `stopping:` line for an error that ends the launch; None for a crash (a bug keeps its
+    traceback, and check_submission calls its cut log a crash)."""
+    if isinstance(error, (KeyboardInterrupt, StopSignal)):
+        return f"{'SIGTERM' if isinstance(error, StopSignal) else 'Ctrl-C'} at step {progress.step}"
+    if isinstance(error, OutputError):
+        return f"at step {progress.step}: {error}"
+    if isinstance(error, (ConfigError, DataError)):
+        return f"data error: {error}"
+    return None
+
+
+def train_all_runs(cfg: Config, rank: int, world_size: int, device: torch.device, accumulation: int, source: str,
+                   progress: Progress) -> int:
+    """Build and compile the model once, then train each run of the launch into its own log; 1 if any run stopped.
+    An error or a signal ends the launch: the running trial's log ends with its `stopping:` line."""
+    val_batches = validation_batches(cfg, rank, world_size, device)
+    check_training_data(cfg, device)
     model = GPT(cfg).to(device)
     if cfg.compile:
         model.compile(dynamic=False)
-    val_batches = validation_batches(cfg, rank, world_size, device)
     status = 0
     for trial, (seed, run_id) in enumerate(run_ids(cfg)):
+        progress.trial, progress.trials, progress.step = trial + 1, cfg.trials, 0
         run_cfg = dataclasses.replace(cfg, seed=seed, run_id=run_id)
         logger = Logger(os.path.join(cfg.log_dir, f"{run_id}.txt") if rank == 0 else None)
         try:
-            log_header(logger, run_cfg, world_size, accumulation, device, trial)
+            log_header(logger, source, run_cfg, world_size, accumulation, device, trial)
             if trial == 0:
                 warm_up(model, cfg, val_batches, logger)
-            result = run_training(model, run_cfg, rank, world_size, device, val_batches, logger)
+            result = run_training(model, run_cfg, rank, world_size, device, val_batches, logger, progress)
             log_summary(logger, device)
             if cfg.save_model and rank == 0:
-                torch.save(model.state_dict(), os.path.join(cfg.log_dir, f"{run_id}.pt"))
-        except DataError as e:
-            logger.log(f"stopping: data error: {e}", console=False)
-            raise
+                path = os.path.join(cfg.log_dir, f"{run_id}.pt")
+                write_atomically(model.state_dict(), path, f"--save-model {path}")
+        except BaseException as error:
+            if world_size > 1 and stopping_reason(error, progress) is None:
+                wait_for_signal(progress.signals)  # a peer stopped by the same SIGTERM broke a collective here
+                if progress.signals:
+                    error = StopSignal(progress.signals[0])
+            reason = stopping_reason(error, progress)
+            if reason is None:
+                raise
+            try:
+                logger.log(f"stopping: {reason}", console=isinstance(error, (KeyboardInterrupt, StopSignal)))
+            except DiskFullError:
+                pass  # the log could take no more: the stop is still reported on stderr
+            raise error from None
         finally:
             logger.close()
-        if rank == 0:
-            print(f"log: {logger.path}", flush=True)
+            if rank == 0:
+                print(f"log: {logger.path}", flush=True)
         status = status or (1 if result["stopped"] else 0)
     return status
 
 
-def main(argv=None) -> int:
-    cfg = parse_config(argv)
-    rank = int(os.environ.get("RANK", 0))
+def launched_by_torchrun() -> bool:
+    """Whether this process's parent is torchrun's agent (which sets TORCHELASTIC_RUN_ID in its children)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
     try:
-        rank, world_size, device = setup_distributed(cfg)
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            parent = f.read().split(b"\0")
+    except OSError:  # not Linux: torchrun's own report it is
+        return False
+    return any(os.path.basename(arg) == b"torchrun" or arg == b"torch.distributed.run" for arg in parent)
+
+
+def refuse_launch(status: int) -> int:
+    """The exit of a launch every process refused with the same one-line error (a setting, the world size, the
+    data). torchrun answers any process that exits non-zero with a 40-line ChildFailedError report that buries that
+    line, and any signal it can catch with a traceback; so under torchrun the first process of each machine stops
+    its torchrun with SIGKILL (the shell sees exit 137) and the others exit 0, leaving torchrun nothing to report."""
+    if not launched_by_torchrun():
+        return status
+    if int(os.environ.get("LOCAL_RANK", 0)) != 0:
+        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getppid(), signal.SIGKILL)
+    return status
+
+
+def main(argv=None) -> int:
+    source = read_own_source()
+    cfg = parse_config(argv)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    progress = Progress(trials=cfg.trials)
+    previous_handler = stop_on_sigterm(progress.signals)
+    status, problem = 0, ""
+    try:
         accumulation = check_config(cfg, world_size)
-        cfg = agree_on_run_id(cfg, rank, world_size)
-        return train_all_runs(cfg, rank, world_size, device, accumulation)
+        rank, world_size, device = setup_distributed(cfg)
+        cfg = agree_on_outputs(cfg, rank, world_size)
+        status = train_all_runs(cfg, rank, world_size, device, accumulation, source, progress)
     except (ConfigError, DataError) as e:
-        if rank == 0:  # one line, not one per process
-            print(f"train_gpt.py: error: {e}", file=sys.stderr)
-        return 2
+        status, problem = 2, str(e)
+    except OutputError as e:
+        status, problem = 1, f"stopped at {progress.where()}: {e}"
+    except (KeyboardInterrupt, StopSignal) as e:
+        what = "SIGTERM" if isinstance(e, StopSignal) else "Ctrl-C"
+        status, problem = (143 if isinstance(e, StopSignal) else 130), f"stopped by {what} at {progress.where()}"
     finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
         if dist.is_initialized():
             dist.destroy_process_group()
+    if problem and rank == 0:  # one line, not one per process
+        print(f"train_gpt.py: error: {problem}", file=sys.stderr, flush=True)
+    return refuse_launch(status) if status == 2 else status
 
 
 if __name__ == "__main__":
