@@ -250,7 +250,7 @@ def test_every_attention_layer_reads_one_rope_table():
     seen = []
     small = tg.GPT(tiny_cfg(), 512)
     for i, block in enumerate(small.blocks):
-        small.block_calls[i] = lambda *args, block=block: seen.append(args[-3:-1]) or block(*args)  # before `dense`
+        small.block_calls[i] = lambda *args, block=block: seen.append(args[-4:-2]) or block(*args)  # before dense, fp8
     ids = torch.randint(0, 50000, (257,), generator=torch.Generator().manual_seed(0))
     ids[0] = tg.EOT_TOKEN
     small(ids[:-1], ids[1:], tg.schedule_at(0, small.cfg))

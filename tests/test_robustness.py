@@ -157,7 +157,7 @@ def test_negative_lr_on_the_command_line_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("report", ["--print-recipe", "--print-schedule"])
 @pytest.mark.parametrize("flag, value, message", [("--muon-lr", "-1", "--muon-lr must be a positive number, got -1.0"),
-                                                  ("--num-heads", "3", "--num-heads 3 x --head-dim 64 must equal --model-dim 128")])
+                                                  ("--num-heads", "3", "--num-heads 3 x --head-dim 16 must equal --model-dim 96")])
 def test_a_report_refuses_the_settings_a_run_refuses_before_it_prints(report, flag, value, message, capsys):
     assert tg.main(["--preset", "tiny", report, flag, value]) == 2
     captured = capsys.readouterr()

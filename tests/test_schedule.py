@@ -233,9 +233,10 @@ def test_train_steps_alone_scales_the_presets_schedule_and_the_run_prints_its_st
     assert (cfg.stage_steps, cfg.extension_steps, cfg.muon_momentum_warmup_steps, cfg.muon_momentum_cooldown_steps) == (
         (0, 6, 12, 18), 2, 4, 2)
     assert tg.embed_split_step(cfg) == 13 and cfg.stage_batch_tokens == tg.TINY["stage_batch_tokens"]  # the rest kept
-    # the record at 120 steps: 480 x 120/1480 = 38.9 -> 39, 960 -> 78, 1440 -> 116.8 -> 117 (3 extension steps)
+    # the record at 120 of its 1285 steps: 423 x 120/1285 = 39.50 -> 40, 847 -> 79.10 -> 79, the scheduled end
+    # 1270 -> 118.6 -> 119 (1 extension step, the last stage starts with it); momentum warm-up 300 -> 28.02 -> 28
     cfg = tg.parse_config(["--train-steps", "120"])
-    assert (cfg.stage_steps, cfg.extension_steps, cfg.muon_momentum_warmup_steps) == ((0, 39, 78, 117), 3, 24)
+    assert (cfg.stage_steps, cfg.extension_steps, cfg.muon_momentum_warmup_steps) == ((0, 40, 79, 119), 1, 28)
     # a step count given as a flag is kept, and the last stage starts with the extension given
     cfg = tg.parse_config(["--preset", "tiny", "--train-steps", "20", "--extension-steps", "5", "--muon-momentum-warmup-steps", "7"])
     assert (cfg.stage_steps, cfg.extension_steps, cfg.muon_momentum_warmup_steps) == ((0, 6, 12, 15), 5, 7)
@@ -254,11 +255,11 @@ def test_the_trainers_scaled_schedule_is_the_benchmarks_compressed_one():
     sys.path.insert(0, str(REPO / "records"))
     import benchmark
     for preset in ("record", "tiny"):
-        for steps in [5, 8, 20, 21, 50, 77, 120, 240, 1000, 1480, 2000]:  # 5: the fewest the record fits
+        for steps in [5, 8, 20, 21, 50, 77, 120, 240, 1000, 1285, 1480, 2000]:  # 5: the fewest the record fits
             scaled = tg.parse_config(["--preset", preset, "--train-steps", str(steps)])
             compressed = tg.parse_config(["--preset", preset, *benchmark.compressed_schedule_flags(preset, steps)])
             assert [getattr(scaled, k) for k in tg.SCALED_STEP_COUNTS] == [getattr(compressed, k) for k in tg.SCALED_STEP_COUNTS]
-    assert tg.parse_config(["--train-steps", "1480"]) == tg.parse_config([])  # at its own length: the preset
+    assert tg.parse_config(["--train-steps", "1285"]) == tg.parse_config([])  # at its own length: the preset
 
 
 @pytest.mark.parametrize("steps", ["1", "2", "3"])
