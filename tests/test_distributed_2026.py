@@ -142,7 +142,10 @@ def assert_close_in_norm(one: dict, two: dict, what: str = ""):
         if one[name].dtype == torch.int16:  # Muon's low bits of bf16 weights: the masters' noise-like last bits,
             continue                        # no norm to compare (their save and restore: tests/test_precision.py)
         a, b = one[name].float(), two[name].float()
-        # a 0-d lambda that starts at 0 (the smear lambda) is itself a few 1e-3 after 8 steps: its noise then is a
-        # larger share of it (2026-08, bf16 storage: 26%); an absolute floor of 1e-3 for scalars, half its size
-        floor = 1e-3 if a.ndim == 0 else 1e-12
-        assert (b - a).norm().item() <= 0.25 * a.norm().item() + floor, what + name
+        # The lambdas (at most 2 values) and their Adam moments: their gradients are sums over every token that
+        # nearly cancel, so Adam (eps 1e-10) turns the summation-order noise into a larger share of a few-1e-3
+        # value (2026-08 in bf16 storage, measured: 26% for the smear lambda, 33% for an SA lambda's first
+        # moment); 50% and an absolute 1e-3 for them. A wrong shard or rank still differs by about 100%.
+        small = a.numel() <= 2
+        bound = (0.5 * a.norm().item() + 1e-3) if small else (0.25 * a.norm().item() + 1e-12)
+        assert (b - a).norm().item() <= bound, what + name
