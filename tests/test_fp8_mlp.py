@@ -101,7 +101,23 @@ def test_warmup_and_reset_leave_the_fp8_scales_and_the_run_as_without_them(tmp_p
     from test_distributed_2026 import one_thread_main, r2026_small_args
     common = ["--save-every", "0"]
     assert one_thread_main(r2026_small_args(tmp_path, "cold", *common)) == 0
+    # The run alone cannot show the activation scales' reset: W2 starts at zero, so the first timed step's output
+    # is the same at any activation scale. The scales the reset leaves are read where it re-quantizes.
+    calls, quantize = [], tg.GPT.quantize_mlp_fp8
+
+    def recording_quantize(model, bootstrap=False, advance=True):
+        calls.append((bootstrap, model.mlp_act_scales.clone(), model.mlp_down_scales.clone()))
+        return quantize(model, bootstrap, advance)
+
+    monkeypatch.setattr(tg.GPT, "quantize_mlp_fp8", recording_quantize)
     assert one_thread_main(r2026_small_args(tmp_path, "warm", *common, "--warmup-steps", "3")) == 0
+    # build, then one call after each of the 8 warm-up steps (bootstrap on steps 0 and 1 only), then the reset's
+    bootstraps = [bootstrap for bootstrap, _, _ in calls[:10]]
+    assert bootstraps == [True, True, True] + [False] * 6 + [True]
+    _, warm_act, _ = calls[8]
+    _, act_after_reset, down_after_reset = calls[9]
+    built_down = calls[1][2]  # what the build's bootstrap left (the zero W2's amax), before any step's
+    assert (warm_act != 1).all() and (act_after_reset == 1).all() and torch.equal(down_after_reset, built_down)
     cold, warm = torch.load(tmp_path / "cold.pt"), torch.load(tmp_path / "warm.pt")
     assert (cold["mlp_act_scales"] != 1).all() and (cold["mlp_down_scales"] != 1).all()
     assert cold.keys() == warm.keys() and all(torch.equal(cold[k], warm[k]) for k in cold), \
