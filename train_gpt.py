@@ -58,9 +58,9 @@ class Config:
     val_seq_len: int = field(default=262_144, metadata={"help": "tokens per validation sequence, dealt round-robin to the processes"})
     val_every: int = field(default=250, metadata={"help": "validate every N steps (0: only at the start and the end)"})
     # schedule: stages of their own batch, sequence length, windows, LR and multi-token weights, then an extension
-    train_steps: int = field(default=1480, metadata={"help": "optimizer steps, the extension included"})
-    stage_steps: tuple = field(default=(0, 480, 960, 1440), metadata={"help": "first step of each stage, from 0; the last stage runs to --train-steps"})
-    extension_steps: int = field(default=40, metadata={"help": "steps after the scheduled ones, at the final LR: the LR cooldown ends at --train-steps minus this"})
+    train_steps: int = field(default=1285, metadata={"help": "optimizer steps, the extension included"})
+    stage_steps: tuple = field(default=(0, 423, 847, 1270), metadata={"help": "first step of each stage, from 0; the last stage runs to --train-steps"})
+    extension_steps: int = field(default=15, metadata={"help": "steps after the scheduled ones, at the final LR: the LR cooldown ends at --train-steps minus this"})
     cooldown_frac: float = field(default=0.6, metadata={"help": "fraction of the scheduled steps over which the LR decays linearly to --final-lr-frac"})
     final_lr_frac: float = field(default=0.15, metadata={"help": "LR multiplier at the end of the cooldown"})
     stage_batch_tokens: tuple = field(default=(131_072, 262_144, 393_216, 393_216), metadata={"help": "per stage: tokens per optimizer step, over all processes"})
@@ -72,6 +72,8 @@ class Config:
     stage_lr_mult: tuple = field(default=(1.0, 1.52, 1.73, 1.73), metadata={"help": "per stage: LR multiplier until the cooldown takes it to --final-lr-frac", "parse": "floats"})
     stage_mtp_weights_start: tuple = field(default=((1.0, 0.5, 0.25), (1.0, 0.5), (1.0,), (1.0,)), metadata={"help": "per stage: multi-token prediction weights (next token first) at the stage's start, stages separated by '/'", "parse": "float_lists"})
     stage_mtp_weights_end: tuple = field(default=((1.0, 0.5, 0.0), (1.0, 0.0), (1.0,), (1.0,)), metadata={"help": "per stage: the same weights at the stage's end (linear in between), stages separated by '/'", "parse": "float_lists"})
+    stage_prefix_weight_start: tuple = field(default=(0.25, 0.25, 0.0, 0.0), metadata={"help": "per stage: weight of the prefix-token term (the longest proper byte-prefix of the next token that is a GPT-2 token) at the stage's start", "parse": "floats"})
+    stage_prefix_weight_end: tuple = field(default=(0.25, 0.0, 0.0, 0.0), metadata={"help": "per stage: the prefix-token weight at the stage's end (linear in between)", "parse": "floats"})
     muon_momentum_cooldown_steps: int = field(default=50, metadata={"help": "last steps over which Muon momentum returns from final to start"})
     adam_odd_steps_only: bool = field(default=True, metadata={"help": "Adam steps on odd steps only; even steps' gradients accumulate into them (off: Adam every step)"})
     embed_split_stage: int = field(default=2, metadata={"help": "embedding tied to the head until the first odd step of this stage, untied after it (0: never tied)"})
@@ -86,22 +88,30 @@ class Config:
     no_attn_layers: tuple = field(default=(6,), metadata={"help": "layers without attention (comma-separated, '' for none)"})
     long_window_layers: tuple = field(default=(3, 10), metadata={"help": "layers with the long window; the rest have the short one"})
     attn_scale: float = field(default=0.1, metadata={"help": "softmax scale of attention (QK-normed) in the first stage; YaRN grows it"})
-    attn_gate_dim: int = field(default=12, metadata={"help": "residual channels read by the per-head output, value and smear/skip gates"})
+    attn_gate_dim: int = field(default=12, metadata={"help": "channels read by the smear gate, and half of them from the attention input and half from the value embedding by the value gates"})
     logit_cap: float = field(default=23.0, metadata={"help": "logits squashed to (0, cap) by cap*sigmoid((z + shift)/div)"})
     logit_shift: float = field(default=5.0, metadata={"help": "head logits cap*sigmoid((z + shift)/div): the shift"})
     logit_div: float = field(default=7.5, metadata={"help": "head logits cap*sigmoid((z + shift)/div): the divisor"})
-    bigram_rows: int = field(default=754_560, metadata={"help": "rows of the bigram hash embedding (0: none, an ablation; 754,560 = 15 x 50304)"})
-    bigram_dim: int = field(default=192, metadata={"help": "width of the bigram hash embedding: added to the first N residual channels"})
+    bigram_rows: int = field(default=377_280, metadata={"help": "rows of the bigram hash embedding (0: none, an ablation; 377,280 = 15 x 50304 / 2)"})
+    bigram_dim: int = field(default=768, metadata={"help": "width of the bigram hash embedding: added to the first N residual channels"})
     bigram_sign_rows: int = field(default=8192, metadata={"help": "rows of the fixed random +-1 sign table of the bigram embedding"})
-    value_embed_layers: tuple = field(default=(1, 2, 8, 9, 10), metadata={"help": "layers with their own value-embedding table, mixed into V by per-head gates 2*sigmoid(W [x, ve][:12]) ('': none, an ablation)"})
+    value_embed_layers: tuple = field(default=(1, 2, 8, 9, 10), metadata={"help": "layers with their own value-embedding table, mixed into V by per-head gates 2*sigmoid(W [x[:6], ve[:6]]) (on the MUDD layer by MUDD's lanes) ('': none, an ablation)"})
     smear_gate: bool = field(default=True, metadata={"help": "each token's embedding adds the previous token's, times lambda*sigmoid(W x[:12]) (both start at 0); off: an ablation"})
-    skip_connection: tuple = field(default=(3, 6), metadata={"help": "FROM,TO: layer FROM's output added before layer TO (which has no attention), gated by sigmoid(lambda)*2*sigmoid(W x0[:12]) ('': none, an ablation)"})
-    backout_layer: int = field(default=7, metadata={"help": "this layer's output is the attention input of every later layer, and lambda times it is subtracted before the head (-1: none, an ablation)"})
+    skip_connection: tuple = field(default=(3, 6), metadata={"help": "FROM,TO: layer FROM's output added before layer TO (which has no attention), times sigmoid(lambda) x the post gate's skip lane ('': none, an ablation)"})
+    attn_source_layer: int = field(default=7, metadata={"help": "this layer's output, normed, is the attention input of every later layer, and a MUDD source (-1: none, an ablation)"})
+    mudd: bool = field(default=True, metadata={"help": "MUDD dense connections: per-token coefficients mix earlier layers' outputs into the last layer (its V, stream and sublayer scales) and into the stream after it; off: an ablation (the last layer is a plain block)"})
+    mudd_hidden: int = field(default=64, metadata={"help": "hidden width of the MUDD and MUDD-gate coefficient MLPs (W2 gelu(W1 x) + b2)"})
+    post_gate_layer: int = field(default=4, metadata={"help": "the post gate (per-token gates of this and later layers) reads the stream at the start of this layer; the pre gate, those of earlier layers, reads x0 (past the last layer: the pre gate serves all)"})
+    xsa_layers: tuple = field(default=(1, 3, 4, 7), metadata={"help": "layers whose attention output loses tanh(alpha) of its component along each head's value (XSA; alpha per token and head from the gates) ('': none)"})
+    attn_gate_layers: tuple = field(default=(3, 10), metadata={"help": "layers whose attention heads are scaled by a per-token gate ('': none)"})
+    dc_layer: int = field(default=10, metadata={"help": "layer with post-only DC (dynamically composable attention): heads' window probabilities mixed across heads, times V, added (-1: none)"})
+    dc_window: int = field(default=112, metadata={"help": "DC's own window: the query and this many minus one previous tokens of its document"})
     key_offset: bool = field(default=True, metadata={"help": "on the long-window layers each key's position-free (zero-frequency RoPE) dims are taken from the previous token; off: an ablation"})
     paired_head_layers: tuple = field(default=(0, 2, 5, 9), metadata={"help": "layers whose heads attend in pairs over a sequence twice as long ('': none, an ablation)"})
     yarn: bool = field(default=True, metadata={"help": "YaRN: at each long-window change between stages the RoPE frequencies are rescaled (ramp alpha 1, beta 32) and attention takes the schedule's scale; off: an ablation"})
     head_init_std: float = field(default=0.005, metadata={"help": "head initialized N(0, std), the embedding a copy of it (tied at first)"})
     fp8_head: bool = field(default=True, metadata={"help": "FP8 lm_head matmul where supported (Hopper); bf16 elsewhere"})
+    fp8_mlp: bool = field(default=True, metadata={"help": "FP8 MLP up and down projections in training, with delayed per-layer scales, where supported (Hopper); bf16 elsewhere"})
     fp8_x_max: float = field(default=100.0, metadata={"help": "FP8 head: largest |input| kept, its scale is this/448"})
     fp8_w_max: float = field(default=1.6, metadata={"help": "FP8 head: largest |weight| kept, larger ones saturate; its scale is this/448"})
     fp8_grad_max: float = field(default=0.75, metadata={"help": "FP8 head backward: the output gradient's scale is this/448/accumulation steps"})
@@ -121,7 +131,7 @@ class Config:
     seed: int = field(default=0, metadata={"help": "seed of the weight initialization"})
     device: str = field(default="cuda", metadata={"help": "cuda or cpu"})
     compile: bool = field(default=True, metadata={"help": "torch.compile each block and the head once (regional compilation); compiling always warms up >= 1 untimed step"})
-    compile_glue: bool = field(default=False, metadata={"help": "with --compile, compile the code between the compiled blocks too: the attention masks (BlockMask building), the embeddings (smear, bigram, value embeddings, norm) and the final backout and norm; the same math in fewer kernels; not yet A/B-timed on GPUs"})
+    compile_glue: bool = field(default=False, metadata={"help": "with --compile, compile the code between the compiled blocks too: the attention masks (BlockMask building), the embeddings (smear, bigram, value embeddings, norm) and MUDD-1 and the final norm; the same math in fewer kernels; not yet A/B-timed on GPUs"})
     triton_kernels: str = field(default="", metadata={"help": "Triton kernels instead of their PyTorch code, comma-separated: ce (fused softcapped cross-entropy with the multi-token weights, forward and backward), symmetric (Muon's XX^T and bA+cA^2 on the tiles above the diagonal, mirrored), mlp (ReLU^2 in the epilogues of the MLP's first matmul and its backward); needs triton, on --device cpu TRITON_INTERPRET=1; not yet A/B-timed on GPUs ('': none)"})
     warmup_steps: int = field(default=3, metadata={"help": "untimed steps that compile every shape, then everything is reset (0: none)"})
     run_id: str = field(default="", metadata={"help": "log name under --log-dir (default: a random uuid)"})
@@ -133,16 +143,19 @@ class Config:
     resume: str = field(default="", metadata={"help": "continue from this checkpoint, bit for bit after any step: weights, optimizer, data position, clock and each process's RNG and carried gradients (same settings)"})
 
 
-# The defaults above, the record, are the 2026-05-20 public record's recipe ("BigramsSignTrick": 1480 steps, about
-# 393M tokens to 3.28), compared whole with its published script on CPU in fp32 (loss, every gradient, optimizer
-# steps and schedules at rounding level). Three equal stages of 480 steps, then 40 extension steps at the final LR
-# and windows; 8 sequences per step in every stage. The LR grows with the batch ((16/8)^0.6, (24/8)^0.5) and from
-# step 576 (40% of 1440) cools down linearly from the stage's multiplier to 0.15 at step 1440, so the extension's
-# 1.73 is never used. The split step is 961: odd, so Adam steps on it.
+# The defaults above, the record, are the public speedrun's script of 2026-08-01 (modded-nanogpt f411b3d3, its
+# record #89: 1285 steps, about 339M tokens to 3.28). Three stages of 423/424/423 steps (round(1270/3),
+# round(2 x 1270/3)), then 15 extension steps at the final LR and windows; 8 sequences per step in every stage. The
+# LR grows with the batch ((16/8)^0.6, (24/8)^0.5) and from step 508 (int(0.4 x 1270)) cools down linearly from the
+# stage's multiplier to 0.15 at step 1270, so the extension's 1.73 is never used. The split step is 847: odd, so
+# Adam steps on it. Muon's momentum cools down over the last 50 of the 1285 steps (from 1235). The prefix-token
+# term weighs 0.25 in stage 0 and falls to 0 over stage 1.
 #
-# `--preset tiny` is the same model and schedule shape at CPU size, on data/sample/: every component on (paired
-# heads, key offset, bigram hash, value embeddings, smear, skip, backout, multi-token weights, the split), two
-# sequences per step in every stage, 50 steps.
+# `--preset tiny` is the same structure at CPU size, on data/sample/: 4 layers of 6 heads in the record's pattern
+# (paired heads first, the skip into the layer without attention, whose output every later attention reads, key
+# offset and value embeddings on the long-window layers, XSA, the gated attention and DC on the last layer, which
+# is the MUDD layer), the pre gate on layers 0-1 and the post gate from layer 2, every loss term (multi-token,
+# prefix) and the split; two sequences per step in every stage, 50 steps.
 TINY = dict(
     train_files="data/sample/sample_train_*.bin", val_files="data/sample/sample_val_*.bin",
     val_tokens=8192, val_seq_len=512, val_every=25,
@@ -150,11 +163,10 @@ TINY = dict(
     stage_batch_tokens=(512, 768, 1024, 1024), stage_seq_len=(256, 384, 512, 512), stage_max_doc_len=(128, 256, 256, 256),
     stage_short_window_blocks=(1, 1, 2, 2), stage_long_window_blocks=(2, 3, 4, 5), final_long_window_blocks=6,
     muon_momentum_warmup_steps=10, muon_momentum_cooldown_steps=5,
-    # 4 layers in the record's pattern: paired heads first, the skip into the layer without attention, whose output
-    # is the backout (the last layer's attention reads it), key offset and value embeddings on the long-window layers
-    num_layers=4, model_dim=128, num_heads=2, head_dim=64, no_attn_layers=(2,), long_window_layers=(1, 3),
-    paired_head_layers=(0,), value_embed_layers=(1, 3), skip_connection=(1, 2), backout_layer=2,
-    bigram_rows=4099, bigram_dim=32, bigram_sign_rows=256,
+    num_layers=4, model_dim=96, num_heads=6, head_dim=16, no_attn_layers=(2,), long_window_layers=(1, 3),
+    paired_head_layers=(0,), value_embed_layers=(1, 3), skip_connection=(1, 2), attn_source_layer=2,
+    post_gate_layer=2, xsa_layers=(1,), attn_gate_layers=(1, 3), dc_layer=3,
+    bigram_rows=4099, bigram_dim=96, bigram_sign_rows=256,
     compile=False, warmup_steps=0, fp8_head=False,
 )
 
@@ -392,8 +404,33 @@ def check_layer_lists(cfg: Config):
         bad = [i for i in getattr(cfg, name) if not 0 <= i < cfg.num_layers]
         if bad:
             raise ConfigError(f"{flag_name(name)} {','.join(map(str, bad))}: layers are numbered 0..{cfg.num_layers - 1}")
-    if not -1 <= cfg.backout_layer < cfg.num_layers:
-        raise ConfigError(f"--backout-layer {cfg.backout_layer}: layers are numbered 0..{cfg.num_layers - 1} (-1: none)")
+    for name in ["attn_source_layer", "dc_layer"]:
+        if not -1 <= getattr(cfg, name) < cfg.num_layers:
+            raise ConfigError(f"{flag_name(name)} {getattr(cfg, name)}: layers are numbered 0..{cfg.num_layers - 1} (-1: none)")
+    attention_layers = [i for i in range(cfg.num_layers) if i not in cfg.no_attn_layers]
+    for name in ["xsa_layers", "attn_gate_layers"]:
+        bad = [i for i in getattr(cfg, name) if i not in attention_layers]
+        if bad:
+            raise ConfigError(f"{flag_name(name)} {','.join(map(str, bad))}: not attention layers (0..{cfg.num_layers - 1} "
+                              f"but --no-attn-layers {','.join(map(str, cfg.no_attn_layers))})")
+    if set(cfg.xsa_layers) & set(cfg.paired_head_layers):
+        raise ConfigError("--xsa-layers and --paired-head-layers overlap: XSA needs each head's own value, which paired heads mix")
+    if cfg.dc_layer >= 0 and (cfg.dc_layer not in attention_layers or cfg.dc_layer in cfg.paired_head_layers):
+        raise ConfigError(f"--dc-layer {cfg.dc_layer} must be an attention layer without paired heads")
+    if not 0 < cfg.dc_window or cfg.mudd_hidden <= 0:
+        raise ConfigError("--dc-window and --mudd-hidden must be positive")
+    if cfg.post_gate_layer < 0:
+        raise ConfigError(f"--post-gate-layer {cfg.post_gate_layer} must be >= 0 (past the last layer: no post gate)")
+    if cfg.skip_connection and not cfg.skip_connection[0] < cfg.post_gate_layer <= cfg.skip_connection[-1]:
+        raise ConfigError(f"--post-gate-layer {cfg.post_gate_layer} must be after the skip's FROM and at or before its TO "
+                          f"(--skip-connection {','.join(map(str, cfg.skip_connection))}): the post gate holds the skip's lane")
+    last = cfg.num_layers - 1
+    if cfg.mudd and (last in cfg.no_attn_layers or last in cfg.paired_head_layers or not cfg.skip_connection
+                     or not 0 <= cfg.attn_source_layer < last or not cfg.value_embed_layers):
+        raise ConfigError("--mudd needs the last layer with attention and no paired heads, a --skip-connection, an "
+                          "--attn-source-layer before the last and --value-embed-layers (its sources); or --no-mudd")
+    if cfg.mudd and cfg.num_heads % 2:
+        raise ConfigError(f"--mudd gates the last layer's value embedding in two lanes of heads: --num-heads {cfg.num_heads} must be even")
     if cfg.paired_head_layers and cfg.num_heads % 2:
         raise ConfigError(f"--paired-head-layers needs an even --num-heads, got {cfg.num_heads}")
     if cfg.skip_connection and (len(cfg.skip_connection) != 2 or cfg.skip_connection[1] not in cfg.no_attn_layers
@@ -445,9 +482,11 @@ def check_run_names(cfg: Config):
 
 
 # -----------------------------------------------------------------------------
-# Model: the 2026 record's GPT. Rotary QK-normed attention (paired heads on some layers, key offset on the long-window
-# ones, per-head output gates), ReLU^2 MLP, per-layer residual lambdas, value embeddings, a bigram hash embedding,
-# smear, one gated skip, backout, and a softcapped head tied to the embedding until the split step.
+# Model: the 2026-08 record's GPT. Rotary QK-normed attention (paired heads on some layers, key offset on the
+# long-window ones, XSA, per-token head gates, post-only DC on the last layer), ReLU^2 MLP, per-layer residual
+# lambdas, value embeddings, a bigram hash embedding, smear, one gated skip, per-token gates from two MUDD gates,
+# MUDD dense connections into the last layer and after it, and a softcapped head tied to the embedding until the
+# split step.
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -543,11 +582,24 @@ def compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
 
 
+@dataclass
+class LayerGates:
+    """A layer's per-token inputs from the MUDD gates and MUDD-0, each (1, T, n) or None: the head gate, XSA's
+    alpha, DC's (w1, w2) with the document ids, and on the MUDD layer the value-embedding gate and the extra V."""
+    attn: Tensor | None = None
+    xsa: Tensor | None = None
+    dc: tuple | None = None
+    ve: Tensor | None = None
+    extra_v: Tensor | None = None
+
+
 class CausalSelfAttention(nn.Module):
-    """QK-normed rotary attention with a sigmoid output gate per head. Q and K are stored as qk_w (2, hidden, dim)
-    apart from V (v_w), because the optimizer cuts Q and K into head pairs and takes V whole; the SA lambdas scale
-    the QKV product and the output projection. value_gated: the layer's value embedding enters V through a per-head
-    gate. paired: heads attend in pairs over a sequence twice as long (paired_attention)."""
+    """QK-normed rotary attention. Q and K are stored as qk_w (2, hidden, dim) apart from V (v_w), because the
+    optimizer cuts Q and K into head pairs and takes V whole; the SA lambdas scale the QKV product and the output
+    projection. value_gated: the layer's value embedding enters V through a per-head gate 2*sigmoid(W [x[:6],
+    ve[:6]]) (on the MUDD layer MUDD-0 gives the gate instead). paired: heads attend in pairs over a sequence twice
+    as long (paired_attention). Per token, from LayerGates: DC adds its cross-head correction, XSA removes each head's
+    component along its own value, and a raw gate (no sigmoid) scales each head, in that order (2026-08)."""
 
     def __init__(self, cfg: Config, value_gated: bool = False, paired: bool = False):
         super().__init__()
@@ -559,17 +611,17 @@ class CausalSelfAttention(nn.Module):
         hidden = cfg.num_heads * cfg.head_dim
         self.qk_w = uniform_param(2, hidden, cfg.model_dim, fan_in=cfg.model_dim)
         self.v_w = uniform_param(hidden, cfg.model_dim, fan_in=cfg.model_dim)
-        # O drawn like V and right after it, as the script's vo_bank (r2026.py 1205-1213); only the MLP's output
-        # matrix starts at zero, so a block starts as identity plus its attention output
+        # O drawn like V and right after it, as the script's vo_bank; only the MLP's output matrix starts at zero,
+        # so a block starts as identity plus its attention output
         self.proj_w = uniform_param(cfg.model_dim, hidden, fan_in=cfg.model_dim)
         self.sa_lambdas = tagged(nn.Parameter(torch.tensor([0.5, 1.0])), "[0.5,1]")  # QKV and output scales (Q, K are normed: V's)
-        self.gate_w = zeros_param(cfg.num_heads, cfg.attn_gate_dim)  # sigmoid gate per head, starts at 0.5
         # the value embedding enters each head through a gate 2*sigmoid(W [x[:6], ve[:6]]), 1 at init
         self.value_gate_w = zeros_param(cfg.num_heads, cfg.attn_gate_dim) if value_gated else None
         self.paired = paired
         self.key_offset = False  # set by the model on its long-window layers (--key-offset)
+        self.dc_window = cfg.dc_window
 
-    def forward(self, x: Tensor, value_embed: Tensor | None, mask, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, value_embed: Tensor | None, mask, cos: Tensor, sin: Tensor, gates: LayerGates) -> Tensor:
         B, T = x.shape[:2]
         qkv_w = self.sa_lambdas[0] * torch.cat([self.qk_w, self.v_w[None]])
         q, k, v = F.linear(x, qkv_w.flatten(0, 1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)
@@ -580,12 +632,15 @@ class CausalSelfAttention(nn.Module):
             q, k = rotate(rms_norm(q), *rope), rotate(rms_norm(k), *rope)
             if self.key_offset:
                 k = offset_position_free_dims(k)
-            if value_embed is not None:
-                v = v + value_gate(x, value_embed, self.value_gate_w).unsqueeze(-1) * value_embed.view_as(v)
+            v = with_value_inputs(v, x, value_embed, self.value_gate_w, gates)
             y = attend(q, k, v, mask, self.scale)
-        gate = torch.sigmoid(F.linear(x[..., : self.gate_w.size(1)], self.gate_w.type_as(x)))  # (B, T, H)
-        y = (y * gate.unsqueeze(-1)).reshape(B, T, -1)
-        return F.linear(y, (self.sa_lambdas[1] * self.proj_w).type_as(y))
+            if gates.dc is not None:
+                y = dc_post_only(y, q, k, v, *gates.dc, self.scale, self.dc_window)
+            if gates.xsa is not None:
+                y = exclude_self_value(y, v, gates.xsa)
+        if gates.attn is not None:
+            y = y * gates.attn.type_as(y).unsqueeze(-1)
+        return F.linear(y.reshape(B, T, -1), (self.sa_lambdas[1] * self.proj_w).type_as(y))
 
     def paired_attention(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, value_embed: Tensor | None, mask,
                          cos: Tensor, sin: Tensor) -> Tensor:
@@ -593,16 +648,70 @@ class CausalSelfAttention(nn.Module):
         at position 2t + h // (H/2) in slot h % (H/2), and the two heads sharing a slot attend to each other and to
         both heads of earlier tokens (mask on the doubled sequence: documents doubled, the window in positions). As
         in the 2026 script, RoPE rotates head h at position 2t + h % 2 (its view pairs heads 2p, 2p+1), which
-        differs from the layout position for some heads; the value gate reads x[:12] only; no key offset."""
+        differs from the layout position for some heads; no key offset."""
         B, T, H, D = q.shape
         positions = 2 * torch.arange(T, device=x.device)[:, None] + torch.arange(H, device=x.device)[None, :] % 2
         rope = cos[positions][None], sin[positions][None]
         q, k = rotate(rms_norm(q), *rope), rotate(rms_norm(k), *rope)
-        if value_embed is not None:
-            gate = 2 * torch.sigmoid(F.linear(x[..., : self.value_gate_w.size(1)], self.value_gate_w.type_as(x)))
-            v = v + gate.unsqueeze(-1) * value_embed.view_as(v)
+        v = with_value_inputs(v, x, value_embed, self.value_gate_w, LayerGates())
         q, k, v = (t.reshape(B, 2 * T, H // 2, D) for t in (q, k, v))
         return attend(q, k, v, mask, self.scale).reshape(B, T, H, D)
+
+
+def with_value_inputs(v: Tensor, x: Tensor, value_embed: Tensor | None, gate_w: Tensor | None, gates: LayerGates) -> Tensor:
+    """V plus what the layer mixes into it, summed first as the script's aux_v: the gated value embedding (its own
+    gate, or MUDD-0's raw lanes on the MUDD layer) and MUDD-0's extra V."""
+    extra = None
+    if value_embed is not None:
+        gate = gates.ve if gates.ve is not None else value_gate(x, value_embed, gate_w)
+        extra = (gate.unsqueeze(-1) * value_embed.view_as(v))
+    if gates.extra_v is not None:
+        extra = gates.extra_v.view_as(v) if extra is None else extra + gates.extra_v.view_as(v)
+    return v if extra is None else v + extra
+
+
+def exclude_self_value(y: Tensor, v: Tensor, alpha: Tensor) -> Tensor:
+    """Gated XSA (arXiv:2603.09078): each head's output (B, T, H, D) loses tanh(alpha) times its projection on the
+    head's own value at that token, alpha (B, T, H) per token and head (0 at init: off)."""
+    along = (y * v).sum(-1, keepdim=True) / v.square().sum(-1, keepdim=True).clamp_min(1e-8)
+    return y - torch.tanh(alpha).type_as(y).unsqueeze(-1) * along * v
+
+
+def dc_post_only(y: Tensor, q: Tensor, k: Tensor, v: Tensor, w1: Tensor, w2: Tensor, docs: Tensor, scale,
+                 window: int) -> Tensor:
+    """Post-only DC (dynamically composable attention, 2026-08) on (1, T, H, D) attention output y: each head h adds
+    sum_s bf16(w2_h sum_h' w1n_h' P_h'[t, s]) v_h[s], where P_h' is head h' softmax of scale q.k over its own window,
+    the query and the window - 1 tokens before it in its document (not the layer's window), and w1n is w1 rms-normed
+    over the heads in fp32. The correction and y are summed in fp32 and rounded once, as the script's kernel. The
+    keys come in blocks of BLOCK_SIZE queries with the window - 1 keys before them: banded, never (T, T)."""
+    _, T, H, D = q.shape
+    w1n = F.rms_norm(w1.float(), (H,), eps=1e-6).type_as(y)[0].float()  # (T, H), rounded as the script's dc_gate
+    w2 = w2.type_as(y)[0].float()
+    halo = window - 1
+    blocks, width = -(-T // BLOCK_SIZE), BLOCK_SIZE + halo
+    padded = blocks * BLOCK_SIZE
+
+    def key_bands(t: Tensor) -> Tensor:  # (T, H, D) -> (blocks, width, H, D)
+        t = F.pad(t, (0, 0, 0, 0, halo, padded - T))
+        return t.unfold(0, width, BLOCK_SIZE).permute(0, 3, 1, 2)
+
+    def query_blocks(t: Tensor) -> Tensor:  # (T, ...) -> (blocks, BLOCK_SIZE, ...)
+        return F.pad(t, [0, 0] * (t.ndim - 1) + [0, padded - T]).view(blocks, BLOCK_SIZE, *t.shape[1:])
+
+    qb, kb, vb = query_blocks(q[0]).float(), key_bands(k[0]).float(), key_bands(v[0])
+    scores = torch.einsum("nqhd,nkhd->nhqk", qb, kb) * (scale.float() if isinstance(scale, Tensor) else scale)
+    q_pos = torch.arange(padded, device=q.device).view(blocks, BLOCK_SIZE, 1)
+    k_pos = (torch.arange(blocks, device=q.device) * BLOCK_SIZE).view(blocks, 1, 1) - halo + torch.arange(width, device=q.device)
+    doc_pad = F.pad(docs, (halo, padded - T), value=-1)
+    q_doc = query_blocks(docs)
+    k_doc = doc_pad.unfold(0, width, BLOCK_SIZE)
+    behind = q_pos - k_pos
+    valid = (behind >= 0) & (behind < window) & (k_pos >= 0) & (q_doc[:, :, None] == k_doc[:, None, :])
+    probs = torch.softmax(scores.masked_fill(~valid[:, None], float("-inf")), dim=-1).nan_to_num(0.0)
+    mixed = torch.einsum("nqh,nhqk->nqk", query_blocks(w1n), probs)  # sum over heads of w1n_h' P_h'
+    weight = (query_blocks(w2)[..., None] * mixed[:, :, None, :]).to(v.dtype)  # (blocks, q, H, keys), rounded
+    corr = torch.einsum("nqhk,nkhd->nqhd", weight.float(), vb.float()).reshape(padded, H, D)[:T]
+    return (y.float() + corr[None]).type_as(y)
 
 
 def doubled_sequence(input_ids: Tensor) -> Tensor:
@@ -640,17 +749,105 @@ class MLP(nn.Module):
         self.proj_w = zeros_param(cfg.model_dim, hidden)  # zero-init as the script's c_proj
         self.fused = "mlp" in kernel_names(cfg)  # --triton-kernels mlp
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, fp8: tuple | None = None):
+        """relu(x W1)^2 W2. fp8 (the trainer's FP8 state for this layer, training only): both matmuls in FP8
+        (relu_square_mlp); returns (output, the amax of relu^2 for the next forward's activation scale) then."""
+        if fp8 is not None:
+            return FP8ReLUSquareMLP.apply(x, self.fc_w, self.proj_w, *fp8)
         if self.fused:
             return fused_mlp(x, self.fc_w.type_as(x), self.proj_w.type_as(x))
-        return F.linear(F.relu(F.linear(x, self.fc_w.T.type_as(x))).square(), self.proj_w.type_as(x))
+        return ReLUSquareMLP.apply(x, self.fc_w.type_as(x), self.proj_w.type_as(x))
+
+
+class ReLUSquareMLP(torch.autograd.Function):
+    """relu(x W1)^2 W2 keeping only post = relu(pre)^2 for the backward, which rebuilds relu(pre) as sqrt(post)
+    (2026-08, the script's kernel: no (tokens x hidden) pre kept)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fc_w: Tensor, proj_w: Tensor) -> Tensor:
+        post = F.relu(x @ fc_w).square()
+        ctx.save_for_backward(x, fc_w, proj_w, post)
+        return F.linear(post, proj_w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return relu_square_backward(grad, *ctx.saved_tensors)
+
+
+def relu_square_backward(grad: Tensor, x: Tensor, fc_w: Tensor, proj_w: Tensor, post: Tensor) -> tuple:
+    """(dx, d fc_w, d proj_w): dpre = 2 (g W2^T) sqrt(post), rounded to the compute dtype (the script's epilogue)."""
+    g = grad.flatten(0, -2)
+    post_2d, x_2d = post.flatten(0, -2), x.flatten(0, -2)
+    d_proj = g.T @ post_2d
+    dpre = (2 * (g @ proj_w).float() * post_2d.float().sqrt()).to(g.dtype)
+    return (dpre @ fc_w.T).view_as(x), x_2d.T @ dpre, d_proj
+
+
+# FP8 MLP (2026-08, the script's up projection and #342's down projection): on the training forward both matmuls
+# run in e4m3 with per-layer scales; the backward is bf16 (relu_square_backward on post, W1 and W2 themselves).
+#   up:   x at 448/amax(x) (this forward's), W1 at amax(W1)/448 (after the last optimizer step), dequantized once;
+#   down: post at the layer's activation scale, amax(post) x 1.8/448 of the previous training forward on this rank
+#         (1 at first; values above 448 saturate), W2 at the previous quantization's amax(W2) x 1.12/448 (a step
+#         behind; amax/448 of the current weights in the first FP8_BOOTSTRAP_STEPS steps and after a reset).
+# fp8_matmul is torch._scaled_mm on CUDA and its maths on CPU (e4m3 values multiplied exactly, summed in fp32).
+FP8_BOOTSTRAP_STEPS = 16
+E4M3_MAX = 448.0
+FP8_ACT_HEADROOM, FP8_DOWN_HEADROOM = 1.8, 1.12
+
+
+def fp8_matmul(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """a (M, K) @ b (K, N) of e4m3 tensors (b column-major), times the two fp32 scales, in out_dtype."""
+    if a.is_cuda:
+        return torch._scaled_mm(a, b, scale_a=scale_a.reshape(()), scale_b=scale_b.reshape(()), out_dtype=out_dtype,
+                                use_fast_accum=True)
+    return ((a.float() @ b.float()) * (scale_a * scale_b)).to(out_dtype)
+
+
+class FP8ReLUSquareMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, fc_w: Tensor, proj_w: Tensor, w1_f8: Tensor, w1_scale: Tensor, w2_f8: Tensor,
+                w2_scale: Tensor, act_scale: Tensor):
+        x_2d = x.detach().flatten(0, -2)
+        amax = x_2d.abs().max().clamp(min=1e-12)
+        x_f8 = (x_2d * (E4M3_MAX / amax)).to(torch.float8_e4m3fn)  # in x's dtype, as the script
+        dequant = w1_scale.float() * amax.float() / E4M3_MAX
+        pre = fp8_matmul(x_f8, w1_f8.T, dequant, torch.ones_like(dequant), torch.float32).to(x.dtype)
+        post = F.relu(pre).square()
+        post_f8 = (post.float() * (1.0 / act_scale)).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+        out = fp8_matmul(post_f8, w2_f8.T, act_scale, w2_scale, x.dtype)
+        ctx.save_for_backward(x, fc_w, proj_w, post)
+        return out.view(*x.shape[:-1], -1), post.float().max()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_amax):
+        x, fc_w, proj_w, post = ctx.saved_tensors
+        dx, d_fc, d_proj = relu_square_backward(grad, x, fc_w.type_as(x), proj_w.type_as(x), post)
+        return dx, d_fc, d_proj, None, None, None, None, None
+
+
+@torch.no_grad()
+def quantize_mlp_weights(fc_w: Tensor, proj_w: Tensor, down_next_scale: Tensor, bootstrap: bool) -> tuple:
+    """After an optimizer step, one layer's e4m3 copies: (W1 as (hidden, dim), its scale, W2 as (dim, hidden), the scale
+    it was cast at, the next cast's scale). W1's scale is bf16 amax/448 of the current weights (the division in
+    bf16, as the script's); W2 is cast at down_next_scale (bootstrap: its own amax/448 first), clamped to +-448."""
+    w1 = fc_w.T.to(torch.bfloat16).contiguous()
+    w1_scale = w1.abs().amax().clamp(min=1e-12) / E4M3_MAX  # bf16
+    w1_f8 = (w1 / w1_scale).to(torch.float8_e4m3fn)
+    w2 = proj_w.to(torch.bfloat16)
+    w2_amax = w2.abs().amax().clamp(min=1e-12)
+    if bootstrap:
+        down_next_scale = (w2_amax / E4M3_MAX).float()
+    w2_f8 = (w2.float() / down_next_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return w1_f8, w1_scale.float(), w2_f8, down_next_scale.float().clone(), w2_amax.float() * (FP8_DOWN_HEADROOM / E4M3_MAX)
 
 
 class Block(nn.Module):
     """Each sublayer rescales the stream and its own output by per-layer lambdas, x <- resid*x + post*f(norm(input)),
-    and the attention sublayer also injects x0 (and the bigram term). The lambdas live in the model, one tensor over
-    layers each (the optimizer's groups), and come in as arguments, as do the rotary tables (one for all layers);
-    the attention input may be another stream than x (backout_layer)."""
+    and the attention sublayer also injects x0 and the bigram term, each times its per-token gate. The lambdas live
+    in the model, one tensor over layers each (the optimizer's groups), and come in as arguments, as do the rotary
+    tables (one for all layers) and the gates; the attention input may be another stream than x (attn_source_layer).
+    dense: on the MUDD layer, MUDD-0's 14 coefficients with its sources (c0, the attention source): they recombine
+    the stream, add to V, gate the value embedding and replace the lambdas and the x0 and bigram gates."""
 
     def __init__(self, cfg: Config, has_attention: bool, value_gated: bool = False, paired: bool = False):
         super().__init__()
@@ -658,12 +855,42 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, x0: Tensor, attn_input: Tensor, value_embed: Tensor | None, mask, bigram: Tensor | None,
-                resid: Tensor, post: Tensor, x0_lambda: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+                resid: Tensor, post: Tensor, x0_gate: Tensor | None, bigram_gate: Tensor | None, gates: LayerGates,
+                cos: Tensor, sin: Tensor, dense: tuple | None = None, fp8: tuple | None = None):
+        """The new stream; with fp8 (the layer's FP8 MLP state) also the amax of its relu^2 (GPT.layers)."""
+        if dense is not None:
+            return self.dense_forward(x, attn_input, value_embed, mask, bigram, gates, cos, sin, *dense, fp8=fp8)
         if self.attn is not None:
-            x = resid[0] * x + post[0] * self.attn(rms_norm(attn_input), value_embed, mask, cos, sin) + x0_lambda * x0
-            if bigram is not None:  # the 2026 script injects it with the attention output: not in attention-free layers
-                x = add_to_leading_channels(x, bigram)
-        return resid[1] * x + post[1] * self.mlp(rms_norm(x))
+            x = resid[0] * x + post[0] * self.attn(rms_norm(attn_input), value_embed, mask, cos, sin, gates)
+            if x0_gate is not None:
+                x = x + x0 * x0_gate
+            if bigram is not None and bigram_gate is not None:  # layer 0's is injected before it
+                x = add_to_leading_channels(x, bigram * bigram_gate)
+        return self.mlp_sublayer(x, resid[1], post[1], fp8)
+
+    def mlp_sublayer(self, x: Tensor, resid: Tensor, post: Tensor, fp8: tuple | None):
+        if fp8 is None:
+            return resid * x + post * self.mlp(rms_norm(x))
+        out, amax = self.mlp(rms_norm(x), fp8)
+        return resid * x + post * out, amax
+
+    def dense_forward(self, x: Tensor, attn_input: Tensor, value_embed: Tensor | None, mask, bigram: Tensor | None,
+                      gates: LayerGates, cos: Tensor, sin: Tensor, mu: tuple, c0: Tensor, source: Tensor,
+                      fp8: tuple | None = None):
+        """The MUDD layer (the script's last layer). mu: 14 (1, T, 1) coefficients: 0-2 weigh (c0, source, x) into V,
+        3-5 recombine the stream, 6-7 gate the value embedding of heads 0..H/2-1 and H/2..H-1, 8-9 the attention's
+        resid and post, 10-11 c0 and the bigram, 12-13 the MLP's resid and post. The attention still reads the
+        attention source (normed before the recombination), which only enters through mu8 x."""
+        B, T = x.shape[:2]
+        heads = self.attn.num_heads
+        extra_v = mu[0] * c0 + mu[1] * source + mu[2] * x
+        x = (1 + mu[5]) * x + mu[3] * c0 + mu[4] * source
+        ve_gate = torch.cat([mu[6], mu[7]], dim=-1).repeat_interleave(heads // 2, dim=-1)
+        gates = dataclasses.replace(gates, ve=ve_gate, extra_v=extra_v)
+        x = mu[8] * x + mu[9] * self.attn(rms_norm(attn_input), value_embed, mask, cos, sin, gates) + mu[10] * c0
+        if bigram is not None:
+            x = add_to_leading_channels(x, mu[11] * bigram)
+        return self.mlp_sublayer(x, mu[12], mu[13], fp8)
 
 
 def smear_previous_token(x: Tensor, gate_w: Tensor, smear_lambda: Tensor) -> Tensor:
@@ -766,19 +993,69 @@ def flex_token_window_mask(input_ids: Tensor, window_tokens: int | Tensor) -> Bl
 
 def head_loss(x: Tensor, head_w: Tensor, targets: Tensor, logit_cap: float, fp8_scales: tuple | None,
               mtp_weights: Tensor | None = None, logit_shift: float = 0.0, logit_div: float = 0.0,
-              fused_ce: bool = False) -> Tensor:
+              fused_ce: bool = False, prefix_targets: Tensor | None = None, prefix_weight: Tensor | None = None) -> Tensor:
     """Summed cross-entropy of softcapped logits. fp8_scales set: the FP8 matmul (Hopper). mtp_weights set:
-    the multi-token loss (multi_token_cross_entropy). fused_ce: the rest in Triton (softcapped_cross_entropy)."""
+    the multi-token loss (multi_token_cross_entropy). prefix_targets set: plus prefix_weight x the prefix-token
+    term (prefix_cross_entropy). fused_ce: the rest in Triton (softcapped_cross_entropy; no prefix term)."""
     if fp8_scales is not None:
         logits = torch.ops.speedrun_gpt.fp8_linear(x, head_w, *fp8_scales)[0]
     else:
         logits = F.linear(x, head_w.type_as(x))
     if fused_ce:
-        return softcapped_cross_entropy(logits, targets, mtp_weights, logit_cap, logit_shift, logit_div)
-    logits = softcap_logits(logits.float(), logit_cap, logit_shift, logit_div)
-    if mtp_weights is None:
-        return F.cross_entropy(logits, targets, reduction="sum")
-    return multi_token_cross_entropy(logits, targets, mtp_weights)
+        loss = softcapped_cross_entropy(logits, targets, mtp_weights, logit_cap, logit_shift, logit_div)
+        if prefix_targets is None:
+            return loss
+        logits = softcap_logits(logits.float(), logit_cap, logit_shift, logit_div)  # the kernel has no prefix term yet
+    else:
+        logits = softcap_logits(logits.float(), logit_cap, logit_shift, logit_div)
+        if mtp_weights is None:
+            loss = F.cross_entropy(logits, targets, reduction="sum")
+        else:
+            loss = multi_token_cross_entropy(logits, targets, mtp_weights)
+    if prefix_targets is not None:
+        loss = loss + prefix_weight * prefix_cross_entropy(logits, prefix_targets)
+    return loss
+
+
+def prefix_cross_entropy(logits: Tensor, prefix_targets: Tensor) -> Tensor:
+    """Prefix-token prediction (2026-08): the logits of position t also predict the prefix token of its target
+    (the longest proper byte-prefix of the next token that is itself a token), summed over the positions that
+    have one (prefix_targets >= 0); the others add nothing, to the loss or its gradient (as the script's kernel)."""
+    has_prefix = prefix_targets >= 0
+    predicted = logits.gather(1, prefix_targets.clamp_min(0)[:, None]).squeeze(1)
+    return torch.where(has_prefix, torch.logsumexp(logits, dim=-1) - predicted, 0.0).sum()
+
+
+# GPT-2's byte-prefix table: prefix_table[t] is the token whose bytes are the longest proper prefix of token t's
+# bytes, or -1 (single bytes, <|endoftext|> and the padding rows have none), from the BPE files the repository
+# ships (data/tiktoken_cache/, as data/tokenize_corpus.py reads them). Only the vocabulary, never the corpus.
+TIKTOKEN_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiktoken_cache")
+
+
+def gpt2_token_bytes() -> dict:
+    """{bytes: token id} of GPT-2's BPE vocabulary (tiktoken's mergeable ranks), offline."""
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
+    try:
+        import tiktoken
+        return tiktoken.get_encoding("gpt2")._mergeable_ranks
+    except Exception as e:  # no tiktoken, or no BPE files where TIKTOKEN_CACHE_DIR points
+        raise ConfigError(f"the prefix-token table needs tiktoken and the GPT-2 BPE files (TIKTOKEN_CACHE_DIR="
+                          f"{os.environ['TIKTOKEN_CACHE_DIR']}; the repository ships them in {TIKTOKEN_CACHE}): "
+                          f"{type(e).__name__}: {e}; or --stage-prefix-weight-start 0,0,0,0 --stage-prefix-weight-end 0,0,0,0") from None
+
+
+def prefix_token_table(vocab_size: int, token_bytes: dict | None = None) -> Tensor:
+    """(vocab_size,) int64. Sorted byte strings put every prefix before its extensions, so a stack of the current
+    string's ancestors in the vocabulary gives the longest one: O(V log V)."""
+    table = torch.full((vocab_size,), -1, dtype=torch.int64)
+    ancestors = []  # (bytes, id) of the tokens that are prefixes of the current one, shortest first
+    for text, token in sorted((token_bytes or gpt2_token_bytes()).items()):
+        while ancestors and not text.startswith(ancestors[-1][0]):
+            ancestors.pop()
+        if ancestors:
+            table[token] = ancestors[-1][1]
+        ancestors.append((text, token))
+    return table
 
 
 def softcap_logits(z: Tensor, cap: float, shift: float, div: float) -> Tensor:
@@ -824,10 +1101,95 @@ def allow_block_variants(limit: int):
         dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, limit)
 
 
+# MUDD gates (2026-08): two per-token coefficient MLPs, (W2 gelu(W1 x) + b2) x a learnable scale (0.1 at init),
+# whose raw outputs (no sigmoid) are every layer's gates: the pre gate reads x0 and serves the layers before
+# post_gate_layer, the post gate reads the stream at the start of that layer and serves the rest. MUDD (multiway
+# dynamic dense connections, arXiv:2502.12170) uses the same MLP form with a fixed 0.1: MUDD-0 at the start of the
+# last layer (14 coefficients, Block.dense_forward), MUDD-1 after it (5: GPT.final_norm).
+MUDD_SCALE = 0.1  # MUDD's fixed scale, and the gate's learnable scale at init: biases are stored divided by it
+MUDD_COEFS = (14, 5)
+# Effective init of each kind of gate lane (bias x scale); the others start at 0.
+GATE_LANE_INIT = {"attn": 0.25, "bigram": 0.05, "skip": 0.5, "dc_w1": 1.0}
+
+
+def injection_layers(cfg: Config) -> list:
+    """Layers that add x0 and the bigram term with their per-token gates: every attention layer but the MUDD
+    layer, whose MUDD-0 coefficients do it (layer 0's bigram gate serves the injection before it)."""
+    mudd_layer = cfg.num_layers - 1 if cfg.mudd else None
+    return [i for i in range(cfg.num_layers) if i not in cfg.no_attn_layers and i != mudd_layer]
+
+
+def gate_layout(cfg: Config) -> tuple:
+    """(pre lanes, post lanes): each {(kind, layer): (start, width)} in the script's order: XSA alphas, head gates,
+    (x0, bigram) per injection layer, then the skip lane and DC's w1 and w2; a lane serves a layer before
+    post_gate_layer in the pre gate, at or after it in the post gate (the skip and DC lanes: by the layer they act
+    on). Record: pre 26 lanes (XSA 1, 3; heads of 3; x0/bigram of 0-3), post 41 (XSA 4, 7; heads of 10; x0/bigram
+    of 4, 5, 7, 8, 9; skip; DC w1, w2 of 10)."""
+    heads, split = cfg.num_heads, cfg.post_gate_layer
+    sections = []
+    for in_section in (lambda i: i < split, lambda i: i >= split):
+        lanes = [(("xsa", i), heads) for i in sorted(cfg.xsa_layers) if in_section(i)]
+        lanes += [(("attn", i), heads) for i in sorted(cfg.attn_gate_layers) if in_section(i)]
+        for i in injection_layers(cfg):
+            if in_section(i):
+                lanes += [(("x0", i), 1), (("bigram", i), 1)]
+        if cfg.skip_connection and in_section(cfg.skip_connection[1]):
+            lanes.append((("skip", cfg.skip_connection[1]), 1))
+        if cfg.dc_layer >= 0 and in_section(cfg.dc_layer):
+            lanes += [(("dc_w1", cfg.dc_layer), heads), (("dc_w2", cfg.dc_layer), heads)]
+        layout, start = {}, 0
+        for key, width in lanes:
+            layout[key] = (start, width)
+            start += width
+        sections.append(layout)
+    return tuple(sections)
+
+
+def lane_count(layout: dict) -> int:
+    return sum(width for _, width in layout.values())
+
+
+def gate_bias_init(cfg: Config) -> Tensor:
+    """(2, lanes) the gate biases, stored divided by the gate's init scale (so Adam's step acts on that value)."""
+    layouts = gate_layout(cfg)
+    bias = torch.zeros(2, max(1, *map(lane_count, layouts)))
+    for row, layout in enumerate(layouts):
+        for (kind, _), (start, width) in layout.items():
+            bias[row, start : start + width] = GATE_LANE_INIT.get(kind, 0.0) / MUDD_SCALE
+    return bias
+
+
+def mudd_bias_init() -> Tensor:
+    """(2, 14) MUDD's biases, divided by its scale: MUDD-0 starts as the plain last layer (value-embedding gates 2, the
+    layer's resid sqrt(1.1) and post 1, bigram 0.05, no extra sources), MUDD-1 as the old backout (-0.5 x the
+    attention source)."""
+    bias = torch.zeros(2, max(MUDD_COEFS))
+    bias[0, 6] = bias[0, 7] = 2.0
+    bias[0, 8] = bias[0, 12] = 1.1 ** 0.5
+    bias[0, 9] = bias[0, 13] = 1.0
+    bias[0, 11] = 0.05
+    bias[1, 1] = -0.5
+    return bias / MUDD_SCALE
+
+
+def coefficient_mlp(x: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, scale) -> Tensor:
+    """(W2 gelu(W1 x) + b2) * scale, (1, T, len(b2)), in x's dtype: the MUDD and MUDD-gate form."""
+    hidden = F.gelu(F.linear(x, w1.type_as(x)))
+    return (F.linear(hidden, w2.type_as(x)) + b2.type_as(x)) * scale
+
+
+def kaiming_param(*shape: int) -> nn.Parameter:
+    """kaiming_uniform(a=sqrt(5)) of each (out, in) matrix: U(+-1/sqrt(in)), the script's MUDD W1 init."""
+    bound = shape[-1] ** -0.5
+    return tagged(nn.Parameter(torch.empty(*shape).uniform_(-bound, bound)), f"U(+-{bound:.4g})")
+
+
 class GPT(nn.Module):
     """The record's model (the recipe table in recipe() names its parameters; bigram_signs is a saved buffer, the
-    rotary tables a rebuilt one). Layers read x0, the normed embedding, besides the stream; the schedule says which
-    windows, multi-token weights and YaRN stage each forward uses, and whether the head is still the embedding."""
+    rotary tables a rebuilt one). Layers read x0, the normed embedding, besides the stream, and their per-token
+    gates from the MUDD gates; the last layer and the stream after it mix in earlier layers' outputs (MUDD); the
+    schedule says which windows, loss weights and YaRN stage each forward uses, and whether the head is still the
+    embedding."""
 
     def __init__(self, cfg: Config, max_seq_len: int):
         super().__init__()
@@ -837,23 +1199,30 @@ class GPT(nn.Module):
         self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.model_dim) for _ in cfg.value_embed_layers)
         for table in self.value_embeds:
             tagged(nn.init.normal_(table.weight, std=0.01), "N(0,0.01)")
-        self.blocks = nn.ModuleList(Block(cfg, i not in cfg.no_attn_layers, i in cfg.value_embed_layers,
+        mudd_layer = cfg.num_layers - 1 if cfg.mudd else None  # its value embedding is gated by MUDD-0
+        self.blocks = nn.ModuleList(Block(cfg, i not in cfg.no_attn_layers, i in cfg.value_embed_layers and i != mudd_layer,
                                           i in cfg.paired_head_layers) for i in range(cfg.num_layers))
         self.rotary = Rotary(cfg.head_dim, 2 * max_seq_len if cfg.paired_head_layers else max_seq_len)
         # per layer, [attention, MLP] sublayer scales of the stream (which grows 1.1x a layer) and of the output
         self.resid_lambdas = constant_param(1.1 ** 0.5, cfg.num_layers, 2)
         self.post_lambdas = constant_param(1.0, cfg.num_layers, 2)
-        self.x0_lambdas = zeros_param(cfg.num_layers)
         if cfg.smear_gate:
             self.smear_gate = nn.Linear(cfg.attn_gate_dim, 1, bias=False)
             tagged(nn.init.zeros_(self.smear_gate.weight), "zeros")
             self.smear_lambda = zeros_param()
-        if cfg.skip_connection:
-            self.skip_gate = nn.Linear(cfg.attn_gate_dim, 1, bias=False)
-            tagged(nn.init.zeros_(self.skip_gate.weight), "zeros")
+        if cfg.skip_connection:  # times the post gate's skip lane (0.5 at init)
             self.skip_lambda = constant_param(-1.5)  # sigmoid(-1.5) ~ 0.18
-        if cfg.backout_layer >= 0:
-            self.backout_lambda = constant_param(0.5)
+        # the gates: [pre, post] coefficient MLPs with one learnable scale (wd 0, as the biases)
+        self.gate_layout = gate_layout(cfg)
+        lanes = max(1, *map(lane_count, self.gate_layout))
+        self.mudd_gate_w1 = kaiming_param(2, cfg.mudd_hidden, cfg.model_dim)
+        self.mudd_gate_w2 = zeros_param(2, lanes, cfg.mudd_hidden)
+        self.mudd_gate_b2 = tagged(nn.Parameter(gate_bias_init(cfg)), "lane inits/0.1")
+        self.mudd_gate_scale = constant_param(MUDD_SCALE)
+        if cfg.mudd:  # [MUDD-0, MUDD-1]
+            self.mudd_w1 = kaiming_param(2, cfg.mudd_hidden, cfg.model_dim)
+            self.mudd_w2 = zeros_param(2, max(MUDD_COEFS), cfg.mudd_hidden)
+            self.mudd_b2 = tagged(nn.Parameter(mudd_bias_init()), "lambda inits/0.1")
         for i in cfg.long_window_layers if cfg.key_offset else ():
             if self.blocks[i].attn is not None:
                 self.blocks[i].attn.key_offset = True
@@ -864,10 +1233,9 @@ class GPT(nn.Module):
             self.embed.weight.copy_(self.lm_head_w)
         tagged(self.embed.weight, f"copy of {HEAD}")
         self.bigram_embed = None
-        if cfg.bigram_rows:  # zero-init table, per-layer lambdas from 0.05, a fixed sign table (a buffer, saved)
+        if cfg.bigram_rows:  # zero-init table, per-token gates from 0.05, a fixed sign table (a buffer, saved)
             self.bigram_embed = nn.Embedding(cfg.bigram_rows, cfg.bigram_dim)
             tagged(nn.init.zeros_(self.bigram_embed.weight), "zeros")
-            self.bigram_lambdas = constant_param(0.05, cfg.num_layers)
             self.register_buffer("bigram_signs", random_signs(cfg.bigram_sign_rows, cfg.bigram_dim, cfg.seed))
         self.yarn_windows = None  # the long windows YaRN has been applied for (--yarn)
         self.compute_dtype = torch.float32
@@ -875,9 +1243,43 @@ class GPT(nn.Module):
         self.fp8_scales = None  # (input, weight, gradient) scales of the FP8 head, set by the trainer on Hopper
         self.fused_ce = "ce" in kernel_names(cfg)  # --triton-kernels ce: the head's fused cross-entropy
         self.mtp_weight_table = None  # set by the trainer: every step's multi-token weights on the device
+        self.prefix_weight_table = None  # set by the trainer: every step's prefix-token weight on the device
+        # filled by the trainer when its clock starts (as the script: the build counts as training time); -1: no
+        # prefix anywhere, so the term is absent (the warm-up runs so)
+        self.register_buffer("prefix_table", torch.full((cfg.vocab_size,), -1, dtype=torch.int64), persistent=False)
+        # FP8 MLP (set by the trainer on Hopper, or by a test: emulated on CPU): per-layer delayed scales, saved
+        # with the weights (a checkpoint resumes them; the warm-up reset restores them), and the e4m3 copies
+        self.fp8_mlp = False
+        for name in ("mlp_act_scales", "mlp_down_scales", "mlp_down_next_scales"):
+            self.register_buffer(name, torch.ones(cfg.num_layers))
+        self.mlp_fp8_weights = None  # per layer (W1 e4m3, its scale, W2 e4m3), from quantize_mlp_fp8
         self.head_loss = head_loss
         self.block_calls = [block.__call__ for block in self.blocks]
         self.masks_call, self.stem_call, self.final_norm_call = self.window_masks, self.stem, self.final_norm
+
+    @torch.no_grad()
+    def quantize_mlp_fp8(self, bootstrap: bool = False, advance: bool = True):
+        """The e4m3 copies of every MLP's weights after an optimizer step (quantize_mlp_weights); bootstrap: W2 at its
+        own amax first. advance False (after loading a checkpoint): W2 again at the scale it was cast at, the next
+        scale kept, so the copies are the ones the checkpointed run had."""
+        if not self.fp8_mlp:
+            return
+        copies = []
+        for i, block in enumerate(self.blocks):
+            scale = self.mlp_down_next_scales[i] if advance else self.mlp_down_scales[i]
+            w1_f8, w1_scale, w2_f8, used, following = quantize_mlp_weights(block.mlp.fc_w, block.mlp.proj_w, scale,
+                                                                           bootstrap and advance)
+            if advance:
+                self.mlp_down_scales[i], self.mlp_down_next_scales[i] = used, following
+            copies.append((w1_f8, w1_scale, w2_f8))
+        self.mlp_fp8_weights = copies
+
+    def mlp_fp8_state(self, i: int) -> tuple | None:
+        """Layer i's FP8 MLP arguments in training (W1 e4m3, its scale, W2 e4m3, its scale, the activation scale)."""
+        if not (self.fp8_mlp and self.training):
+            return None
+        w1_f8, w1_scale, w2_f8 = self.mlp_fp8_weights[i]
+        return w1_f8, w1_scale, w2_f8, self.mlp_down_scales[i : i + 1], self.mlp_act_scales[i : i + 1]
 
     def compile_regions(self):
         """Compile one block's code (reused by every layer with the same structure) and the head, not the
@@ -926,57 +1328,92 @@ class GPT(nn.Module):
         return x
 
     def stem(self, input_ids: Tensor, table: Tensor) -> tuple:
-        """What the layers read besides the masks: (x0 the normed embedding with layer 0's bigram term, each
-        layer's value embedding or None, each layer's bigram term or None). The table is an argument, not an
+        """What the layers read besides the masks: (x0 the normed embedding, each layer's value embedding or None,
+        the bigram term (1, T, bigram_dim) or None, the document ids for DC). The table is an argument, not an
         attribute read, so tying and untying reuse one compiled graph (--compile-glue)."""
-        x0, bigrams = self.bigram_injections(input_ids, rms_norm(self.embeddings(input_ids, table)[None]))
-        return x0, self.value_embeds_per_layer(input_ids), bigrams
+        x0 = rms_norm(self.embeddings(input_ids, table)[None])
+        bigram = self.bigram_features(input_ids) if self.bigram_embed is not None else None
+        return x0, self.value_embeds_per_layer(input_ids), bigram, document_ids(input_ids)
 
-    def final_norm(self, x: Tensor, backout: Tensor | None) -> Tensor:
-        """(T, D) the head's input: the stream, less lambda x the backout layer's output, normed."""
-        if backout is not None:
-            x = x - self.backout_lambda * backout
+    def final_norm(self, x: Tensor, sources: tuple | None) -> Tensor:
+        """(T, D) the head's input: the stream plus MUDD-1's per-token mix of (c0, the attention source, the last
+        layer's input, the first value embedding, the skip source), normed."""
+        if sources is not None:
+            mu = self.mudd(x, 1).split(1, dim=-1)
+            x = x + sum(m * source for m, source in zip(mu, sources))
         return rms_norm(x[0])
 
-    def layers(self, x0: Tensor, value_embeds: list, masks: list, bigrams: list) -> tuple:
-        """The blocks in order; one gated skip from layer FROM into the attention-free layer TO; after backout_layer,
-        every attention reads that layer's output instead of the current stream (returned with the stream:
-        final_norm takes lambda times it out before the head)."""
-        skip_from, skip_to = self.cfg.skip_connection or (-1, -1)
-        skip_gate = None
-        if self.cfg.skip_connection:  # sigmoid(lambda) * 2 sigmoid(W x0[:12]): (1, T, 1)
-            skip_gate = torch.sigmoid(self.skip_lambda) * 2 * torch.sigmoid(
-                F.linear(x0[..., : self.skip_gate.weight.size(-1)], self.skip_gate.weight.type_as(x0)))
+    def mudd(self, x: Tensor, row: int) -> Tensor:
+        """MUDD-row's coefficients (1, T, 14 or 5), at the fixed scale 0.1 (in x's dtype)."""
+        n = MUDD_COEFS[row]
+        return coefficient_mlp(x, self.mudd_w1[row], self.mudd_w2[row, :n], self.mudd_b2[row, :n], MUDD_SCALE)
+
+    def gate_lanes(self, x: Tensor, row: int) -> dict:
+        """The pre (row 0) or post (row 1) gate's lanes at x: {(kind, layer): (1, T, width)}."""
+        layout = self.gate_layout[row]
+        n = lane_count(layout)
+        gate = coefficient_mlp(x, self.mudd_gate_w1[row], self.mudd_gate_w2[row, :n], self.mudd_gate_b2[row, :n],
+                               self.mudd_gate_scale.type_as(x))
+        # contiguous: a slice's strides would differ between the two gates, and compiled blocks guard on strides
+        return {key: gate[..., start : start + width].contiguous() for key, (start, width) in layout.items()}
+
+    def layer_gates(self, i: int, lanes: dict, docs: Tensor) -> LayerGates:
+        dc = None
+        if ("dc_w1", i) in lanes:
+            dc = (lanes[("dc_w1", i)], lanes[("dc_w2", i)], docs)
+        return LayerGates(attn=lanes.get(("attn", i)), xsa=lanes.get(("xsa", i)), dc=dc)
+
+    def layers(self, x0: Tensor, value_embeds: list, masks: list, bigram: Tensor | None, docs: Tensor) -> tuple:
+        """The blocks in order. The stream starts as x0 plus layer 0's gated bigram term (c0); one gated skip from
+        layer FROM into the attention-free layer TO; after attn_source_layer, every attention reads that layer's
+        output instead of the current stream; the MUDD layer (the last) gets MUDD-0's coefficients. Returns the
+        stream and MUDD-1's sources (None without --mudd)."""
+        cfg = self.cfg
+        skip_from, skip_to = cfg.skip_connection or (-1, -1)
+        mudd_layer = cfg.num_layers - 1 if cfg.mudd else -1
         rope = self.rotary.cos, self.rotary.sin
-        # the lambdas stay fp32 parameters and enter in the compute dtype, as the script's .bfloat16() (r2026.py 1280-1285)
-        resid, post, x0_lambdas = (p.type_as(x0) for p in (self.resid_lambdas, self.post_lambdas, self.x0_lambdas))
-        x, skip, backout = x0, None, None
+        # the lambdas stay fp32 parameters and enter in the compute dtype, as the script's .bfloat16()
+        resid, post = (p.type_as(x0) for p in (self.resid_lambdas, self.post_lambdas))
+        lanes = self.gate_lanes(x0, 0)
+        x = x0
+        if bigram is not None and ("bigram", 0) in lanes:
+            x = add_to_leading_channels(x0, bigram * lanes[("bigram", 0)])
+        c0, skip, source, last_input = x, None, None, None
+        post_amaxes = []  # FP8 MLP: each layer's amax of relu^2, the next forward's activation scales
         for i, block_call in enumerate(self.block_calls):
+            if i == cfg.post_gate_layer:
+                lanes = {**lanes, **self.gate_lanes(x, 1)}
             if i == skip_to:
-                x = x + skip_gate * skip
-            attn_input = x if backout is None else backout
-            x = block_call(x, x0, attn_input, value_embeds[i], masks[i], bigrams[i], resid[i], post[i], x0_lambdas[i], *rope)
+                x = x + torch.sigmoid(self.skip_lambda) * lanes[("skip", i)] * skip
+            attn_input = x if source is None else source
+            dense = None
+            if i == mudd_layer:
+                last_input = x
+                dense = (self.mudd(x, 0).split(1, dim=-1), c0, source)
+            bigram_gate = lanes.get(("bigram", i)) if i > 0 else None
+            fp8 = self.mlp_fp8_state(i)
+            x = block_call(x, x0, attn_input, value_embeds[i], masks[i], bigram, resid[i], post[i], lanes.get(("x0", i)),
+                           bigram_gate, self.layer_gates(i, lanes, docs), *rope, dense, fp8)
+            if fp8 is not None:
+                x, amax = x
+                post_amaxes.append(amax)
             if i == skip_from:
                 skip = x
-            if i == self.cfg.backout_layer:
-                backout = x
-        return x, backout
+            if i == cfg.attn_source_layer:
+                source = x
+        if post_amaxes:  # after the loop, as the script: per rank and per micro-batch
+            with torch.no_grad():
+                self.mlp_act_scales.copy_(torch.stack(post_amaxes).clamp(min=1e-12) * (FP8_ACT_HEADROOM / E4M3_MAX))
+        if not cfg.mudd:
+            return x, None
+        first_ve = next(v for v in value_embeds if v is not None)
+        return x, (c0, source, last_input, first_ve, skip)
 
     def bigram_features(self, input_ids: Tensor) -> Tensor:
         """(1, T, bigram_dim): the hashed bigram row of each token times its sign pattern."""
         rows = bigram_hash(input_ids, self.bigram_embed.num_embeddings)
         signs = self.bigram_signs[bigram_sign_index(input_ids, self.bigram_signs.size(0))]
         return (self.bigram_embed(rows) * signs).to(self.compute_dtype)[None]
-
-    def bigram_injections(self, input_ids: Tensor, x0: Tensor) -> tuple:
-        """(x0 with layer 0's bigram term, each layer's bigram term or None). Layer 0's goes into the normed
-        embedding itself, so x0, which later layers mix in, carries it (as the 2026 script's in-place add does);
-        layers 1.. add lambda_i * bigram with their attention output."""
-        if self.bigram_embed is None:
-            return x0, [None] * self.cfg.num_layers
-        bigram, lambdas = self.bigram_features(input_ids), self.bigram_lambdas.type_as(x0)  # as the others (layers)
-        x0 = add_to_leading_channels(x0, lambdas[0] * bigram)
-        return x0, [None] + [lambdas[i] * bigram for i in range(1, self.cfg.num_layers)]
 
     def attention_masks(self, input_ids: Tensor, schedule: StepSchedule) -> list:
         """Each layer's mask for the schedule's long and short windows (in tokens). They go in as device tensors,
@@ -1001,9 +1438,17 @@ class GPT(nn.Module):
         options = dict(logit_shift=self.cfg.logit_shift, logit_div=self.cfg.logit_div)
         if self.training and tuple(schedule.mtp_weights) != (1.0,):
             options["mtp_weights"] = self.step_mtp_weights(schedule)
+        if self.training and schedule.prefix_weight:
+            options["prefix_weight"] = self.step_prefix_weight(schedule)
         if self.fused_ce:
             options["fused_ce"] = True
         return options
+
+    def step_prefix_weight(self, schedule: StepSchedule) -> Tensor:
+        """The step's prefix-token weight, a 0-d device tensor (a row of the trainer's table, as the MTP weights)."""
+        if self.prefix_weight_table is None:
+            return torch.tensor(schedule.prefix_weight, dtype=torch.float32, device=self.lm_head_w.device)
+        return self.prefix_weight_table[schedule.step]
 
     def step_mtp_weights(self, schedule: StepSchedule) -> Tensor:
         """The step's multi-token weights on the device: a row of the trainer's table, because a new tensor each
@@ -1018,9 +1463,11 @@ class GPT(nn.Module):
         if self.cfg.yarn:
             self.apply_yarn(schedule)
         masks = self.attention_masks(input_ids, schedule)
-        x0, value_embeds, bigrams = self.stem_call(input_ids, self.embedding_table(schedule))
-        x = self.final_norm_call(*self.layers(x0, value_embeds, masks, bigrams))
+        x0, value_embeds, bigram, docs = self.stem_call(input_ids, self.embedding_table(schedule))
+        x = self.final_norm_call(*self.layers(x0, value_embeds, masks, bigram, docs))
         head_options = self.head_options(schedule)
+        if "prefix_weight" in head_options:
+            head_options["prefix_targets"] = self.prefix_table[targets]
         if self.training:
             return self.head_loss(x, self.lm_head_w, targets, self.cfg.logit_cap, self.fp8_scales, **head_options)
         # Validation: the bf16 head (FP8 would bias the reported loss), in equal chunks of at most VAL_HEAD_CHUNK
@@ -1051,6 +1498,11 @@ def fp8_head_scales(cfg: Config, accumulation: int) -> tuple:
 
 def fp8_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9) and hasattr(torch, "_scaled_mm")
+
+
+def fp8_mlp_available(device: torch.device) -> bool:
+    """The FP8 MLP runs where the FP8 head does; tests replace this to run its CPU emulation (fp8_matmul)."""
+    return fp8_supported(device)
 
 
 def fp8_scale_tensor(value: float, like: Tensor) -> Tensor:
@@ -1531,7 +1983,7 @@ class ParamRule:
     shape_lr: str = "rows/cols"
 
 
-# The 2026-05-20 record's table (its TrainingManager.param_table), keyed by this model's names. The public script
+# The 2026-08-01 record's table (its TrainingManager.param_table), keyed by this model's names. The public script
 # keeps banks (qk_bank, vo_bank, mlp_bank, scalars); this model stores per-layer tensors instead, so the scalar rows
 # match a name anywhere in the path ("*resid_lambda*" catches both "resid_lambdas" and "blocks.3.resid_lambda").
 # A parameter no row matches is refused, so a renamed parameter cannot silently fall back.
@@ -1549,21 +2001,22 @@ def recipe(cfg: Config) -> list:
         ParamRule("blocks.*.mlp.fc_w", muon, "muon_lr", shape_lr="long/short"),     # 3072 x 768: factor 2
         ParamRule("blocks.*.mlp.proj_w", muon, "muon_lr", 2.0, shape_lr="long/short"),  # factor 2, x 2
         ParamRule("*smear_gate*", adam, "adam_lr", 0.01, (0.9, 0.99), wd_mult=0.0),
-        ParamRule("*skip_gate*", adam, "adam_lr", 0.05, (0.9, 0.99), wd_mult=0.0),
-        ParamRule("blocks.*.attn.gate_w", adam, "adam_lr", None, (0.9, 0.99)),      # attn_gate_bank: wd x 1
         ParamRule("blocks.*.attn.value_gate_w", adam, "adam_lr", None, (0.9, 0.99)),  # ve_gate_bank: wd x 1
+        # MUDD and the MUDD gates: the weights decay (x 1), the biases and the gate's scale do not
+        ParamRule("mudd_w[12]", adam, "adam_lr", 0.25, (0.9, 0.99)),
+        ParamRule("mudd_b2", adam, "adam_lr", 0.25, (0.9, 0.99), wd_mult=0.0),
+        ParamRule("mudd_gate_w[12]", adam, "adam_lr", 0.1, (0.9, 0.99)),
+        ParamRule("mudd_gate_b2", adam, "adam_lr", 0.1, (0.9, 0.99), wd_mult=0.0),
+        ParamRule("mudd_gate_scale", adam, "adam_lr", 0.1, (0.9, 0.99), wd_mult=0.0),
         ParamRule(HEAD, adam, "adam_lr", None, (0.5, 0.95), wd_mult=150.0),
         ParamRule(EMBED, adam, "adam_lr", None, (0.5, 0.95), wd_mult=150.0),
         ParamRule("value_embeds*", adam, "adam_lr", 75.0, (0.75, 0.95), wd_mult=5.0),
         ParamRule("bigram_embed*", adam, "adam_lr", 75.0, (0.75, 0.95), wd_mult=5.0),
         ParamRule("*post_lambda*", adam, "adam_lr", 1.0, (0.9, 0.95), wd_mult=0.0),
-        ParamRule("*x0_lambda*", adam, "adam_lr", 1.0, (0.9, 0.95), wd_mult=0.0),
-        ParamRule("*bigram_lambda*", adam, "adam_lr", 1.0, (0.9, 0.95), wd_mult=0.0),
         ParamRule("*resid_lambda*", adam, "adam_lr", 5.0, (0.9, 0.95), wd_mult=0.0),
-        # the script's `scalars` bank: SA lambdas (per layer, scaling Q/K/V and O), smear, backout, skip lambdas
+        # the script's `scalars` bank (24 values): SA lambdas (per layer, scaling Q/K/V and O), smear, skip lambdas
         ParamRule("*sa_lambda*", adam, "adam_lr", 5.0, (0.9, 0.99), wd_mult=0.0),
         ParamRule("*smear_lambda*", adam, "adam_lr", 5.0, (0.9, 0.99), wd_mult=0.0),
-        ParamRule("*backout_lambda*", adam, "adam_lr", 5.0, (0.9, 0.99), wd_mult=0.0),
         ParamRule("*skip_lambda*", adam, "adam_lr", 5.0, (0.9, 0.99), wd_mult=0.0),
     ]
 
@@ -2554,6 +3007,7 @@ class StepSchedule:
     lr_mult: float  # multiplies every base LR, Muon's and Adam's
     muon_momentum: float
     mtp_weights: tuple  # loss weights of the next 1, 2, 3, ... tokens
+    prefix_weight: float  # loss weight of the next token's byte-prefix token (prefix-token prediction)
     adam_step: bool  # Adam updates at the end of this step; if not, its gradients accumulate into the next one
     embed_tied: bool  # the embedding is the head's transpose in this step (the split step is the last such one)
     attn_scale: float  # attention softmax scale
@@ -2622,6 +3076,14 @@ def mtp_weights(step: int, cfg: Config) -> tuple:
     return tuple(a + (b - a) * done for a, b in zip(start, end))
 
 
+def prefix_weight(step: int, cfg: Config) -> float:
+    """Weight of the prefix-token term: linear from the stage's start to its end value (2026-08: 0.25 through
+    stage 0, down to 0 over stage 1)."""
+    stage, done = stage_of(step, cfg), stage_progress(step, cfg)
+    start, end = cfg.stage_prefix_weight_start[stage], cfg.stage_prefix_weight_end[stage]
+    return start + (end - start) * done
+
+
 def is_adam_step(step: int, cfg: Config) -> bool:
     if step >= cfg.train_steps:
         return False  # the final validation step trains nothing
@@ -2663,6 +3125,7 @@ def schedule_at(step: int, cfg: Config) -> StepSchedule:
         lr_mult=lr_multiplier(step, cfg),
         muon_momentum=muon_momentum(step, cfg),
         mtp_weights=mtp_weights(step, cfg),
+        prefix_weight=prefix_weight(step, cfg),
         adam_step=is_adam_step(step, cfg),
         embed_tied=step <= embed_split_step(cfg),
         attn_scale=yarn_attn_scale(step, cfg),
@@ -2712,7 +3175,8 @@ def stages_summary(cfg: Config) -> str:
 
 
 STAGE_TABLES = ["stage_batch_tokens", "stage_seq_len", "stage_max_doc_len", "stage_short_window_blocks",
-                "stage_long_window_blocks", "stage_lr_mult", "stage_mtp_weights_start", "stage_mtp_weights_end"]
+                "stage_long_window_blocks", "stage_lr_mult", "stage_mtp_weights_start", "stage_mtp_weights_end",
+                "stage_prefix_weight_start", "stage_prefix_weight_end"]
 
 
 def check_schedule(cfg: Config, training: bool):
@@ -2789,6 +3253,8 @@ def train_step(model: GPT, batch: list, opt: Optimizers, step: int, cfg: Config)
     if opt.hooks is not None:
         opt.hooks.armed = False
     step_optimizers(opt, model, schedule)
+    if getattr(model, "fp8_mlp", False):  # the e4m3 copies of the new weights (W2's scale a step behind after 16)
+        model.quantize_mlp_fp8(bootstrap=step < FP8_BOOTSTRAP_STEPS)
     return loss_sum
 
 
@@ -2833,16 +3299,20 @@ def setup_distributed(cfg: Config):
     return Comm(rank, world_size), device
 
 
+FP32_PARAMS = {"mudd_gate_scale"}  # besides the lambdas: the script's _mudd_gate_scale stays fp32
+
+
 def store_as_record(model: nn.Module, cfg: Config) -> nn.Module:
     """The script's storage (r2026.py 1908-1915): every parameter bf16 (round to nearest from the fp32 init) but the
-    lambdas (its `scalars` and resid/post/x0/bigram lambdas), which stay fp32; the bigram sign table bf16 (exact).
+    lambdas (its `scalars` and resid/post lambdas) and the MUDD gates' scale, which stay fp32 (the MUDD biases
+    are bf16: sqrt(1.1)/0.1 is stored 10.5); the bigram sign table bf16 (exact).
     Adam keeps fp32 moments and rounds each step once into the weight; Muon keeps the 16 bits a bf16 weight lacks
     of its fp32 master (MatrixGroup.low_bits). --fp32-masters: everything stays fp32. In place: the Parameter
     objects (and their init tags) are kept."""
     if cfg.fp32_masters:
         return model
     for name, p in model.named_parameters():
-        if "lambda" not in name:
+        if "lambda" not in name and name not in FP32_PARAMS:
             p.data = p.data.to(torch.bfloat16)
     if getattr(model, "bigram_signs", None) is not None:
         model.bigram_signs = model.bigram_signs.to(torch.bfloat16)
@@ -2859,7 +3329,11 @@ def build_model(cfg: Config, device: torch.device, accumulation: int, logger) ->
             model.fp8_scales = fp8_head_scales(cfg, accumulation)
         elif cfg.fp8_head:
             logger.log("WARNING: --fp8-head needs a GPU of compute capability 8.9+ (Hopper); using the bf16 head")
+    model.fp8_mlp = cfg.fp8_mlp and fp8_mlp_available(device)
+    model.quantize_mlp_fp8(bootstrap=True)
     model.mtp_weight_table = mtp_weight_table(cfg, device)
+    model.prefix_weight_table = torch.tensor([prefix_weight(step, cfg) for step in range(cfg.train_steps)],
+                                             dtype=torch.float32).to(device)
     if cfg.compile:
         model.compile_regions()
     return model
@@ -3191,8 +3665,9 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
         loader.close()
         opt.close()
         with torch.no_grad():
-            model.load_state_dict(initial_state)
+            model.load_state_dict(initial_state)  # the FP8 scales too: activation scales back to 1
         model.zero_grad(set_to_none=True)  # a last warm-up step that is even leaves its gradients for Adam
+        model.quantize_mlp_fp8(bootstrap=True)
     synchronize(device)
     logger.log(f"compile_and_warmup: {time.perf_counter() - compile_start:.1f}s ({len(warmup)} steps, then reset)")
     del initial_state
@@ -3203,12 +3678,14 @@ def run_training(cfg: Config, logger, comm: Comm, device: torch.device, accumula
     first_step = 0
     if resume_state is not None:
         first_step, train_ms, val_losses = restore_checkpoint(resume_state, model, opt, loader, cfg, comm, device)
+        model.quantize_mlp_fp8(advance=False)  # the checkpointed run's e4m3 copies, from its weights and scales
         moved = json.loads(resume_state["config"])["train_files"]
         moved = f"; --train-files {moved!r} -> {cfg.train_files!r}, the same shards" if moved != cfg.train_files else ""
         logger.log(f"resumed: {cfg.resume} at step {first_step} (train_time {train_ms:.0f}ms){moved}")
         del resume_state
     passes_logged = loader.passes
     pending_loss, clock = None, time.perf_counter()
+    model.prefix_table.copy_(prefix_token_table(cfg.vocab_size))  # on the clock, as the script builds it
     launch_to_first_step = None
     for step in range(first_step, cfg.train_steps + 1):
         progress.step = step

@@ -28,8 +28,9 @@ CHECKPOINT_STEP = 6  # the split step is 5
 
 def r2026_small_args(log_dir: Path, run_id: str, *extra: str) -> list:
     """The 2026 preset at CPU size with its structure kept: paired heads (layer 0), a layer without attention
-    (2) that the skip connection (1 -> 2) feeds, the backout layer (2), value embeddings (0, 3), key offset on the
-    long-window layers (1, 3), the bigram hash, MTP weights per stage, YaRN, the tied head split at step 5."""
+    (2) that the skip connection (1 -> 2) feeds, the attention source (2), value embeddings (0, 3), key offset on the
+    long-window layers (1, 3), XSA (1), head gates (1, 3), the pre gate (0-1) and the post gate (2-3), DC and MUDD on
+    the last layer, the bigram hash, MTP and prefix weights per stage, YaRN, the tied head split at step 5."""
     batch_tokens = [n * seq for n, seq in zip(STAGE_SEQUENCES, STAGE_SEQ_LEN)]
     return ["--preset", "r2026", "--device", "cpu", "--no-compile", "--no-fp8-head", "--warmup-steps", "0",
             "--train-files", str(REPO / "data/sample/sample_train_000001.bin"),
@@ -41,7 +42,7 @@ def r2026_small_args(log_dir: Path, run_id: str, *extra: str) -> list:
             "--stage-seq-len", ",".join(map(str, STAGE_SEQ_LEN)), "--stage-max-doc-len", "64,128,128,128",
             "--num-layers", "4", "--model-dim", "32", "--num-heads", "2", "--head-dim", "16",
             "--paired-head-layers", "0", "--no-attn-layers", "2", "--long-window-layers", "1,3",
-            "--value-embed-layers", "0,3", "--skip-connection", "1,2", "--backout-layer", "2",
+            "--value-embed-layers", "0,3", "--skip-connection", "1,2", "--attn-source-layer", "2", "--post-gate-layer", "2", "--xsa-layers", "1", "--attn-gate-layers", "1,3", "--dc-layer", "3",
             "--bigram-rows", "1000", "--bigram-dim", "16",
             "--log-dir", str(log_dir), "--run-id", run_id, "--save-model", str(log_dir / f"{run_id}.pt"),
             # a checkpoint (weights and whole optimizer state) at step 6, right after the split step
@@ -141,4 +142,10 @@ def assert_close_in_norm(one: dict, two: dict, what: str = ""):
         if one[name].dtype == torch.int16:  # Muon's low bits of bf16 weights: the masters' noise-like last bits,
             continue                        # no norm to compare (their save and restore: tests/test_precision.py)
         a, b = one[name].float(), two[name].float()
-        assert (b - a).norm().item() <= 0.25 * a.norm().item() + 1e-12, what + name
+        # The lambdas (at most 2 values) and their Adam moments: their gradients are sums over every token that
+        # nearly cancel, so Adam (eps 1e-10) turns the summation-order noise into a larger share of a few-1e-3
+        # value (2026-08 in bf16 storage, measured: 26% for the smear lambda, 33% for an SA lambda's first
+        # moment); 50% and an absolute 1e-3 for them. A wrong shard or rank still differs by about 100%.
+        small = a.numel() <= 2
+        bound = (0.5 * a.norm().item() + 1e-3) if small else (0.25 * a.norm().item() + 1e-12)
+        assert (b - a).norm().item() <= bound, what + name

@@ -243,7 +243,7 @@ def test_compiled_glue_on_gpu_trains_as_eager_glue(monkeypatch):
     device = torch.device("cuda")
     args = ["--preset", "r2026", "--device", "cuda", "--compile", "--model-dim", "256", "--num-heads", "2",
             "--head-dim", "128", "--num-layers", "4", "--no-attn-layers", "2", "--long-window-layers", "0,3",
-            "--value-embed-layers", "1,3", "--skip-connection", "1,2", "--backout-layer", "2",
+            "--value-embed-layers", "1,3", "--skip-connection", "1,2", "--attn-source-layer", "2", "--post-gate-layer", "2", "--xsa-layers", "1", "--attn-gate-layers", "1,3", "--dc-layer", "3",
             "--paired-head-layers", "0", "--bigram-rows", "4099", "--bigram-dim", "64",
             "--stage-seq-len", "2048,4096,4096,4096", "--stage-batch-tokens", "2048,4096,4096,4096",
             "--stage-steps", "0,4,8,12", "--train-steps", "16", "--extension-steps", "2",

@@ -250,7 +250,7 @@ def tiny_config(*extra):
     return tg.parse_config(["--preset", "tiny", "--device", "cpu", "--vocab-size", "384", "--stage-seq-len", "128,128,128,128",
                             "--stage-batch-tokens", "128,128,128,128", "--num-layers", "2", "--no-attn-layers", "",
                             "--long-window-layers", "0", "--paired-head-layers", "", "--value-embed-layers", "1",
-                            "--skip-connection", "", "--backout-layer", "-1", "--bigram-rows", "0", "--model-dim", "64",
+                            "--skip-connection", "", "--attn-source-layer", "-1", "--no-mudd", "--xsa-layers", "", "--attn-gate-layers", "", "--dc-layer", "-1", "--bigram-rows", "0", "--model-dim", "64",
                             "--num-heads", "2", "--head-dim", "32", "--val-seq-len", "128", "--val-tokens", "128",
                             "--no-adam-odd-steps-only", "--embed-split-stage", "0", *extra])
 

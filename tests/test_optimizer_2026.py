@@ -1,4 +1,4 @@
-"""The 2026-05-20 record's optimizer (NorMuon + Adam, issue 14), each piece against an oracle written from its
+"""The 2026 records' optimizer (2026-05-20, unchanged on 2026-08-01 but for the MUDD rows) (NorMuon + Adam, issue 14), each piece against an oracle written from its
 definition: Polar Express as the 2026 script has it, NorMuon's variance reduction along the smaller dimension,
 cautious weight decay, Q/K orthogonalized by pairs of heads, the recipe table, Adam on odd steps only with the
 even steps' gradients accumulated, the tied embedding and the state copy at the split, and 2 processes = 1.
@@ -35,7 +35,6 @@ class FakeAttention(nn.Module):
         self.qk_w = randn(2, HEADS * HEAD_DIM, DIM)  # Q then K, heads' rows in order
         self.v_w = randn(HEADS * HEAD_DIM, DIM)
         self.proj_w = randn(DIM, HEADS * HEAD_DIM)
-        self.gate_w = randn(HEADS, 12)
         self.value_gate_w = randn(HEADS, 12)
 
 
@@ -68,11 +67,11 @@ class Fake2026(nn.Module):
         self.value_embeds = randn(2 * vocab, DIM)
         self.bigram_embed = nn.Embedding(50, 16)
         self.smear_gate = nn.Linear(12, 1, bias=False)
-        self.skip_gate = nn.Linear(12, 1, bias=False)
-        self.post_lambdas, self.x0_lambdas = randn(LAYERS, 2), randn(LAYERS)
-        self.bigram_lambdas = randn(LAYERS)
-        self.sa_lambdas, self.smear_lambda = randn(LAYERS, 2), randn(1)
-        self.backout_lambda, self.skip_lambda = randn(1), randn(1)
+        self.post_lambdas = randn(LAYERS, 2)
+        self.sa_lambdas, self.smear_lambda, self.skip_lambda = randn(LAYERS, 2), randn(1), randn(1)
+        self.mudd_w1, self.mudd_w2, self.mudd_b2 = randn(2, 8, DIM), randn(2, 14, 8), randn(2, 14)
+        self.mudd_gate_w1, self.mudd_gate_w2, self.mudd_gate_b2 = randn(2, 8, DIM), randn(2, 41, 8), randn(2, 41)
+        self.mudd_gate_scale = randn(())
 
 
 # The script's TrainingManager.param_table and defaults (NorMuon lr 0.023, wd 1.2; Adam lr 0.008, wd 0.005)
@@ -84,7 +83,6 @@ R2026 = {
     "blocks.*.attn.proj_w": ("muon", 0.023, None, 1.2),
     "blocks.*.mlp.fc_w": ("muon", 0.046, None, 1.2),
     "blocks.*.mlp.proj_w": ("muon", 0.092, None, 1.2),
-    "blocks.*.attn.gate_w": ("adam", 0.008, (0.9, 0.99), 0.005),
     "blocks.*.attn.value_gate_w": ("adam", 0.008, (0.9, 0.99), 0.005),
     "blocks.*.resid_lambda": ("adam", 0.04, (0.9, 0.95), 0.0),
     "lm_head_w": ("adam", 0.008, (0.5, 0.95), 0.75),
@@ -92,14 +90,18 @@ R2026 = {
     "value_embeds": ("adam", 0.6, (0.75, 0.95), 0.025),
     "bigram_embed.weight": ("adam", 0.6, (0.75, 0.95), 0.025),
     "smear_gate.weight": ("adam", 0.00008, (0.9, 0.99), 0.0),
-    "skip_gate.weight": ("adam", 0.0004, (0.9, 0.99), 0.0),
     "post_lambdas": ("adam", 0.008, (0.9, 0.95), 0.0),
-    "x0_lambdas": ("adam", 0.008, (0.9, 0.95), 0.0),
-    "bigram_lambdas": ("adam", 0.008, (0.9, 0.95), 0.0),
     "sa_lambdas": ("adam", 0.04, (0.9, 0.99), 0.0),
     "smear_lambda": ("adam", 0.04, (0.9, 0.99), 0.0),
-    "backout_lambda": ("adam", 0.04, (0.9, 0.99), 0.0),
     "skip_lambda": ("adam", 0.04, (0.9, 0.99), 0.0),
+    # the seven MUDD rows (2026-08): Adam (0.9, 0.99), lr x 0.25 (MUDD) or x 0.1 (gates), wd x 1 or 0
+    "mudd_w1": ("adam", 0.002, (0.9, 0.99), 0.005),
+    "mudd_w2": ("adam", 0.002, (0.9, 0.99), 0.005),
+    "mudd_b2": ("adam", 0.002, (0.9, 0.99), 0.0),
+    "mudd_gate_w1": ("adam", 0.0008, (0.9, 0.99), 0.005),
+    "mudd_gate_w2": ("adam", 0.0008, (0.9, 0.99), 0.005),
+    "mudd_gate_b2": ("adam", 0.0008, (0.9, 0.99), 0.0),
+    "mudd_gate_scale": ("adam", 0.0008, (0.9, 0.99), 0.0),
 }
 
 
@@ -334,7 +336,7 @@ class TwoParamModel(nn.Module):
         self.blocks = nn.ModuleList([nn.Module()])
         self.blocks[0].attn = nn.Module()
         self.blocks[0].attn.v_w = randn(16, 16, seed=1)
-        self.x0_lambdas = randn(4, seed=2)
+        self.post_lambdas = randn(4, seed=2)
 
 
 def schedule(step, adam_step, lr_mult=1.0, momentum=0.9):
@@ -354,26 +356,28 @@ def backward(model, seed):
 def test_adam_steps_on_odd_steps_with_the_even_steps_gradients_added():
     model, cfg = TwoParamModel(), config("--embed-split-stage", "0")  # nothing tied
     opt = tg.build_optimizers(model, cfg, tg.Comm())
-    x0 = model.x0_lambdas.detach().clone()
+    x0 = model.post_lambdas.detach().clone()
     v_before = model.blocks[0].attn.v_w.detach().clone()
     assert not opt.adam.accepting  # step 0 is even: the hooks start no Adam reduction
     g0 = backward(model, 0)
     tg.step_optimizers(opt, model, schedule(0, adam_step=False))
-    assert torch.equal(model.x0_lambdas.detach(), x0) and torch.equal(model.x0_lambdas.grad, g0["x0_lambdas"])
+    assert torch.equal(model.post_lambdas.detach(), x0) and torch.equal(model.post_lambdas.grad, g0["post_lambdas"])
     assert model.blocks[0].attn.v_w.grad is None and not torch.equal(model.blocks[0].attn.v_w.detach(), v_before)
     assert opt.adam.accepting
     g1 = backward(model, 1)
     tg.step_optimizers(opt, model, schedule(1, adam_step=True))
     # one Adam step (its first: bias correction t = 1) on the sum of both steps' gradients
-    expected, _, _ = adam_oracle(x0, [g0["x0_lambdas"] + g1["x0_lambdas"]], 0.008, (0.9, 0.95), 1e-10, 0.0, 0)
-    assert torch.allclose(model.x0_lambdas.detach(), expected, rtol=0, atol=1e-7)
-    assert model.x0_lambdas.grad is None and opt.adam.step_count == 1 and not opt.adam.accepting
+    expected, _, _ = adam_oracle(x0, [g0["post_lambdas"] + g1["post_lambdas"]], 0.008, (0.9, 0.95), 1e-10, 0.0, 0)
+    assert torch.allclose(model.post_lambdas.detach(), expected, rtol=0, atol=1e-7)
+    assert model.post_lambdas.grad is None and opt.adam.step_count == 1 and not opt.adam.accepting
 
 
 def test_step_optimizers_with_adam_every_step_and_nothing_tied_is_the_plain_sequence():
     cfg = tg.parse_config(["--preset", "tiny", "--num-layers", "2", "--no-attn-layers", "1", "--long-window-layers", "0",
                            "--paired-head-layers", "", "--value-embed-layers", "0", "--skip-connection", "",
-                           "--backout-layer", "-1", "--no-adam-odd-steps-only", "--embed-split-stage", "0"])
+                           "--attn-source-layer", "-1", "--no-mudd", "--xsa-layers", "", "--attn-gate-layers", "",
+                           "--dc-layer", "-1", "--post-gate-layer", "1", "--no-adam-odd-steps-only",
+                           "--embed-split-stage", "0"])
     models = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -403,12 +407,12 @@ class TiedModel(nn.Module):
         self.embed = nn.Embedding(vocab, DIM)
         with torch.no_grad():
             self.embed.weight.copy_(self.lm_head_w.T)
-        self.x0_lambdas = randn(4, seed=2)
+        self.post_lambdas = randn(4, seed=2)
 
 
 def tied_optimizers(model, comm, split_step):
     opt = tg.build_optimizers(model, config(), comm)
-    assert opt.adam.tied is not None and opt.split_step == 961  # the r2026 split step
+    assert opt.adam.tied is not None and opt.split_step == 847  # the r2026 split step
     opt.split_step = split_step
     return opt
 
@@ -492,7 +496,7 @@ def test_2026_optimizer_two_processes_equal_one(tmp_path):
 
 def test_a_reduction_a_hook_starts_on_an_even_step_does_not_count_the_embedding_twice():
     model = TiedModel()
-    opt = tied_optimizers(model, tg.Comm(), split_step=961)
+    opt = tied_optimizers(model, tg.Comm(), split_step=847)
     head0 = model.lm_head_w.detach().clone()
     g0 = backward(model, 0)
     opt.adam.accepting = True  # as if the hooks were armed on the even step: the head's unit starts, folding

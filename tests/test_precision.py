@@ -44,12 +44,16 @@ def test_the_record_model_starts_from_the_scripts_distributions():
     assert torch.equal(params["embed.weight"], params["lm_head_w"])  # tied at first: a copy of the head
     for i in range(len(cfg.value_embed_layers)):
         assert params[f"value_embeds.{i}.weight"].detach().std().item() == pytest.approx(0.01, rel=0.03)
+    # zeros: every MLP output matrix, the 4 value gates, the smear gate, the bigram table, the smear lambda and the
+    # second matrices of MUDD and of the MUDD gates
     zeros = [n for n in params if n.endswith(("mlp.proj_w", "gate_w", "gate.weight", "bigram_embed.weight",
-                                               "x0_lambdas", "smear_lambda"))]
-    assert len(zeros) == 11 + 10 + 5 + 2 + 1 + 2
+                                               "smear_lambda", "mudd_w2", "mudd_gate_w2"))]
+    assert len(zeros) == 11 + 4 + 1 + 1 + 1 + 2
     assert all(params[n].detach().eq(0).all() for n in zeros)
-    constants = {"resid_lambdas": 1.1 ** 0.5, "post_lambdas": 1.0, "bigram_lambdas": 0.05, "skip_lambda": -1.5,
-                 "backout_lambda": 0.5}
+    for name in ("mudd_w1", "mudd_gate_w1"):  # kaiming_uniform(a=sqrt(5)) on (64, 768): U(+-1/sqrt(768))
+        p = params[name].detach()
+        assert p.abs().max() <= dim ** -0.5 and p.std().item() == pytest.approx(dim ** -0.5 / 3 ** 0.5, rel=0.03), name
+    constants = {"resid_lambdas": 1.1 ** 0.5, "post_lambdas": 1.0, "skip_lambda": -1.5, "mudd_gate_scale": 0.1}
     for name, value in constants.items():
         assert torch.equal(params[name].detach(), torch.full_like(params[name], value)), name
     assert params["blocks.0.attn.sa_lambdas"].tolist() == [0.5, 1.0]
@@ -66,11 +70,11 @@ def test_each_parameter_is_stored_as_the_script_stores_it_and_fp32_under_the_fla
     fp32 = tg.build_model(tiny_cfg("--fp32-masters"), torch.device("cpu"), 1, None)
     names = [n for n, _ in record.named_parameters()]
     lambdas = [n for n in names if "lambda" in n]
-    assert sorted(lambdas) == sorted(["resid_lambdas", "post_lambdas", "x0_lambdas", "bigram_lambdas", "smear_lambda",
-                                      "skip_lambda", "backout_lambda"] + [f"blocks.{i}.attn.sa_lambdas" for i in (0, 1, 3)])
+    assert sorted(lambdas) == sorted(["resid_lambdas", "post_lambdas", "smear_lambda", "skip_lambda"]
+                                     + [f"blocks.{i}.attn.sa_lambdas" for i in (0, 1, 3)])
     fp32_params = dict(fp32.named_parameters())
-    for name, p in record.named_parameters():
-        assert p.dtype == (torch.float32 if name in lambdas else torch.bfloat16), name
+    for name, p in record.named_parameters():  # the MUDD weights and biases bf16, the gates' scale fp32 (as the script)
+        assert p.dtype == (torch.float32 if name in lambdas + ["mudd_gate_scale"] else torch.bfloat16), name
         assert fp32_params[name].dtype == torch.float32, name
         assert torch.equal(p.detach(), fp32_params[name].detach().to(p.dtype)), name  # rounded to nearest, once
     assert record.bigram_signs.dtype == torch.bfloat16 and torch.equal(record.bigram_signs.float(), fp32.bigram_signs)
@@ -209,16 +213,17 @@ def test_a_run_resumed_after_the_split_ends_bit_identical_to_an_unbroken_one(tmp
 
 
 def test_the_lambdas_enter_the_layers_in_the_compute_dtype_as_the_scripts_casts():
-    # r2026.py 1280-1285: resid, post, x0 and bigram lambdas rounded to bf16 for the forward; the parameters stay fp32
+    # the script's resid and post lambdas rounded to bf16 for the forward (the parameters stay fp32); the per-token
+    # x0 gates come out of the MUDD gate in the compute dtype
     cfg = tiny_cfg()
     model = tg.build_model(cfg, torch.device("cpu"), 1, None)
     model.compute_dtype = torch.bfloat16  # as on the GPU
     seen = []
 
     def recording(call):
-        def block(x, x0, attn_input, value_embed, mask, bigram, resid, post, x0_lambda, cos, sin):
+        def block(x, x0, attn_input, value_embed, mask, bigram, resid, post, x0_lambda, *rest):
             seen.append((resid, post, x0_lambda, bigram))
-            return call(x, x0, attn_input, value_embed, mask, bigram, resid, post, x0_lambda, cos, sin)
+            return call(x, x0, attn_input, value_embed, mask, bigram, resid, post, x0_lambda, *rest)
         return block
 
     model.block_calls = [recording(call) for call in model.block_calls]
@@ -228,7 +233,8 @@ def test_the_lambdas_enter_the_layers_in_the_compute_dtype_as_the_scripts_casts(
     assert model.resid_lambdas.dtype == torch.float32
     for i, (resid, post, x0_lambda, bigram) in enumerate(seen):
         assert torch.equal(resid, model.resid_lambdas[i].bfloat16()) and resid.dtype == torch.bfloat16
-        assert post.dtype == x0_lambda.dtype == torch.bfloat16 and torch.equal(post, model.post_lambdas[i].bfloat16())
+        assert post.dtype == torch.bfloat16 and torch.equal(post, model.post_lambdas[i].bfloat16())
+        assert x0_lambda is None or x0_lambda.dtype == torch.bfloat16
         assert bigram is None or bigram.dtype == torch.bfloat16
 
 
@@ -244,7 +250,7 @@ def test_every_attention_layer_reads_one_rope_table():
     seen = []
     small = tg.GPT(tiny_cfg(), 512)
     for i, block in enumerate(small.blocks):
-        small.block_calls[i] = lambda *args, block=block: seen.append(args[-2:]) or block(*args)
+        small.block_calls[i] = lambda *args, block=block: seen.append(args[-4:-2]) or block(*args)  # before dense, fp8
     ids = torch.randint(0, 50000, (257,), generator=torch.Generator().manual_seed(0))
     ids[0] = tg.EOT_TOKEN
     small(ids[:-1], ids[1:], tg.schedule_at(0, small.cfg))

@@ -22,16 +22,21 @@ def test_the_record_prints_the_2026_table(capsys):
     # shape, init, storage dtype, optimizer state, then the optimizer's settings
     assert rows["blocks.*.attn.qk_w"][2:11] == ["2x768x768", "U(+-0.03125)", "bf16", "mom:fp32+low:int16", "muon",
                                                 "0.023", "1", "0.023", "-"]
-    assert rows["bigram_embed.weight"][2:9] == ["754560x192", "zeros", "bf16", "m,v:fp32", "adam", "0.6", "1"]
+    assert rows["bigram_embed.weight"][2:9] == ["377280x768", "zeros", "bf16", "m,v:fp32", "adam", "0.6", "1"]
+    # the MUDD rows: shape, init, dtype, state, optimizer, lr, shape factor, effective lr, betas, wd
+    assert rows["mudd_b2"][2:13] == ["2x14", "lambda", "inits/0.1", "bf16", "m,v:fp32", "adam", "0.002", "1", "0.002",
+                                     "0.9,0.99", "0"]
+    assert rows["mudd_gate_scale"][2:12] == ["scalar", "0.1", "fp32", "m,v:fp32", "adam", "0.0008", "1", "0.0008",
+                                             "0.9,0.99", "0"]
     assert rows["muon:"][1] == "polar_express_2026,"
 
 
 def test_the_record_model_has_every_parameter_in_the_table_once():
     _, settings = applied_recipe([])
-    # 11 layers: 10 with attention (qk, v, proj, sa lambdas, gate), 5 with a value gate, 11 MLPs (2 each);
-    # globals: embed, head, 5 value tables, bigram table, resid/post/x0/bigram lambdas, smear gate+lambda,
-    # skip gate+lambda, backout lambda
-    assert len(settings) == 10 * 5 + 5 + 11 * 2 + 8 + 4 + 5
+    # 11 layers: 10 with attention (qk, v, proj, sa lambdas), 4 with a value gate (layer 10's comes from MUDD-0),
+    # 11 MLPs (2 each); globals: embed, head, 5 value tables, bigram table, resid/post lambdas, smear gate+lambda,
+    # skip lambda, the MUDD gates (w1, w2, b2, scale) and MUDD (w1, w2, b2)
+    assert len(settings) == 10 * 4 + 4 + 11 * 2 + 8 + 2 + 3 + 4 + 3
     assert len({s.name for s in settings}) == len(settings)
 
 
@@ -125,10 +130,10 @@ def test_compiled_blocks_never_fall_back_to_eager(monkeypatch):
         tg.evaluate(model, ids.numpy().astype("uint16"), tg.dataclasses.replace(cfg, val_tokens=512), 10, tg.Comm(),
                     torch.device("cpu"))
         model(ids[:256], ids[1:257], tg.schedule_at(3, cfg)).backward()
-        # 4 layers of 3 kinds: 0 paired heads (its input aliases x0), 1 and 3 value-gated with key offset (3 reads
-        # the backout stream: the same code), 2 MLP only; each for training and validation, plus the head twice.
-        # More graphs would mean per-layer or per-window recompiles.
-        assert counters["stats"]["unique_graphs"] == 3 * 2 + 2
+        # 4 layers of 4 kinds: 0 paired heads, 1 value-gated with key offset, XSA and a head gate, 2 MLP only, 3 the
+        # MUDD layer (DC, MUDD-0's value gate); each for training and validation, plus the head twice. More graphs
+        # would mean per-layer or per-window recompiles.
+        assert counters["stats"]["unique_graphs"] == 4 * 2 + 2
     torch._dynamo.reset()
 
 

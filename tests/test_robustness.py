@@ -31,7 +31,7 @@ from test_train_gpt import SAMPLE_VAL, run_trainer, tiny_args, write_shard  # no
 
 MICRO_MODEL = ["--num-layers", "2", "--model-dim", "64", "--num-heads", "2", "--head-dim", "32", "--no-attn-layers", "",
                "--long-window-layers", "1", "--paired-head-layers", "0", "--value-embed-layers", "1", "--skip-connection", "",
-               "--backout-layer", "-1", "--bigram-rows", "1031", "--bigram-dim", "16", "--bigram-sign-rows", "64",
+               "--attn-source-layer", "-1", "--no-mudd", "--xsa-layers", "", "--attn-gate-layers", "", "--dc-layer", "-1", "--bigram-rows", "1031", "--bigram-dim", "16", "--bigram-sign-rows", "64",
                "--stage-seq-len", "128,128,128,128", "--stage-batch-tokens", "256,256,256,256",
                "--stage-max-doc-len", "128,128,128,128", "--stage-short-window-blocks", "1,1,1,1",
                "--stage-long-window-blocks", "1,1,1,1", "--final-long-window-blocks", "1", "--val-seq-len", "128",
@@ -157,7 +157,7 @@ def test_negative_lr_on_the_command_line_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("report", ["--print-recipe", "--print-schedule"])
 @pytest.mark.parametrize("flag, value, message", [("--muon-lr", "-1", "--muon-lr must be a positive number, got -1.0"),
-                                                  ("--num-heads", "3", "--num-heads 3 x --head-dim 64 must equal --model-dim 128")])
+                                                  ("--num-heads", "3", "--num-heads 3 x --head-dim 16 must equal --model-dim 96")])
 def test_a_report_refuses_the_settings_a_run_refuses_before_it_prints(report, flag, value, message, capsys):
     assert tg.main(["--preset", "tiny", report, flag, value]) == 2
     captured = capsys.readouterr()

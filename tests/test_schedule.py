@@ -15,7 +15,7 @@ sys.path.insert(0, str(REPO))
 import train_gpt as tg  # noqa: E402
 
 REQUIRED_KEYS = {"step", "stage", "batch_tokens", "seq_len", "max_doc_len", "window_short_tokens", "window_long_tokens",
-                 "lr_mult", "muon_momentum", "mtp_weights", "adam_step", "embed_tied", "attn_scale"}
+                 "lr_mult", "muon_momentum", "mtp_weights", "prefix_weight", "adam_step", "embed_tied", "attn_scale"}
 
 
 def r2026_cfg():
@@ -46,8 +46,8 @@ def test_tiny_preset_has_the_records_stages_split_and_extension():
 # The 2026 recipe (--preset r2026)
 
 
-@pytest.mark.parametrize("step,stage", [(0, 0), (479, 0), (480, 1), (481, 1), (959, 1), (960, 2), (961, 2),
-                                        (1439, 2), (1440, 3), (1441, 3), (1479, 3), (1480, 3)])
+@pytest.mark.parametrize("step,stage", [(0, 0), (422, 0), (423, 1), (424, 1), (846, 1), (847, 2), (848, 2),
+                                        (1269, 2), (1270, 3), (1271, 3), (1284, 3), (1285, 3)])
 def test_r2026_stage_lookup_at_the_boundaries(step, stage):
     schedule = tg.schedule_at(step, r2026_cfg())
     assert schedule.stage == stage
@@ -58,55 +58,58 @@ def test_r2026_stage_lookup_at_the_boundaries(step, stage):
 
 def test_r2026_steps_and_stage_tokens():
     cfg = r2026_cfg()
-    assert cfg.train_steps == 1480
-    assert tg.stage_tokens(cfg) == [480 * 131_072, 480 * 262_144, 480 * 393_216, 40 * 393_216]
-    assert tg.schedule_summary(cfg) == ("schedule: 1480 steps, stage tokens [62,914,560, 125,829,120, 188,743,680, "
-                                        "15,728,640], total 393,216,000 tokens")
+    assert cfg.train_steps == 1285
+    assert tg.stage_tokens(cfg) == [423 * 131_072, 424 * 262_144, 423 * 393_216, 15 * 393_216]
+    assert tg.schedule_summary(cfg) == ("schedule: 1285 steps, stage tokens [55,443,456, 111,149,056, 166,330,368, "
+                                        "5,898,240], total 338,821,120 tokens")
 
 
-# Values of r2026.py's own TrainingSchedule, get_muon_momentum, TrainingManager.advance_schedule (+ the final
-# window extension) and Yarn.attn_scale, run in scratch. Windows in tokens; MTP weights as Python floats (the
-# script then stores them as float32 tensors).
-R2026_PUBLIC = [  # step, lr_mult, muon_momentum, (short, long window), mtp_weights, attn_scale
-    (0, 1.0, 0.85, (128, 384), (1.0, 0.5, 0.25), 0.1),
-    (1, 1.0, 0.8503333333333333, (128, 384), (1.0, 0.5, 0.24947916666666667), 0.1),
-    (299, 1.0, 0.9496666666666667, (128, 384), (1.0, 0.5, 0.09427083333333333), 0.1),
-    (300, 1.0, 0.95, (128, 384), (1.0, 0.5, 0.09375), 0.1),
-    (479, 1.0, 0.95, (128, 384), (1.0, 0.5, 0.0005208333333333315), 0.1),
-    (480, 1.52, 0.95, (384, 896), (1.0, 0.5), 0.11694595720774409),
-    (481, 1.52, 0.95, (384, 896), (1.0, 0.49895833333333334), 0.11694595720774409),
-    (576, 1.52, 0.95, (384, 896), (1.0, 0.4), 0.11694595720774409),
-    (577, 1.5184143518518518, 0.95, (384, 896), (1.0, 0.3989583333333333), 0.11694595720774409),
-    (959, 0.9126967592592593, 0.95, (384, 896), (1.0, 0.001041666666666663), 0.11694595720774409),
-    (960, 1.027777777777778, 0.95, (640, 1408), (1.0,), 0.12751752379570258),
-    (961, 1.025949074074074, 0.95, (640, 1408), (1.0,), 0.12751752379570258),
-    (1008, 0.94, 0.95, (640, 1408), (1.0,), 0.12751752379570258),
-    (1430, 0.16828703703703704, 0.95, (640, 1408), (1.0,), 0.12751752379570258),
-    (1431, 0.16645833333333326, 0.948, (640, 1408), (1.0,), 0.12751752379570258),
-    (1439, 0.15182870370370374, 0.9319999999999999, (640, 1408), (1.0,), 0.12751752379570258),
-    (1440, 0.15, 0.9299999999999999, (768, 1664), (1.0,), 0.1317779884389435),
-    (1441, 0.15, 0.9279999999999999, (768, 1664), (1.0,), 0.1317779884389435),
-    (1479, 0.15, 0.852, (768, 1664), (1.0,), 0.1317779884389435),
-    (1480, 0.15, 0.85, (768, 2560), (1.0,), 0.1317779884389435),
+# Values of the 2026-08-01 script's (modded-nanogpt f411b3d3) own TrainingSchedule (get_lr, mtp_weights,
+# prefix_weights), get_muon_momentum, TrainingManager.advance_schedule (+ the final window extension) and
+# Yarn.attn_scale, run in scratch. Windows in tokens; MTP and prefix weights as Python floats (the script then
+# stores them as float32 tensors). The scratch comparison checks all 1286 steps.
+R2026_PUBLIC = [  # step, lr_mult, muon_momentum, (short, long window), mtp_weights, prefix_weight, attn_scale
+    (0, 1.0, 0.85, (128, 384), (1.0, 0.5, 0.25), 0.25, 0.1),
+    (1, 1.0, 0.8503333333333333, (128, 384), (1.0, 0.5, 0.24940898345153664), 0.25, 0.1),
+    (299, 1.0, 0.9496666666666667, (128, 384), (1.0, 0.5, 0.07328605200945626), 0.25, 0.1),
+    (300, 1.0, 0.95, (128, 384), (1.0, 0.5, 0.0726950354609929), 0.25, 0.1),
+    (422, 1.0, 0.95, (128, 384), (1.0, 0.5, 0.0005910165484633578), 0.25, 0.1),
+    (423, 1.52, 0.95, (384, 896), (1.0, 0.5), 0.25, 0.11694595720774409),
+    (424, 1.52, 0.95, (384, 896), (1.0, 0.4988207547169811), 0.24941037735849056, 0.11694595720774409),
+    (508, 1.52, 0.95, (384, 896), (1.0, 0.39976415094339623), 0.19988207547169812, 0.11694595720774409),
+    (509, 1.518202099737533, 0.95, (384, 896), (1.0, 0.39858490566037735), 0.19929245283018868, 0.11694595720774409),
+    (846, 0.9123097112860894, 0.95, (384, 896), (1.0, 0.0011792452830188815), 0.0005896226415094408, 0.11694595720774409),
+    (847, 1.0270866141732282, 0.95, (640, 1408), (1.0,), 0.0, 0.12751752379570258),
+    (848, 1.02501312335958, 0.95, (640, 1408), (1.0,), 0.0, 0.12751752379570258),
+    (900, 0.9171916010498687, 0.95, (640, 1408), (1.0,), 0.0, 0.12751752379570258),
+    (1235, 0.22257217847769029, 0.95, (640, 1408), (1.0,), 0.0, 0.12751752379570258),
+    (1236, 0.22049868766404193, 0.948, (640, 1408), (1.0,), 0.0, 0.12751752379570258),
+    (1269, 0.15207349081364835, 0.882, (640, 1408), (1.0,), 0.0, 0.12751752379570258),
+    (1270, 0.15, 0.88, (768, 1664), (1.0,), 0.0, 0.1317779884389435),
+    (1271, 0.15, 0.878, (768, 1664), (1.0,), 0.0, 0.1317779884389435),
+    (1284, 0.15, 0.852, (768, 1664), (1.0,), 0.0, 0.1317779884389435),
+    (1285, 0.15, 0.85, (768, 2560), (1.0,), 0.0, 0.1317779884389435),
 ]
 
 
-@pytest.mark.parametrize("step,lr_mult,momentum,windows,mtp,attn_scale", R2026_PUBLIC)
-def test_r2026_matches_the_public_script_numbers(step, lr_mult, momentum, windows, mtp, attn_scale):
+@pytest.mark.parametrize("step,lr_mult,momentum,windows,mtp,prefix,attn_scale", R2026_PUBLIC)
+def test_r2026_matches_the_public_script_numbers(step, lr_mult, momentum, windows, mtp, prefix, attn_scale):
     schedule = tg.schedule_at(step, r2026_cfg())
     assert schedule.lr_mult == lr_mult
     assert schedule.muon_momentum == pytest.approx(momentum, rel=1e-15, abs=0)  # the script's lerp rounds differently
     assert (schedule.window_short_tokens, schedule.window_long_tokens) == windows
     assert schedule.mtp_weights == mtp
+    assert schedule.prefix_weight == prefix
     assert schedule.attn_scale == attn_scale
 
 
 def test_r2026_adam_on_odd_steps_only_and_embedding_tied_through_the_split_step():
     cfg = r2026_cfg()
     schedules = [tg.schedule_at(step, cfg) for step in range(cfg.train_steps + 1)]
-    assert [s.step for s in schedules if s.adam_step] == list(range(1, 1480, 2))
-    assert tg.embed_split_step(cfg) == 961
-    assert [s.step for s in schedules if s.embed_tied] == list(range(962))
+    assert [s.step for s in schedules if s.adam_step] == list(range(1, 1285, 2))
+    assert tg.embed_split_step(cfg) == 847
+    assert [s.step for s in schedules if s.embed_tied] == list(range(848))
+    assert tg.warmup_steps(cfg) == [0, 1, 421, 422, 423, 424, 845, 846, 847, 848, 1268, 1269, 1270, 1271]
 
 
 def test_schedule_is_a_frozen_record_of_a_pure_function():
@@ -131,7 +134,7 @@ def test_stage_flags_parse_ints_floats_and_per_stage_lists():
 @pytest.mark.parametrize("argv,message", [
     (["--stage-steps", ""], "--stage-steps : must start at 0 and increase"),
     (["--preset", "r2026", "--stage-seq-len", "16384,32768,49152"], "--stage-seq-len: one value per stage (4 stages), got 3"),
-    (["--preset", "r2026", "--stage-steps", "0,480,960,1480"], "must start at 0 and increase, below --train-steps 1480"),
+    (["--preset", "r2026", "--stage-steps", "0,423,847,1285"], "must start at 0 and increase, below --train-steps 1285"),
     (["--preset", "r2026", "--stage-mtp-weights-end", "1,0/1/1/1"], "need the same number"),
 ])
 def test_impossible_schedules_are_refused_in_one_line(argv, message):
@@ -142,7 +145,7 @@ def test_impossible_schedules_are_refused_in_one_line(argv, message):
 
 def test_print_schedule_prints_one_json_line_per_step():
     assert sorted(tg.PRESETS) == ["r2026", "record", "tiny"]  # a new preset joins the list below
-    for preset, steps in [("record", 1480), ("r2026", 1480), ("tiny", 50)]:
+    for preset, steps in [("record", 1285), ("r2026", 1285), ("tiny", 50)]:
         result = run_train_gpt("--preset", preset, "--print-schedule")
         assert result.returncode == 0 and result.stderr == ""
         lines = [json.loads(line) for line in result.stdout.splitlines()]
@@ -197,14 +200,14 @@ def test_train_step_reads_lr_momentum_and_window_from_the_schedule(monkeypatch):
 
 def test_a_run_prints_its_steps_stage_tokens_and_total_at_start_up(tmp_path):
     """Before any data is read (here there is none, so the run stops right after), the 2026 preset's run prints
-    its schedule: 480 steps x 131,072 = 62,914,560 tokens, 480 x 262,144 = 125,829,120, 480 x 393,216 =
-    188,743,680, the 40 extension steps x 393,216 = 15,728,640; total 393,216,000 tokens."""
+    its schedule: 423 steps x 131,072 = 55,443,456 tokens, 424 x 262,144 = 111,149,056, 423 x 393,216 =
+    166,330,368, the 15 extension steps x 393,216 = 5,898,240; total 338,821,120 tokens."""
     result = run_train_gpt("--preset", "r2026", "--device", "cpu", "--val-files", str(tmp_path / "none_*.bin"),
                            "--log-dir", str(tmp_path), "--run-id", "startup")
     assert result.returncode == 2 and "--val-files" in result.stderr  # stopped at the data (the first it reads)
     summary = [line for line in result.stdout.splitlines() if line.startswith("schedule:")]
-    assert summary == ["schedule: 1480 steps, stage tokens [62,914,560, 125,829,120, 188,743,680, 15,728,640], "
-                       "total 393,216,000 tokens"]
+    assert summary == ["schedule: 1285 steps, stage tokens [55,443,456, 111,149,056, 166,330,368, 5,898,240], "
+                       "total 338,821,120 tokens"]
     # printed before the data is looked at: nothing after it comes from the data or training
     after = result.stdout.split(summary[0], 1)[1]
     assert "train_files:" not in after and "step:" not in after
@@ -230,9 +233,10 @@ def test_train_steps_alone_scales_the_presets_schedule_and_the_run_prints_its_st
     assert (cfg.stage_steps, cfg.extension_steps, cfg.muon_momentum_warmup_steps, cfg.muon_momentum_cooldown_steps) == (
         (0, 6, 12, 18), 2, 4, 2)
     assert tg.embed_split_step(cfg) == 13 and cfg.stage_batch_tokens == tg.TINY["stage_batch_tokens"]  # the rest kept
-    # the record at 120 steps: 480 x 120/1480 = 38.9 -> 39, 960 -> 78, 1440 -> 116.8 -> 117 (3 extension steps)
+    # the record at 120 of its 1285 steps: 423 x 120/1285 = 39.50 -> 40, 847 -> 79.10 -> 79, the scheduled end
+    # 1270 -> 118.6 -> 119 (1 extension step, the last stage starts with it); momentum warm-up 300 -> 28.02 -> 28
     cfg = tg.parse_config(["--train-steps", "120"])
-    assert (cfg.stage_steps, cfg.extension_steps, cfg.muon_momentum_warmup_steps) == ((0, 39, 78, 117), 3, 24)
+    assert (cfg.stage_steps, cfg.extension_steps, cfg.muon_momentum_warmup_steps) == ((0, 40, 79, 119), 1, 28)
     # a step count given as a flag is kept, and the last stage starts with the extension given
     cfg = tg.parse_config(["--preset", "tiny", "--train-steps", "20", "--extension-steps", "5", "--muon-momentum-warmup-steps", "7"])
     assert (cfg.stage_steps, cfg.extension_steps, cfg.muon_momentum_warmup_steps) == ((0, 6, 12, 15), 5, 7)
@@ -251,11 +255,11 @@ def test_the_trainers_scaled_schedule_is_the_benchmarks_compressed_one():
     sys.path.insert(0, str(REPO / "records"))
     import benchmark
     for preset in ("record", "tiny"):
-        for steps in [5, 8, 20, 21, 50, 77, 120, 240, 1000, 1480, 2000]:  # 5: the fewest the record fits
+        for steps in [5, 8, 20, 21, 50, 77, 120, 240, 1000, 1285, 1480, 2000]:  # 5: the fewest the record fits
             scaled = tg.parse_config(["--preset", preset, "--train-steps", str(steps)])
             compressed = tg.parse_config(["--preset", preset, *benchmark.compressed_schedule_flags(preset, steps)])
             assert [getattr(scaled, k) for k in tg.SCALED_STEP_COUNTS] == [getattr(compressed, k) for k in tg.SCALED_STEP_COUNTS]
-    assert tg.parse_config(["--train-steps", "1480"]) == tg.parse_config([])  # at its own length: the preset
+    assert tg.parse_config(["--train-steps", "1285"]) == tg.parse_config([])  # at its own length: the preset
 
 
 @pytest.mark.parametrize("steps", ["1", "2", "3"])

@@ -15,7 +15,7 @@ import train_gpt as tg
 
 SMALL_2026 = ["--preset", "r2026", "--model-dim", "64", "--num-heads", "2", "--head-dim", "32",
               "--num-layers", "4", "--no-attn-layers", "2", "--long-window-layers", "0,3", "--value-embed-layers", "1,3",
-              "--skip-connection", "1,2", "--backout-layer", "2", "--paired-head-layers", "0",
+              "--skip-connection", "1,2", "--attn-source-layer", "2", "--post-gate-layer", "2", "--xsa-layers", "1", "--attn-gate-layers", "1,3", "--dc-layer", "3", "--paired-head-layers", "0",
               "--bigram-rows", "1031", "--bigram-dim", "16", "--bigram-sign-rows", "64", "--device", "cpu",
               "--stage-seq-len", "256,512,768,768", "--stage-batch-tokens", "256,512,768,768",
               "--stage-max-doc-len", "128,256,256,256", "--stage-steps", "0,4,8,12", "--train-steps", "16",

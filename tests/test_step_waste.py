@@ -28,7 +28,7 @@ def two_layer_cfg(*extra):
     """The tiny preset cut to 2 layers (both with attention, value embeddings on layer 0), the rest as in it."""
     return tg.parse_config(["--preset", "tiny", "--num-layers", "2", "--no-attn-layers", "", "--long-window-layers", "0",
                             "--paired-head-layers", "", "--value-embed-layers", "0", "--skip-connection", "",
-                            "--backout-layer", "-1", *extra])
+                            "--attn-source-layer", "-1", "--no-mudd", "--xsa-layers", "", "--attn-gate-layers", "", "--dc-layer", "-1", *extra])
 
 
 def token_ids(n, bos_at):
