@@ -714,6 +714,11 @@ def test_the_dc_layer_uses_its_own_window_not_the_layers():
         outputs[window] = with_dc - without
     torch.testing.assert_close(outputs[10], outputs[60], atol=1e-5, rtol=1e-4)
     assert outputs[10].abs().max() > 1e-3
+    attn.dc_window = 40  # and it is the layer's dc_window that sets it: a wider one reaches more keys
+    mask = tg.token_window_mask(ids, 10)
+    wider = (attn(x, None, mask, model.rotary.cos, model.rotary.sin, tg.LayerGates(dc=(w1, w2, docs)))
+             - attn(x, None, mask, model.rotary.cos, model.rotary.sin, tg.LayerGates()))
+    assert (wider - outputs[10]).abs().max() > 1e-3
 
 
 # -----------------------------------------------------------------------------
