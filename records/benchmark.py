@@ -13,10 +13,10 @@ What one call does:
      proxy_val_000000.bin and proxy_train_000001.bin already exist with the right sizes).
   2. Runs train_gpt.py once per variant (and --repeat round), in turn, on the same data: the record
      configuration (trainer --preset record) with its whole staged schedule compressed to --train-steps
-     (default 120 of its 1480): the stage starts (0, 39, 78, 117), the extension (the last 3 steps, its
-     own stage), Muon's momentum warm-up (24) and cool-down (4) scale by 120/1480; the batches, sequence
+     (default 120 of its 1285): the stage starts (0, 40, 79, 119), the extension (the last step, its
+     own stage), Muon's momentum warm-up (28) and cool-down (5) scale by 120/1285; the batches, sequence
      lengths and windows of each stage, the LR cooldown fraction and the split stage stay (the embedding
-     parts from the head at step 79). That is 31.9M training tokens (the reference's run: 47.2M). The
+     parts from the head at step 79). That is 31.6M training tokens (the reference's run: 47.2M). The
      validation is the reference's: --val-tokens 1966080 --val-seq-len 49152 (its 40 sequences of 49,152),
      off the training clock, --val-every 10 so the time to the target loss can be read off. With no
      --variant the one run is named 'record'; `--variant base="" --variant glue="--compile-glue"` is an
@@ -222,7 +222,7 @@ def build_parser():
     run.add_argument("--device", default=None, help="trainer --device (record: cuda, tiny: cpu)")
     run.add_argument("--train-steps", type=int, default=None, metavar="N",
                      help="the trainer preset's whole staged schedule scaled to N steps: stage starts, "
-                          "extension, Muon momentum warm-up and cool-down (record: 120 of 1480, tiny: 20)")
+                          "extension, Muon momentum warm-up and cool-down (record: 120 of 1285, tiny: 20)")
     run.add_argument("--val-tokens", type=int, default=None, metavar="N",
                      help="trainer --val-tokens (record: 1966080, the reference's)")
     run.add_argument("--val-seq-len", type=int, default=None, metavar="N",

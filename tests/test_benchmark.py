@@ -355,9 +355,9 @@ def test_trainer_command_order_lets_variants_win_but_keeps_the_log_path():
 
 # ----------------------------------------------------------------------------- the record, compressed
 
-# The trainer's full record schedule: 1480 steps, stages from 0, 480, 960 and 1440 (the last one the 40-step
-# extension), Muon momentum warm-up 300 and cool-down 50 steps.
-FULL_RECORD = {"train_steps": 1480, "stage_steps": (0, 480, 960, 1440), "extension_steps": 40,
+# The trainer's full record schedule (the 2026-08-01 script's): 1285 steps, stages from 0, 423, 847 and 1270 (the
+# last one the 15-step extension), Muon momentum warm-up 300 and cool-down 50 steps.
+FULL_RECORD = {"train_steps": 1285, "stage_steps": (0, 423, 847, 1270), "extension_steps": 15,
                "muon_momentum_warmup_steps": 300, "muon_momentum_cooldown_steps": 50}
 
 
@@ -380,30 +380,30 @@ def test_record_run_is_the_record_on_the_reference_data_and_validation():
     # the reference's validation: the first 40 sequences of 49,152 tokens, every 10 steps, off the clock
     assert (cfg.val_tokens, cfg.val_seq_len, cfg.val_every, cfg.device) == (1_966_080, 49_152, 10, "cuda")
     assert (cfg.train_files, cfg.val_files) == ("T*", "V*")
-    # the record's own structure and stages: bigram hash, the split at stage 2, stages of 8 sequences
-    assert (cfg.bigram_rows, cfg.embed_split_stage, cfg.compile, cfg.fp8_head) == (50304 * 15, 2, True, True)
+    # the record's own structure and stages: bigram hash (377,280 rows), the split at stage 2, stages of 8 sequences
+    assert (cfg.bigram_rows, cfg.embed_split_stage, cfg.compile, cfg.fp8_head) == (377_280, 2, True, True)
     assert cfg.stage_batch_tokens == (131_072, 262_144, 393_216, 393_216)
 
 
 def test_record_schedule_is_the_full_one_scaled_to_train_steps():
-    """120 of 1480 steps: scale 120/1480 = 0.08108. Stages 480 x s = 38.9 -> 39, 960 x s = 77.8 -> 78;
-    the scheduled steps end at 1440 x s = 116.8 -> 117, so the extension is 120 - 117 = 3 steps, its stage
-    from 117; momentum warm-up 300 x s = 24.3 -> 24, cool-down 50 x s = 4.05 -> 4."""
+    """120 of 1285 steps: scale 120/1285 = 0.09339. Stages 423 x s = 39.5 -> 40, 847 x s = 79.1 -> 79;
+    the scheduled steps end at 1270 x s = 118.6 -> 119, so the extension is 120 - 119 = 1 step, its stage
+    from 119; momentum warm-up 300 x s = 28.0 -> 28, cool-down 50 x s = 4.7 -> 5."""
     cfg = trainer_config(record_command()[1])
-    assert (cfg.train_steps, cfg.extension_steps, cfg.stage_steps) == (120, 3, (0, 39, 78, 117))
-    assert (cfg.muon_momentum_warmup_steps, cfg.muon_momentum_cooldown_steps) == (24, 4)
-    # 240 steps: twice as many in each part (480 x 240/1480 = 77.8 -> 78, 1440 x ... = 233.5 -> 234)
+    assert (cfg.train_steps, cfg.extension_steps, cfg.stage_steps) == (120, 1, (0, 40, 79, 119))
+    assert (cfg.muon_momentum_warmup_steps, cfg.muon_momentum_cooldown_steps) == (28, 5)
+    # 240 steps: 423 x 240/1285 = 79.0 -> 79, 847 -> 158.2 -> 158, 1270 -> 237.2 -> 237, extension 3
     cfg = trainer_config(record_command("--train-steps", "240")[1])
-    assert (cfg.train_steps, cfg.extension_steps, cfg.stage_steps) == (240, 6, (0, 78, 156, 234))
-    assert (cfg.muon_momentum_warmup_steps, cfg.muon_momentum_cooldown_steps) == (49, 8)
-    # the smoke's 20: 480 x 20/1480 = 6.5 -> 6, 960 -> 13.0 -> 13, 1440 -> 19.5 -> 19 (even), extension 1
+    assert (cfg.train_steps, cfg.extension_steps, cfg.stage_steps) == (240, 3, (0, 79, 158, 237))
+    assert (cfg.muon_momentum_warmup_steps, cfg.muon_momentum_cooldown_steps) == (56, 9)
+    # the smoke's 20: 423 x 20/1285 = 6.6 -> 7, 847 -> 13.2 -> 13, 1270 -> 19.8 -> 20: the extension keeps 1 step, from 19
     cfg = trainer_config(record_command("--train-steps", "20")[1])
-    assert (cfg.stage_steps, cfg.extension_steps) == ((0, 6, 13, 19), 1)
+    assert (cfg.stage_steps, cfg.extension_steps) == ((0, 7, 13, 19), 1)
 
 
 def test_record_schedule_at_full_length_is_the_trainers_preset():
     import train_gpt
-    cfg = trainer_config(record_command("--train-steps", "1480")[1])
+    cfg = trainer_config(record_command("--train-steps", "1285")[1])
     preset = train_gpt.parse_config(["--preset", "record"])
     for name, value in FULL_RECORD.items():
         assert getattr(cfg, name) == getattr(preset, name) == value, name
@@ -411,26 +411,26 @@ def test_record_schedule_at_full_length_is_the_trainers_preset():
 
 def test_record_compressed_schedule_keeps_the_stage_structure():
     """Read from the trainer's schedule: four stages in order, the split at the first odd step of stage 2
-    (78 | 1 = 79), Adam on odd steps, and 31.9M training tokens (39 x 131,072 + 39 x 262,144 + 39 x 393,216
-    + 3 x 393,216 = 31,850,496), fewer than the reference's 120 x 393,216 = 47,185,920."""
+    (79), Adam on odd steps, and 31.6M training tokens (40 x 131,072 + 39 x 262,144 + 40 x 393,216
+    + 1 x 393,216 = 31,588,352), fewer than the reference's 120 x 393,216 = 47,185,920."""
     import train_gpt
     cfg = trainer_config(record_command()[1])
     train_gpt.check_schedule(cfg, training=True)
     assert train_gpt.check_config(cfg, 1) == 8  # 8 sequences a step on one GPU in every stage
     schedules = [train_gpt.schedule_at(step, cfg) for step in range(cfg.train_steps)]
     firsts = [next(s.step for s in schedules if s.stage == stage) for stage in range(4)]
-    assert firsts == [0, 39, 78, 117]
+    assert firsts == [0, 40, 79, 119]
     assert max(s.step for s in schedules if s.embed_tied) == 79
     assert [s.adam_step for s in schedules[:4]] == [False, True, False, True]
-    assert train_gpt.stage_tokens(cfg) == [39 * 131_072, 39 * 262_144, 39 * 393_216, 3 * 393_216]
-    assert sum(train_gpt.stage_tokens(cfg)) == 31_850_496 < 120 * 393_216
+    assert train_gpt.stage_tokens(cfg) == [40 * 131_072, 39 * 262_144, 40 * 393_216, 1 * 393_216]
+    assert sum(train_gpt.stage_tokens(cfg)) == 31_588_352 < 120 * 393_216
     # the benchmark's own count from the logged config agrees with the trainer's
     logged = {"stage_steps": list(cfg.stage_steps), "stage_batch_tokens": list(cfg.stage_batch_tokens)}
-    assert benchmark.trained_tokens(logged, 120) == 31_850_496
+    assert benchmark.trained_tokens(logged, 120) == 31_588_352
 
 
 def test_record_too_few_steps_for_its_stages_is_refused():
-    """8 steps: 480 x 8/1480 = 2.6 -> 3, 960 -> 5, the extension 1 step from 7: still four stages; 3 steps
+    """8 steps: 423 x 8/1285 = 2.6 -> 3, 847 -> 5.3 -> 5, the extension 1 step from 7: still four stages; 3 steps
     would start stages at 0, 1, 2 and the extension at 2: refused."""
     cfg = trainer_config(record_command("--train-steps", "8")[1])
     assert (cfg.stage_steps, cfg.extension_steps) == ((0, 3, 5, 7), 1)
@@ -463,7 +463,7 @@ def test_record_command_is_accepted_by_the_trainer(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     steps = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(steps) == 121 and steps[-1]["trains"] is False
-    assert [s["step"] for s in steps if s["stage"] != steps[s["step"] - 1]["stage"]][1:] == [39, 78, 117]
+    assert [s["step"] for s in steps if s["stage"] != steps[s["step"] - 1]["stage"]][1:] == [40, 79, 119]
     assert [s["embed_tied"] for s in steps[79:81]] == [True, False]
     assert {s["batch_tokens"] for s in steps[:39]} == {131_072} and steps[117]["batch_tokens"] == 393_216
 
@@ -478,7 +478,7 @@ def test_dry_run_prints_the_commands_without_tokenizing(tmp_path, capsys):
     assert [cmd[cmd.index("--run-id") + 1] for cmd in commands] == ["bench-dry-run-base", "bench-dry-run-glue"]
     configs = [trainer_config(cmd) for cmd in commands]
     assert [cfg.compile_glue for cfg in configs] == [False, True]
-    assert configs[0].train_files == str(data / "proxy_train_*.bin") and configs[0].stage_steps == (0, 39, 78, 117)
+    assert configs[0].train_files == str(data / "proxy_train_*.bin") and configs[0].stage_steps == (0, 40, 79, 119)
 
 
 def test_staged_tokens_per_second_counts_each_stages_batch():

@@ -23,7 +23,8 @@ CPU = torch.device("cpu")
 STAGED = ["--stage-steps", "0,3,6", "--train-steps", "9", "--stage-batch-tokens", "2048,4096,4096",
           "--stage-seq-len", "256,512,1024", "--stage-max-doc-len", "96,300,300",
           "--stage-short-window-blocks", "1,1,2", "--stage-long-window-blocks", "2,3,4",
-          "--stage-lr-mult", "1,1,1", "--stage-mtp-weights-start", "1/1/1", "--stage-mtp-weights-end", "1/1/1"]
+          "--stage-lr-mult", "1,1,1", "--stage-mtp-weights-start", "1/1/1", "--stage-mtp-weights-end", "1/1/1",
+          "--stage-prefix-weight-start", "0.25,0.25,0", "--stage-prefix-weight-end", "0.25,0,0"]
 
 
 def write_shard(path: Path, tokens) -> str:
@@ -256,7 +257,7 @@ def test_a_shard_too_small_for_any_step_is_a_data_error(tmp_path):
 
 def test_warmup_samples_the_steps_around_every_stage_start_as_the_2026_script():
     r2026 = tg.parse_config(["--preset", "r2026"])
-    assert tg.warmup_steps(r2026) == [0, 1, 478, 479, 480, 481, 958, 959, 960, 961, 1438, 1439, 1440, 1441]
+    assert tg.warmup_steps(r2026) == [0, 1, 421, 422, 423, 424, 845, 846, 847, 848, 1268, 1269, 1270, 1271]
     assert tg.warmup_steps(staged_cfg("--warmup-steps", "0")) == []
     assert tg.warmup_steps(staged_cfg("--warmup-steps", "1")) == [0, 1, 2, 3, 4, 5, 6, 7]
 
@@ -276,11 +277,12 @@ class Lines:
 
 def test_summary_counts_the_tokens_of_each_steps_own_batch():
     cfg = tg.parse_config(["--preset", "r2026"])
-    assert tg.trained_tokens(1480, cfg) == 480 * (131_072 + 262_144 + 393_216) + 40 * 393_216
+    # stages 0..423, 423..847, 847..1270 and the 15-step extension: the 2026-08-01 script's 338.8M tokens
+    assert tg.trained_tokens(1285, cfg) == 423 * 131_072 + 424 * 262_144 + 423 * 393_216 + 15 * 393_216 == 338_821_120
     logger = Lines()
-    result = dict(train_ms=1000.0 * 100, val_losses=[(1480, 3.3, 1e5)], launch_to_first_step=None, model=None)
+    result = dict(train_ms=1000.0 * 100, val_losses=[(1285, 3.3, 1e5)], launch_to_first_step=None, model=None)
     tg.log_summary(logger, result, cfg, CPU, None)
-    assert f"tokens_per_second: {tg.trained_tokens(1480, cfg) / 100:.0f}" in logger.lines
+    assert f"tokens_per_second: {tg.trained_tokens(1285, cfg) / 100:.0f}" in logger.lines
 
 
 def test_the_loop_gives_every_step_the_batch_of_its_own_schedule(monkeypatch):

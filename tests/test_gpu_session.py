@@ -54,15 +54,15 @@ def flag(command, name):
 
 def test_each_part_runs_the_trainer_commands_it_names(tmp_path):
     """Every part runs the record (--preset record) on the proxy data and the reference's validation: the smoke
-    its schedule compressed to 20 steps (stages 0, 6, 13, 19: 480, 960, 1440 x 20/1480 rounded), the others to
-    120 (0, 39, 78, 117), both on a cold compile cache; the A/Bs two runs on the same schedule."""
+    its schedule compressed to 20 steps (stages 0, 7, 13, 19: 423, 847, 1270 x 20/1285 rounded, the last below 20), the others
+    to 120 (0, 40, 79, 119), both on a cold compile cache; the A/Bs two runs on the same schedule."""
     calls, smoke = dry_run("smoke", tmp_path)
     assert calls == ["--train-steps 20 --val-every 10 --fresh-compile-cache"] and len(smoke) == 1
-    assert (flag(smoke[0], "--train-steps"), flag(smoke[0], "--stage-steps")) == ("20", "0,6,13,19")
+    assert (flag(smoke[0], "--train-steps"), flag(smoke[0], "--stage-steps")) == ("20", "0,7,13,19")
     assert (flag(smoke[0], "--extension-steps"), flag(smoke[0], "--val-every")) == ("1", "10")
     calls, record = dry_run("record", tmp_path)
     assert calls == ["--fresh-compile-cache"] and len(record) == 1
-    assert (flag(record[0], "--train-steps"), flag(record[0], "--stage-steps")) == ("120", "0,39,78,117")
+    assert (flag(record[0], "--train-steps"), flag(record[0], "--stage-steps")) == ("120", "0,40,79,119")
     calls, glue = dry_run("glue", tmp_path)
     assert calls == ["--variant base= --variant glue=--compile-glue"]  # one warm cache for both runs
     assert len(glue) == 2 and "--compile-glue" not in glue[0] and glue[1].count("--compile-glue") == 1
@@ -75,4 +75,4 @@ def test_each_part_runs_the_trainer_commands_it_names(tmp_path):
         assert flag(command, "--train-files").endswith("data/proxy/proxy_train_*.bin")
         assert flag(command, "--log-dir") == f"{tmp_path}/runs"  # the trainer logs come back with the call's files
     for command in glue + kernels:
-        assert flag(command, "--stage-steps") == "0,39,78,117"
+        assert flag(command, "--stage-steps") == "0,40,79,119"
