@@ -1895,7 +1895,7 @@ def polar_step_symmetric(x: Tensor, a: float, b: float, c: float) -> Tensor:
     flat = x.reshape(-1, *x.shape[-2:]).contiguous()
     gram = symmetric_matmul(flat)
     poly = symmetric_matmul(gram, alpha=c, beta=b, add_input=True)
-    return torch.baddbmm(flat, poly, flat, beta=a).view(x.shape)
+    return plus_scaled_input(poly, flat, a).view(x.shape)
 
 
 def matmul_relu2(a: Tensor, b: Tensor, aux: Tensor | None = None) -> tuple:
@@ -2209,7 +2209,23 @@ def polar_step_fused(x: Tensor, a: float, b: float, c: float) -> Tensor:
     flat = x.reshape(-1, *x.shape[-2:]) if x.ndim > 3 else x
     gram = product(flat, flat.mT)
     poly = add_product(gram, gram, gram, beta=b, alpha=c)
-    return add_product(flat, poly, flat, beta=a).view(x.shape)
+    return plus_scaled_input(poly, flat, a).view(x.shape)
+
+
+# The script computes aX + BX in two kernels for a matrix with a side over 1024 (its split_baddbmm, for the MLP
+# bank's 3072 x 768: baddbmm would copy X, read twice): BX is rounded to bf16 before aX is added. Summing in one
+# rounding there instead moved the MLP weights 3x further from the script's than its own rounding noise.
+SPLIT_PRODUCT_SIDE = 1024
+
+
+def plus_scaled_input(poly: Tensor, x: Tensor, a: float) -> Tensor:
+    """a X + B X: rounded once, or B X rounded and then aX added (rounded again) where a side is over 1024."""
+    if max(x.shape[-2:]) <= SPLIT_PRODUCT_SIDE:
+        return add_product(x, poly, x, beta=a)
+    bx = product(poly, x)
+    if emulate_bf16_matmul(x):  # a CPU's bf16 add_ rounds alpha to bf16 first; CUDA's (and the script's) keeps it fp32
+        return (bx.float() + a * x.float()).bfloat16()
+    return bx.add_(x, alpha=a)
 
 
 class Comm:
@@ -2387,7 +2403,7 @@ class DistributedMuon(GradientReduction):
         for group, handle in zip(self.groups, self.pending):
             wait(handle)
             grad = group.grad_shard.float()  # bf16 from the record's reduce-scatter; momentum in fp32
-            group.momentum.lerp_(grad, 1 - momentum)
+            group.momentum.lerp_(grad, one_minus_in_fp32(momentum))
             nesterov = grad.lerp(group.momentum, momentum)
             update = orthogonalize(nesterov, self.orthogonalizer, self.symmetric_kernels)
             if self.normuon_beta2:
@@ -2412,7 +2428,13 @@ class DistributedMuon(GradientReduction):
         group.second_moment.lerp_(mean_square, 1 - self.normuon_beta2)
         step = group.second_moment.clamp_min(1e-10).rsqrt()
         new_norm = (mean_square * count * step.square()).sum((-2, -1), keepdim=True).sqrt()
-        return update * (step * norm / new_norm.clamp_min(1e-10)).to(update.dtype)
+        return update * (step * (norm / new_norm.clamp_min(1e-10))).to(update.dtype)
+
+
+def one_minus_in_fp32(value: float) -> float:
+    """1 - value subtracted in fp32, as the script's 1 - momentum of a 0-d fp32 tensor. fp32(1 - value) is another
+    number for most values (0.95: 0.0500000119 against 0.0500000007), which moves every momentum buffer."""
+    return float(np.float32(1.0) - np.float32(value))
 
 
 def as_shape_of(tensor: Tensor, shape: tuple) -> Tensor:

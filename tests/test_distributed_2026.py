@@ -101,7 +101,9 @@ def test_the_small_r2026_configuration_crosses_stages_and_the_split():
 # The record's storage (issue 19) has bf16 gradients: the two runs' sums of them (bf16 accumulation of 2 or 4
 # backward passes vs 1 or 2 and a gloo mean) differ at bf16 rounding (4e-3 relative), not in the last fp32 bit.
 # Measured: the val losses agree within 2.3e-3 over the 8 steps (fp32 storage: 2e-4); 1e-2 leaves room for that.
-@pytest.mark.parametrize("storage, loss_tolerance", [("--fp32-masters", 2e-3), ("--no-fp32-masters", 1e-2)])
+# fp32 storage on another CPU (a Xeon with AMX-BF16 and AVX-512, whose fp32 matmuls sum in another order): 2.2e-3
+# at step 5 and within 4e-4 at every other step, with the same code; 5e-3 covers both machines.
+@pytest.mark.parametrize("storage, loss_tolerance", [("--fp32-masters", 5e-3), ("--no-fp32-masters", 1e-2)])
 def test_two_processes_equal_one_process_across_stages_and_the_split(tmp_path, storage, loss_tolerance):
     run_trainer(r2026_small_args(tmp_path, "one", storage), nproc=1)
     run_trainer(r2026_small_args(tmp_path, "two", storage), nproc=2)
@@ -114,8 +116,8 @@ def test_two_processes_equal_one_process_across_stages_and_the_split(tmp_path, s
     # and a gloo mean vs 4 accumulated passes), which differs in the last fp32 bit. The recipe then amplifies
     # it: Polar Express runs in bf16 (a last-bit change can round a bf16 entry the other way, 4e-3 relative),
     # and NorMuon and Adam (eps 1e-10) scale near-zero rows and entries up to full-size steps. Measured: the
-    # val losses (logged to 4 decimals) agree within 2e-4 over all 8 steps; 2e-3 leaves room for that (another
-    # CPU rounds otherwise) and is 50x smaller than what one training step moves the loss from step 3 on (0.1-0.2).
+    # val losses (logged to 4 decimals) agree within 2e-4 to 2.2e-3 over all 8 steps, by CPU (see above); the
+    # tolerance is 20x smaller than what one training step moves the loss from step 3 on (0.1-0.2).
     assert losses_one == pytest.approx(losses_two, abs=loss_tolerance)
     assert losses_one[-1] < losses_one[0] - 0.2  # it trained: equality is not two untouched models
     # Weights and optimizer state right after the split step (the checkpoint: every rank's shards gathered, so

@@ -205,6 +205,42 @@ def test_bf16_products_on_a_cpu_are_the_exact_products_rounded_once(monkeypatch)
     assert relative_error(emulated, native) < 0.02
 
 
+@pytest.mark.parametrize("side, split", [(1040, True), (1024, False), (40, False)])
+def test_polar_step_rounds_bx_before_adding_ax_on_matrices_with_a_side_over_1024(side, split):
+    # The script's split_baddbmm (its MLP bank, 3072 x 768): BX rounded to bf16, then aX added and rounded again;
+    # smaller matrices take aX + BX rounded once (baddbmm). One rounding on the MLP matrices had moved their
+    # weights 3x further from the script's than its own rounding noise (scratch comparison, issue 26).
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 16, side, generator=gen) / side ** 0.5).bfloat16()
+    a, b, c = SCRIPT_COEFFS[1]
+    gram = tg.product(x, x.mT)
+    poly = tg.add_product(gram, gram, gram, beta=b, alpha=c)
+    once = (a * x.double() + poly.double() @ x.double()).bfloat16()
+    twice = ((poly.double() @ x.double()).bfloat16().double() + a * x.double()).bfloat16()
+    assert (once == twice).float().mean().item() < 0.7  # the two roundings are told apart at this size
+    got = tg.polar_step_fused(x, a, b, c)
+    # each side's fp32 sums round like the exact ones in all but a few entries (fp32 accumulation)
+    assert (got == (twice if split else once)).float().mean().item() > 0.999
+    # a tall matrix is orthogonalized on its short side: the split follows its long side too
+    tall = tg.orthogonalize(x.mT.float(), "polar_express_2026")
+    assert torch.equal(tall, tg.orthogonalize(x.float(), "polar_express_2026").mT)
+
+
+def test_muon_momentum_weight_is_one_minus_momentum_subtracted_in_fp32():
+    # The script lerps its fp32 buffer with 1 - momentum_t, a 0-d fp32 tensor: 1 - fp32(0.95) = 0.0500000119,
+    # where fp32(1 - 0.95) = 0.0500000007 would scale every buffer entry by another number.
+    shape = (16, 48)
+    param = nn.Parameter(torch.zeros(*shape))
+    muon = tg.DistributedMuon([(param, 0.1, shape, 0.0)], "polar_express_2026", tg.Comm(), 0.9)
+    grad = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    param.grad = grad.clone()
+    muon.reduce_gradients()
+    muon.step(1.0, 0.95)
+    scripts = torch.zeros(shape).lerp_(grad, torch.tensor(1.0) - torch.tensor(0.95))
+    assert torch.equal(muon.groups[0].momentum.view(shape), scripts)
+    assert not torch.equal(scripts, torch.zeros(shape).lerp_(grad, 1 - 0.95))
+
+
 # -----------------------------------------------------------------------------
 # NorMuon: momentum, Polar Express, variance reduction, cautious decay
 
