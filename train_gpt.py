@@ -2164,11 +2164,10 @@ def orthogonalize(grads: Tensor, method: str = "polar_express_2026", symmetric: 
     """Approximate U V^T of each (..., rows, cols) matrix in bf16: X <- aX + (bA + cA^2)X with A = XX^T.
     symmetric: A and bA + cA^2 by the Triton kernel (rounded once per product, as polar_step_fused)."""
     coeffs, norm_safety, eps = ORTHOGONALIZERS[method]
-    x = grads.bfloat16()
+    x = scaled_to_unit_norm(grads, norm_safety, eps)
     transposed = x.size(-2) > x.size(-1)
     if transposed:  # iterate on the short side: A is (min, min)
         x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) * norm_safety + eps)
     step = polar_step_fused if method in FUSED_ORTHOGONALIZERS else polar_step
     step = polar_step_symmetric if symmetric else step
     for a, b, c in coeffs:
@@ -2177,6 +2176,14 @@ def orthogonalize(grads: Tensor, method: str = "polar_express_2026", symmetric: 
 
 
 FUSED_ORTHOGONALIZERS = {"polar_express_2026"}
+
+
+def scaled_to_unit_norm(grads: Tensor, norm_safety: float, eps: float) -> Tensor:
+    """X / (safety |X|_F + eps) in bf16, computed in fp32 from the fp32 input and rounded once: what the script's
+    compiled polar_express runs (inductor folds its X.bfloat16() into the division, norm and all, leaving one
+    rounding; the eager chain of 4 bf16 roundings put the weights 3x further from the script's than its own noise)."""
+    x = grads.float()
+    return (x / (x.norm(dim=(-2, -1), keepdim=True) * norm_safety + eps)).bfloat16()
 
 
 def emulate_bf16_matmul(x: Tensor) -> bool:
@@ -2419,8 +2426,8 @@ class DistributedMuon(GradientReduction):
     def _reduce_variance(self, group: MatrixGroup, update: Tensor) -> Tensor:
         """NorMuon as the 2026 script has it: the mean square is taken over the smaller dimension (one
         statistic per row of a tall matrix, per column of a wide one), its EMA evens those out, and the
-        matrix keeps its Frobenius norm. Computed in fp32 from the norms of the mean squares (one pass);
-        the scale is applied in the update's own dtype (bf16), as the script does."""
+        matrix keeps its Frobenius norm. Computed in fp32 from the norms of the mean squares (one pass); the
+        bf16 update times the fp32 scale is rounded once, as the script's compiled kernel does."""
         dim = group.stats_dim
         mean_square = update.float().square().mean(dim, keepdim=True)
         count = update.size(dim)
@@ -2428,7 +2435,7 @@ class DistributedMuon(GradientReduction):
         group.second_moment.lerp_(mean_square, 1 - self.normuon_beta2)
         step = group.second_moment.clamp_min(1e-10).rsqrt()
         new_norm = (mean_square * count * step.square()).sum((-2, -1), keepdim=True).sqrt()
-        return update * (step * (norm / new_norm.clamp_min(1e-10))).to(update.dtype)
+        return (update.float() * (step * (norm / new_norm.clamp_min(1e-10)))).to(update.dtype)
 
 
 def one_minus_in_fp32(value: float) -> float:

@@ -226,6 +226,39 @@ def test_polar_step_rounds_bx_before_adding_ax_on_matrices_with_a_side_over_1024
     assert torch.equal(tall, tg.orthogonalize(x.float(), "polar_express_2026").mT)
 
 
+def test_orthogonalizer_input_is_scaled_in_fp32_and_rounded_once(monkeypatch):
+    # The script's compiled polar_express (torch 2.10's inductor) folds X = g.bfloat16() into the division:
+    # g / (1.02 |g|_F + 1e-6) from the fp32 g, rounded to bf16 once. Eager's chain (round g, its norm, x 1.02,
+    # + eps, the quotient) put the weights 3x further from the script's than its own rounding noise.
+    monkeypatch.setitem(tg.ORTHOGONALIZERS, "polar_express_2026", ([], 1.02, 1e-6))  # no steps: the scaled input
+    g = torch.randn(3, 40, 24, generator=torch.Generator().manual_seed(4)) * 1e-3
+    got = tg.orthogonalize(g, "polar_express_2026")
+    once = (g / (g.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)).bfloat16()
+    x = g.bfloat16()
+    chain = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    assert not torch.equal(once, chain)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, once)
+
+
+def test_normuon_scale_multiplies_the_update_in_fp32_and_rounds_once():
+    # The script's compiled variance reduction folds final_scale.type_as(v) into the product: bf16(v x scale)
+    # with the fp32 scale, not v x bf16(scale). Read off a step from zero weights at LR 1: the weights become
+    # -update exactly (fp32 storage, no decay).
+    shape = (48, 16)
+    param = nn.Parameter(torch.zeros(*shape))
+    muon = tg.DistributedMuon([(param, 1.0, shape, 0.0)], "polar_express_2026", tg.Comm(), 0.9)
+    grad = torch.randn(*shape, generator=torch.Generator().manual_seed(6))
+    muon_step(muon, param, grad)
+    u = tg.orthogonalize(grad, "polar_express_2026")  # momentum 0: the Nesterov input is the gradient
+    mean_square = u.float().square().mean(-1, keepdim=True)
+    norm = (mean_square.sum() * 16).sqrt()
+    step = (mean_square * (1 - 0.9)).clamp_min(1e-10).rsqrt()
+    scale = step * (norm / (mean_square * 16 * step.square()).sum().sqrt())
+    once = (u.float() * scale).bfloat16()
+    assert not torch.equal(once, u * scale.bfloat16())
+    assert torch.equal(-param.detach(), once.float())
+
+
 def test_muon_momentum_weight_is_one_minus_momentum_subtracted_in_fp32():
     # The script lerps its fp32 buffer with 1 - momentum_t, a 0-d fp32 tensor: 1 - fp32(0.95) = 0.0500000119,
     # where fp32(1 - 0.95) = 0.0500000007 would scale every buffer entry by another number.
@@ -280,7 +313,7 @@ def test_normuon_evens_out_the_larger_dimension_and_keeps_the_norm(shape, dim):
         steps.append((before - param.detach()) / 0.1)
     expected = variance_reduced(expected_inputs, 0.9, dim)
     for got, want, raw in zip(steps, expected, expected_inputs):
-        assert relative_error(got, want) < 0.01  # the scale is applied in bf16, as the script does
+        assert relative_error(got, want) < 0.01  # the scaled update is rounded to bf16, as the script's
         assert got.norm().item() == pytest.approx(raw.norm().item(), rel=0.01)
     # after one step every entry of the larger dimension has the same mean square (the EMA is that step's)
     spread = steps[0].square().mean(dim)
