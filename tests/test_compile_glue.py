@@ -91,7 +91,9 @@ def test_compiled_glue_trains_as_eager_on_the_2026_structure(monkeypatch):
         assert ("embed.weight" in grads[0]) == (not schedule.embed_tied)  # the table argument switched
         for name, grad in grads[0].items():
             scale = grad.abs().max().clamp_min(1e-12)
-            assert ((grads[1][name] - grad).abs().max() / scale).item() < 1e-5, name
+            # fp32 sums in another order: 1.4e-5 for the skip lambda (a sum over every token) on an AMX/AVX-512
+            # Xeon, with or without this session's optimizer change; 5e-5 covers it, a wrong gradient is O(1)
+            assert ((grads[1][name] - grad).abs().max() / scale).item() < 5e-5, name
     torch._dynamo.reset()
 
 
